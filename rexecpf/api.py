@@ -1,0 +1,277 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+The REST API under ``/api`` (Klein).
+
+Routes call :class:`ForwardService`; every failure is an :class:`APIError`
+turned into a status and a JSON body by one handler.  Unknown paths and
+methods go through the same handler (404 / 405 with ``Allow``), after the
+token check, so an unauthenticated client learns nothing of the routes.
+``/api/openapi.json`` is public: it describes the API and holds no data.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote, urlsplit
+
+import attrs
+from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from rexecpf.auth import Authenticator, bearer_token
+from rexecpf.forwards import ForwardService
+from rexecpf.model import (
+    INTERNAL_ERROR,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    REQUEST_TOO_LARGE,
+    APIError,
+    PortForward,
+    Principal,
+)
+from rexecpf.openapi import openapi_document
+
+__all__ = ["API", "PublicURLs", "write_json", "write_error"]
+
+#: A create request is a few dozen bytes; anything near this is not one.
+MAX_BODY_BYTES = 64 * 1024
+
+
+@attrs.frozen
+class PublicURLs:
+    """
+    Builds the URLs handed to clients from ``public_url`` and ``proxy_domain``.
+    """
+
+    public_url: str
+    proxy_domain: str = ""
+
+    def proxy_url(self, forward_id: str) -> str:
+        """:return: ``{public_url}/p/{id}/``, or the forward's own origin."""
+        if self.proxy_domain:
+            parts = urlsplit(self.public_url)
+            port = f":{parts.port}" if parts.port else ""
+            label = forward_id.replace("_", "-")
+            return f"{parts.scheme}://{label}.{self.proxy_domain}{port}/"
+        return f"{self.public_url}/p/{forward_id}/"
+
+    def websocket_url(self, forward_id: str) -> str:
+        """:return: ``ws(s)://{public host}/ws/port-forward/{id}``."""
+        parts = urlsplit(self.public_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}{parts.path}/ws/port-forward/{forward_id}"
+
+    def forward_path(self, forward: PortForward) -> str:
+        return (
+            f"{urlsplit(self.public_url).path}/api/containers/"
+            f"{quote(forward.container_id, safe='')}/port-forwards/{forward.id}"
+        )
+
+    def describe(self, forward: PortForward) -> dict[str, Any]:
+        """:return: the forward object of the API."""
+        return {
+            "id": forward.id,
+            "container_id": forward.container_id,
+            "container_port": forward.container_port,
+            "local_port": forward.local_port,
+            "name": forward.name,
+            "proxy_url": self.proxy_url(forward.id),
+            "websocket_url": self.websocket_url(forward.id),
+            "created_at": forward.created_at,
+        }
+
+
+def write_json(request: IRequest, code: int, document: Any) -> bytes:
+    """Set the status and JSON headers; :return: the body."""
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    return json.dumps(document).encode("utf-8") + b"\n"
+
+
+def write_error(request: IRequest, error: APIError) -> bytes:
+    """Set status, headers and :return: the JSON body of ``error``."""
+    for name, value in error.headers.items():
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    return write_json(request, error.code, error.body())
+
+
+def shielded(work: Deferred[Any]) -> Deferred[Any]:
+    """
+    :return: a Deferred with ``work``'s result whose cancellation leaves
+        ``work`` running (its late result is dropped).
+    """
+    outer: Deferred[Any] = Deferred()
+
+    def forward(result: Any) -> None:
+        if not outer.called:
+            outer.callback(result)
+        elif isinstance(result, Failure):
+            pass  # the caller stopped listening; the failure was answered for
+
+    work.addBoth(forward)
+    return outer
+
+
+class API:
+    """
+    :param authenticator: tokens -> users.
+    :param forwards: the forwards.
+    :param urls: how forwards are addressed from outside.
+    """
+
+    app = Klein()
+    _log = Logger()
+
+    def __init__(self, authenticator: Authenticator, forwards: ForwardService, urls: PublicURLs):
+        self.authenticator = authenticator
+        self._forwards = forwards
+        self._urls = urls
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # --- plumbing
+
+    def _principal(self, request: IRequest) -> Principal:
+        return self.authenticator.require(bearer_token(request.getHeader(b"authorization")))
+
+    def _body(self, request: IRequest) -> bytes:
+        content = request.content
+        content.seek(0, 2)
+        size = content.tell()
+        if size > MAX_BODY_BYTES:
+            raise REQUEST_TOO_LARGE(f"a request body may be at most {MAX_BODY_BYTES} bytes")
+        content.seek(0)
+        data: bytes = content.read()
+        return data
+
+    async def _call(
+        self,
+        request: IRequest,
+        container_id: str,
+        forward_id: str | None,
+        operation: Callable[[Principal], Awaitable[tuple[int, Any]]],
+    ) -> bytes:
+        """Authenticate, run, answer and log one API call."""
+        user = "-"
+        try:
+            principal = self._principal(request)
+            user = principal.name
+            # The operation runs to its end even if the client goes away
+            # (Klein cancels the route): a create that reached the store
+            # must also reach the in-memory state.
+            code, document = await shielded(ensureDeferred(operation(principal)))
+        except APIError as error:
+            self._log_call(request, user, container_id, forward_id, error.code, error.detail)
+            raise
+        if isinstance(document, PortForward):
+            forward_id = document.id
+        self._log_call(request, user, container_id, forward_id, code, "")
+        if code == 204:
+            request.setResponseCode(204)
+            return b""
+        if isinstance(document, PortForward):
+            if code == 201:
+                request.setHeader(b"location", self._urls.forward_path(document).encode("utf-8"))
+            document = self._urls.describe(document)
+        elif isinstance(document, list):
+            document = [self._urls.describe(forward) for forward in document]
+        return write_json(request, code, document)
+
+    def _log_call(
+        self,
+        request: IRequest,
+        user: str,
+        container_id: str,
+        forward_id: str | None,
+        status: int,
+        detail: str,
+    ) -> None:
+        self._log.info(
+            "api {method} user={user} container={container_id} forward={forward_id} "
+            "status={status}{detail}",
+            method=request.method.decode("ascii", "replace"),
+            user=user,
+            container_id=container_id,
+            forward_id=forward_id or "-",
+            status=status,
+            detail=f" ({detail})" if detail else "",
+        )
+
+    # --- routes
+
+    @app.route("/containers/<container_id>/port-forwards", methods=["GET", "POST"])
+    async def forwards(self, request: IRequest, container_id: str) -> bytes:
+        if request.method == b"POST":
+
+            async def create(principal: Principal) -> tuple[int, Any]:
+                body = self._body(request)
+                return 201, await self._forwards.create(principal, container_id, body)
+
+            return await self._call(request, container_id, None, create)
+
+        async def list_(principal: Principal) -> tuple[int, Any]:
+            return 200, await self._forwards.list(principal, container_id)
+
+        return await self._call(request, container_id, None, list_)
+
+    @app.route(
+        "/containers/<container_id>/port-forwards/<forward_id>", methods=["GET", "DELETE"]
+    )
+    async def forward(self, request: IRequest, container_id: str, forward_id: str) -> bytes:
+        if request.method == b"DELETE":
+
+            async def delete(principal: Principal) -> tuple[int, Any]:
+                await self._forwards.delete(principal, container_id, forward_id)
+                return 204, None
+
+            return await self._call(request, container_id, forward_id, delete)
+
+        async def get(principal: Principal) -> tuple[int, Any]:
+            return 200, await self._forwards.get(principal, container_id, forward_id)
+
+        return await self._call(request, container_id, forward_id, get)
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        return write_json(request, 200, openapi_document())
+
+    # --- errors
+
+    @app.handle_errors(APIError)
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, APIError)
+        return write_error(request, error)
+
+    @app.handle_errors(HTTPException)
+    def routing_error(self, request: IRequest, failure: Failure) -> bytes:
+        """No route or no method: 401 first, then 404 or 405 with ``Allow``."""
+        try:
+            self._principal(request)
+        except APIError as error:
+            return write_error(request, error)
+        value = failure.value
+        if isinstance(value, MethodNotAllowed):
+            allowed = ", ".join(sorted(value.valid_methods or ()))
+            error = METHOD_NOT_ALLOWED(
+                f"{request.method.decode('ascii', 'replace')} is not allowed here",
+                headers={"Allow": allowed},
+            )
+        else:
+            error = NOT_FOUND("no such API path")
+        return write_error(request, error)
+
+    @app.handle_errors(Exception)
+    def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
+        incident = secrets.token_hex(6)
+        self._log.failure("unexpected error, incident {incident}", failure, incident=incident)
+        return write_error(request, INTERNAL_ERROR(f"incident {incident}"))

@@ -1,0 +1,433 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+:class:`ForwardService`: create, read, delete and reap forwards.
+
+It owns what lives as long as a forward: observers (the ``local_port``
+listeners) hear of every forward added and removed, and every live
+connection (a tunnel, a listener connection, a proxied request or upgrade)
+is tracked under its forward, so deleting the forward or stopping its
+container closes them at once.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any, Callable, Iterable, Protocol
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from rexecpf.backends import IContainerBackend
+from rexecpf.config import LimitsConfig
+from rexecpf.model import (
+    CONTAINER_NOT_FOUND,
+    CONTAINER_NOT_RUNNING,
+    FORWARD_NOT_FOUND,
+    INVALID_PORT,
+    INVALID_REQUEST,
+    LIMIT_EXCEEDED,
+    LOCAL_PORT_UNAVAILABLE,
+    PORT_ALREADY_FORWARDED,
+    APIError,
+    Container,
+    PortForward,
+    Principal,
+    new_forward_id,
+)
+from rexecpf.store import IForwardStore
+
+__all__ = [
+    "CreateRequest",
+    "ForwardObserver",
+    "ForwardService",
+    "LiveConnection",
+    "parse_create_request",
+    "port_is_bindable",
+]
+
+#: Why a forward went away; live connections get it as their close reason.
+DELETED = "forward deleted"
+CONTAINER_STOPPED = "container stopped"
+
+_FIELDS = {"container_port", "local_port", "name"}
+
+
+@attrs.frozen
+class CreateRequest:
+    container_port: int
+    local_port: int | None = None
+    name: str | None = None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the field {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _is_port(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+def parse_create_request(body: bytes) -> CreateRequest:
+    """
+    Read the body of a create request, whatever its Content-Type.
+
+    :raises APIError: 400 Invalid request (not UTF-8 JSON, not an object,
+        unknown or repeated field, ``name`` not a string of 1-100
+        characters, ``container_port`` missing), then 400 Invalid port.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise INVALID_REQUEST("the body is not valid UTF-8") from None
+    if not text.strip():
+        raise INVALID_REQUEST("the body is empty; send a JSON object")
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except ValueError as error:
+        raise INVALID_REQUEST(f"the body is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise INVALID_REQUEST("the body must be a JSON object")
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise INVALID_REQUEST(f"unknown field {unknown[0]!r}; known: container_port, local_port, name")
+    if "container_port" not in data:
+        raise INVALID_REQUEST("container_port is required")
+    name = data.get("name")
+    if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= 100):
+        raise INVALID_REQUEST("name must be a string of 1-100 characters")
+    container_port = data["container_port"]
+    if not _is_port(container_port):
+        raise INVALID_PORT("container_port must be an integer 1-65535")
+    local_port = data.get("local_port")
+    if local_port is not None and not _is_port(local_port):
+        raise INVALID_PORT("local_port must be an integer 1-65535")
+    return CreateRequest(container_port=container_port, local_port=local_port, name=name)
+
+
+def port_is_bindable(interface: str, port: int) -> bool:
+    """
+    :return: whether a TCP listener could bind ``interface:port`` now (with
+        ``SO_REUSEADDR``, as Twisted's listeners do).
+    """
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((interface, port))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+class LiveConnection(Protocol):
+    """Something open on behalf of a forward: a tunnel, a proxied request..."""
+
+    def shutdown(self, reason: str) -> None:
+        """Close now, telling the peer ``reason`` where the protocol can."""
+
+
+class ForwardObserver(Protocol):
+    def forward_added(self, forward: PortForward) -> None: ...
+
+    def forward_removed(self, forward: PortForward, reason: str) -> None: ...
+
+
+class ForwardService(Service):
+    """
+    :param clock: the time source for ``created_at``.
+    :param store: where forwards are kept.
+    :param backend: where containers are looked up.
+    :param limits: ``[limits]`` of the configuration.
+    :param port_probe: ``(interface, port) -> bool``, whether a local port
+        can be bound (injected for tests).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: IForwardStore,
+        backend: IContainerBackend,
+        limits: LimitsConfig,
+        port_probe: Callable[[str, int], bool] = port_is_bindable,
+    ) -> None:
+        self._clock = clock
+        self._store = store
+        self._backend = backend
+        self.limits = limits
+        self._port_probe = port_probe
+        self._forwards: dict[str, PortForward] = {}
+        self._reserved_ports: set[int] = set()
+        self._live: dict[str, set[LiveConnection]] = {}
+        self._observers: list[ForwardObserver] = []
+        #: fires once the stored forwards are loaded and reconciled
+        self.ready: Deferred[None] = Deferred()
+        backend.subscribe(self._container_stopped)
+
+    # --- lifecycle
+
+    def startService(self) -> None:
+        super().startService()
+        self._start().addErrback(self._failed_start)
+
+    def _failed_start(self, failure: Any) -> None:
+        self._log.failure("could not load the stored forwards", failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+
+    @inlineCallbacks
+    def _start(self) -> Any:
+        stored = yield self._store.list()
+        self._forwards = {forward.id: forward for forward in stored}
+        yield self.reconcile()
+        for forward in self._forwards.values():
+            self._notify_added(forward)
+        self._log.info("{count} forwards restored", count=len(self._forwards))
+        self.ready.callback(None)
+
+    def stopService(self) -> Deferred[None] | None:
+        for connections in list(self._live.values()):
+            for connection in list(connections):
+                connection.shutdown("going away")
+        return super().stopService()
+
+    @inlineCallbacks
+    def reconcile(self) -> Any:
+        """
+        Check the container of every stored forward; reap those that stopped
+        or are gone.  When the backend cannot answer, nothing is touched.
+
+        :return: a Deferred firing with the number of forwards reaped.
+        """
+        reaped = 0
+        for container_id in sorted({f.container_id for f in self._forwards.values()}):
+            try:
+                container = yield self._backend.inspect(container_id)
+            except APIError as error:
+                self._log.warn(
+                    "reconcile skipped {cid}: {error}", cid=container_id, error=error.detail
+                )
+                continue
+            if container is None or not container.running:
+                removed = yield self.reap(container_id, CONTAINER_STOPPED)
+                reaped += len(removed)
+        return reaped
+
+    # --- observers and live connections
+
+    def observe(self, observer: ForwardObserver) -> None:
+        """Tell ``observer`` of every forward added or removed from now on."""
+        self._observers.append(observer)
+
+    def _notify_added(self, forward: PortForward) -> None:
+        for observer in self._observers:
+            observer.forward_added(forward)
+
+    def track(self, forward_id: str, connection: LiveConnection) -> Callable[[], None]:
+        """
+        Keep ``connection`` under its forward so that removing the forward
+        shuts it down.
+
+        :return: a function to call when the connection ends by itself.
+        """
+        connections = self._live.setdefault(forward_id, set())
+        connections.add(connection)
+
+        def untrack() -> None:
+            connections.discard(connection)
+            if not connections and self._live.get(forward_id) is connections:
+                del self._live[forward_id]
+
+        return untrack
+
+    def live_count(self, forward_id: str | None = None) -> int:
+        """:return: how many live connections (of one forward) are open."""
+        if forward_id is not None:
+            return len(self._live.get(forward_id, ()))
+        return sum(len(connections) for connections in self._live.values())
+
+    def _forget(self, forwards: Iterable[PortForward], reason: str) -> None:
+        for forward in forwards:
+            self._forwards.pop(forward.id, None)
+            for connection in list(self._live.pop(forward.id, ())):
+                connection.shutdown(reason)
+            for observer in self._observers:
+                observer.forward_removed(forward, reason)
+            self._log.info(
+                "forward {forward_id} of {container_id} removed: {reason}",
+                forward_id=forward.id,
+                container_id=forward.container_id,
+                reason=reason,
+            )
+
+    # --- lookups
+
+    def cached(self, forward_id: str) -> PortForward | None:
+        """:return: the forward, from memory (no store read)."""
+        return self._forwards.get(forward_id)
+
+    def forwards(self) -> list[PortForward]:
+        """:return: every forward known, from memory."""
+        return list(self._forwards.values())
+
+    @inlineCallbacks
+    def container_for(self, principal: Principal, container_id: str) -> Any:
+        """
+        :return: a Deferred firing with the container if ``principal`` may
+            see it; fails with 404 Container not found otherwise, exactly as
+            if it did not exist.
+        """
+        container = yield self._backend.inspect(container_id)
+        if container is None or not principal.may_use(container):
+            raise CONTAINER_NOT_FOUND(f"no container {container_id!r}")
+        return container
+
+    @inlineCallbacks
+    def reach(self, principal: Principal, forward_id: str) -> Any:
+        """
+        Resolve a forward for the proxy and the tunnel: the caller must still
+        own its container, and the container must be running.
+
+        :return: a Deferred firing with ``(forward, container)``; fails with
+            404 Port forward not found (also for someone else's forward) or
+            409 Container not running.
+        """
+        forward = self._forwards.get(forward_id)
+        if forward is None:
+            raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r}")
+        container = yield self._backend.inspect(forward.container_id)
+        if container is None or not principal.may_use(container):
+            raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r}")
+        if not container.running or not container.address:
+            raise CONTAINER_NOT_RUNNING(container.detail or "the container is not running")
+        return (forward, container)
+
+    # --- the API's operations
+
+    @inlineCallbacks
+    def create(self, principal: Principal, container_id: str, body: bytes) -> Any:
+        """
+        Create a forward; errors come in the contract's order.
+
+        :return: a Deferred firing with the new :class:`PortForward`.
+        """
+        container: Container = yield self.container_for(principal, container_id)
+        request = parse_create_request(body)
+        if not container.running:
+            raise CONTAINER_NOT_RUNNING(container.detail or "the container is not running")
+        existing: list[PortForward] = yield self._store.list(container_id)
+        if any(f.container_port == request.container_port for f in existing):
+            raise PORT_ALREADY_FORWARDED(
+                f"container port {request.container_port} is already forwarded"
+            )
+        limit = self.limits.forwards_per_container
+        if len(existing) >= limit:
+            raise LIMIT_EXCEEDED(f"a container may have at most {limit} forwards")
+        local_port = self._reserve_local_port(request.local_port)
+        try:
+            forward = PortForward(
+                id=new_forward_id(),
+                container_id=container_id,
+                container_port=request.container_port,
+                local_port=local_port,
+                name=request.name,
+                created_ms=int(self._clock.seconds() * 1000),
+                owner=principal.name,
+            )
+            yield self._store.add(forward, limit)
+        finally:
+            self._reserved_ports.discard(local_port)
+        self._forwards[forward.id] = forward
+        self._notify_added(forward)
+        return forward
+
+    def _reserve_local_port(self, requested: int | None) -> int:
+        low, high = self.limits.local_ports
+        interface = self.limits.local_interface
+        taken = {f.local_port for f in self._forwards.values()} | self._reserved_ports
+        if requested is not None:
+            if not low <= requested <= high:
+                raise LOCAL_PORT_UNAVAILABLE(f"local_port must be within {low}-{high}")
+            if requested in taken or not self._port_probe(interface, requested):
+                raise LOCAL_PORT_UNAVAILABLE(f"local port {requested} is in use")
+            self._reserved_ports.add(requested)
+            return requested
+        for port in range(low, high + 1):
+            if port not in taken and self._port_probe(interface, port):
+                self._reserved_ports.add(port)
+                return port
+        raise LOCAL_PORT_UNAVAILABLE(f"no free local port left in {low}-{high}")
+
+    @inlineCallbacks
+    def list(self, principal: Principal, container_id: str) -> Any:
+        """:return: a Deferred firing with the container's forwards, oldest first."""
+        yield self.container_for(principal, container_id)
+        forwards = yield self._store.list(container_id)
+        return forwards
+
+    @inlineCallbacks
+    def get(self, principal: Principal, container_id: str, forward_id: str) -> Any:
+        """:return: a Deferred firing with the forward."""
+        yield self.container_for(principal, container_id)
+        forward = yield self._store.get(forward_id)
+        if forward is None or forward.container_id != container_id:
+            raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r} on {container_id!r}")
+        return forward
+
+    @inlineCallbacks
+    def delete(self, principal: Principal, container_id: str, forward_id: str) -> Any:
+        """
+        Delete a forward and close everything open on its behalf.
+
+        :return: a Deferred firing with the deleted forward.
+        """
+        forward = yield self.get(principal, container_id, forward_id)
+        removed = yield self._store.remove(forward_id)
+        if not removed:
+            raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r} on {container_id!r}")
+        self._forget([forward], DELETED)
+        return forward
+
+    @inlineCallbacks
+    def reap(self, container_id: str, reason: str = CONTAINER_STOPPED) -> Any:
+        """
+        Delete every forward of a container that stopped.
+
+        :return: a Deferred firing with the forwards removed.
+        """
+        removed = yield self._store.remove_container(container_id)
+        # Forwards in memory but not in the store (none, unless something
+        # else wrote the file) go too.
+        ids = {f.id for f in removed}
+        stale = [f for f in self._forwards.values() if f.container_id == container_id and f.id not in ids]
+        self._forget(list(removed) + stale, reason)
+        return removed
+
+    def _container_stopped(self, container_id: str) -> None:
+        if not any(f.container_id == container_id for f in self._forwards.values()):
+            return
+        self.reap(container_id).addErrback(
+            lambda failure: self._log.failure(
+                "could not reap the forwards of {cid}", failure, cid=container_id
+            )
+        )
+
+
+def succeed_none() -> Deferred[None]:
+    return succeed(None)

@@ -1,0 +1,136 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+The domain: containers, forwards, principals, and the one error type.
+
+Every failure a client can see is an :class:`APIError` built from one of the
+named kinds below; ``web``/``api`` turn it into the HTTP status and the JSON
+body ``{"error": {"code": N, "message": "...", "detail": "..."}}``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import attrs
+
+__all__ = [
+    "APIError",
+    "Container",
+    "ErrorKind",
+    "PortForward",
+    "Principal",
+    "new_forward_id",
+]
+
+
+@attrs.frozen
+class ErrorKind:
+    """A kind of failure: its HTTP status and its fixed message."""
+
+    code: int
+    message: str
+
+    def __call__(self, detail: str = "", headers: Mapping[str, str] | None = None) -> APIError:
+        """
+        :return: an :class:`APIError` of this kind, ready to raise.
+        """
+        return APIError(self, detail, dict(headers or {}))
+
+
+class APIError(Exception):
+    """A failure with an HTTP status, a message, and a detail for humans."""
+
+    def __init__(self, kind: ErrorKind, detail: str = "", headers: dict[str, str] | None = None):
+        super().__init__(kind.code, kind.message, detail)
+        self.kind = kind
+        self.detail = detail
+        self.headers = headers or {}
+
+    @property
+    def code(self) -> int:
+        return self.kind.code
+
+    @property
+    def message(self) -> str:
+        return self.kind.message
+
+    def body(self) -> dict[str, Any]:
+        """:return: the JSON error document."""
+        return {"error": {"code": self.code, "message": self.message, "detail": self.detail}}
+
+
+UNAUTHORIZED = ErrorKind(401, "Unauthorized")
+CONTAINER_NOT_FOUND = ErrorKind(404, "Container not found")
+INVALID_REQUEST = ErrorKind(400, "Invalid request")
+INVALID_PORT = ErrorKind(400, "Invalid port")
+CONTAINER_NOT_RUNNING = ErrorKind(409, "Container not running")
+PORT_ALREADY_FORWARDED = ErrorKind(403, "Port already forwarded")
+LIMIT_EXCEEDED = ErrorKind(429, "Limit exceeded")
+LOCAL_PORT_UNAVAILABLE = ErrorKind(409, "Local port unavailable")
+FORWARD_NOT_FOUND = ErrorKind(404, "Port forward not found")
+METHOD_NOT_ALLOWED = ErrorKind(405, "Method not allowed")
+NOT_FOUND = ErrorKind(404, "Not found")
+REQUEST_TOO_LARGE = ErrorKind(413, "Request too large")
+BACKEND_UNAVAILABLE = ErrorKind(503, "Backend unavailable")
+STORE_UNAVAILABLE = ErrorKind(503, "Store unavailable")
+BAD_GATEWAY = ErrorKind(502, "Bad gateway")
+GATEWAY_TIMEOUT = ErrorKind(504, "Gateway timeout")
+INTERNAL_ERROR = ErrorKind(500, "Internal error")
+
+
+@attrs.frozen
+class Principal:
+    """An authenticated user."""
+
+    name: str
+    admin: bool = False
+
+    def may_use(self, container: Container) -> bool:
+        """:return: whether this user may see and act on ``container``."""
+        return self.admin or (container.owner is not None and container.owner == self.name)
+
+
+@attrs.frozen
+class Container:
+    """What a backend knows of a container."""
+
+    id: str
+    owner: str | None
+    address: str | None
+    running: bool
+    #: why it is not running (or not reachable), for the error detail
+    detail: str = ""
+
+
+@attrs.frozen
+class PortForward:
+    """A stored forward."""
+
+    id: str
+    container_id: str
+    container_port: int
+    local_port: int
+    name: str | None
+    #: milliseconds since the epoch
+    created_ms: int
+    #: who created it (for logs); access is decided by container ownership
+    owner: str = ""
+
+    @property
+    def created_at(self) -> str:
+        """:return: ISO 8601 UTC with milliseconds, e.g. 2026-11-28T10:00:00.123Z"""
+        moment = datetime.fromtimestamp(self.created_ms / 1000, tz=timezone.utc)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{self.created_ms % 1000:03d}Z"
+
+
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def new_forward_id() -> str:
+    """
+    :return: ``pf_`` and 24 random lowercase letters and digits (124 bits):
+        unguessable, and with ``-`` for ``_`` a valid DNS label.
+    """
+    return "pf_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))

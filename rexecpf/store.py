@@ -1,0 +1,313 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+Where forwards are kept: :class:`IForwardStore`, and its SQLite implementation.
+
+SQLite runs on :mod:`twisted.enterprise.adbapi`'s thread pool, never on the
+reactor thread.  The file is in WAL mode with ``synchronous=FULL`` so an
+acknowledged create or delete survives ``kill -9`` and power loss.  The
+invariants (one forward per container port, at most N forwards per container,
+one forward per local port) are checked and written inside one
+``BEGIN IMMEDIATE`` transaction, and also held by UNIQUE constraints, so they
+hold under any concurrency, even across processes sharing the file.
+
+The schema carries its version in ``PRAGMA user_version``; :data:`_MIGRATIONS`
+lists the steps from each version to the next.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from typing import Any, Callable, TypeVar
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from rexecpf.model import (
+    LIMIT_EXCEEDED,
+    LOCAL_PORT_UNAVAILABLE,
+    PORT_ALREADY_FORWARDED,
+    STORE_UNAVAILABLE,
+    APIError,
+    PortForward,
+)
+
+__all__ = ["IForwardStore", "SQLiteForwardStore"]
+
+T = TypeVar("T")
+
+
+class IForwardStore(Interface):
+    """Durable forwards.  Every method returns a Deferred."""
+
+    def add(forward: PortForward, limit: int) -> Deferred[PortForward]:
+        """
+        Store a new forward, atomically checking the invariants.
+
+        :param limit: the most forwards one container may have.
+        :return: fires with ``forward``; fails with :class:`APIError` 403
+            (port already forwarded), 429 (limit) or 409 (local port taken),
+            checked in that order; 503 when the store cannot answer.
+        """
+
+    def get(forward_id: str) -> Deferred[PortForward | None]:
+        """:return: fires with the forward, or ``None``."""
+
+    def list(container_id: str | None = None) -> Deferred[list[PortForward]]:
+        """:return: fires with the forwards (of one container), oldest first."""
+
+    def remove(forward_id: str) -> Deferred[bool]:
+        """:return: fires with whether it existed."""
+
+    def remove_container(container_id: str) -> Deferred[list[PortForward]]:
+        """:return: fires with the forwards removed."""
+
+    def secret(name: str) -> Deferred[bytes]:
+        """
+        :return: fires with a random 32-byte secret kept under ``name``,
+            made on first use (e.g. the key that signs session cookies).
+        """
+
+    def check() -> Deferred[None]:
+        """:return: fires when the store answers; fails with 503 otherwise."""
+
+    def close() -> None:
+        """Release the store."""
+
+
+_MIGRATIONS: list[list[str]] = [
+    # 0 -> 1
+    [
+        """CREATE TABLE forwards (
+            id TEXT PRIMARY KEY,
+            container_id TEXT NOT NULL,
+            container_port INTEGER NOT NULL CHECK (container_port BETWEEN 1 AND 65535),
+            local_port INTEGER NOT NULL UNIQUE CHECK (local_port BETWEEN 1 AND 65535),
+            name TEXT,
+            created_ms INTEGER NOT NULL,
+            owner TEXT NOT NULL DEFAULT '',
+            UNIQUE (container_id, container_port)
+        )""",
+        "CREATE INDEX forwards_by_container ON forwards (container_id, created_ms)",
+        "CREATE TABLE secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    ],
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner"
+
+
+def _row(row: tuple[Any, ...]) -> PortForward:
+    return PortForward(
+        id=row[0],
+        container_id=row[1],
+        container_port=row[2],
+        local_port=row[3],
+        name=row[4],
+        created_ms=row[5],
+        owner=row[6],
+    )
+
+
+def _open(connection: sqlite3.Connection) -> None:
+    connection.isolation_level = None  # we issue BEGIN ourselves
+    connection.execute("PRAGMA busy_timeout = 5000")
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA synchronous = FULL")
+    connection.execute("PRAGMA foreign_keys = ON")
+    _migrate(connection)
+
+
+def _migrate(connection: sqlite3.Connection) -> None:
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the state file has schema version {version}, newer than this "
+                f"rexecpf knows ({SCHEMA_VERSION})"
+            )
+        for step in _MIGRATIONS[version:]:
+            for statement in step:
+                connection.execute(statement)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+
+
+def open_sqlite_for_check(path: str) -> None:
+    """
+    Open the state file once, synchronously, to fail start-up early and
+    clearly when it cannot be used.  Called before the reactor runs.
+
+    :raises sqlite3.Error: or ``RuntimeError`` on a too-new schema.
+    """
+    connection = sqlite3.connect(path)
+    try:
+        _open(connection)
+    finally:
+        connection.close()
+
+
+@implementer(IForwardStore)
+class SQLiteForwardStore:
+    """
+    :class:`IForwardStore` in a SQLite file.
+
+    :param reactor: used by the thread pool to report back.
+    :param path: the database file, created if missing.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, path: str) -> None:
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3",
+            path,
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,  # one writer: SQLite serialises writers anyway
+            cp_openfun=_open,
+            cp_noisy=False,
+            cp_reactor=reactor,
+        )
+        self._pool.start()
+
+    def _run(self, work: Callable[..., T], *args: Any) -> Deferred[T]:
+        def interaction(cursor: Any) -> T:
+            connection = cursor.connection
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(connection, *args)
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+            return result
+
+        def unavailable(failure: Failure) -> Failure:
+            if failure.check(sqlite3.Error) and not failure.check(APIError):
+                self._log.failure("store failed", failure)
+                raise STORE_UNAVAILABLE(str(failure.value))
+            return failure
+
+        d: Deferred[T] = self._pool.runWithConnection(_with_cursor(interaction))
+        return d.addErrback(unavailable)
+
+    def add(self, forward: PortForward, limit: int) -> Deferred[PortForward]:
+        def add(connection: sqlite3.Connection) -> PortForward:
+            (taken,) = connection.execute(
+                "SELECT COUNT(*) FROM forwards WHERE container_id = ? AND container_port = ?",
+                (forward.container_id, forward.container_port),
+            ).fetchone()
+            if taken:
+                raise PORT_ALREADY_FORWARDED(
+                    f"container port {forward.container_port} of {forward.container_id} "
+                    "is already forwarded"
+                )
+            (count,) = connection.execute(
+                "SELECT COUNT(*) FROM forwards WHERE container_id = ?", (forward.container_id,)
+            ).fetchone()
+            if count >= limit:
+                raise LIMIT_EXCEEDED(f"a container may have at most {limit} forwards")
+            (used,) = connection.execute(
+                "SELECT COUNT(*) FROM forwards WHERE local_port = ?", (forward.local_port,)
+            ).fetchone()
+            if used:
+                raise LOCAL_PORT_UNAVAILABLE(f"local port {forward.local_port} is in use")
+            connection.execute(
+                f"INSERT INTO forwards ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    forward.id,
+                    forward.container_id,
+                    forward.container_port,
+                    forward.local_port,
+                    forward.name,
+                    forward.created_ms,
+                    forward.owner,
+                ),
+            )
+            return forward
+
+        return self._run(add)
+
+    def get(self, forward_id: str) -> Deferred[PortForward | None]:
+        def get(connection: sqlite3.Connection) -> PortForward | None:
+            row = connection.execute(
+                f"SELECT {_COLUMNS} FROM forwards WHERE id = ?", (forward_id,)
+            ).fetchone()
+            return _row(row) if row else None
+
+        return self._run(get)
+
+    def list(self, container_id: str | None = None) -> Deferred[list[PortForward]]:
+        def select(connection: sqlite3.Connection) -> list[PortForward]:
+            if container_id is None:
+                rows = connection.execute(
+                    f"SELECT {_COLUMNS} FROM forwards ORDER BY created_ms, rowid"
+                )
+            else:
+                rows = connection.execute(
+                    f"SELECT {_COLUMNS} FROM forwards WHERE container_id = ? "
+                    "ORDER BY created_ms, rowid",
+                    (container_id,),
+                )
+            return [_row(row) for row in rows.fetchall()]
+
+        return self._run(select)
+
+    def remove(self, forward_id: str) -> Deferred[bool]:
+        def remove(connection: sqlite3.Connection) -> bool:
+            cursor = connection.execute("DELETE FROM forwards WHERE id = ?", (forward_id,))
+            return cursor.rowcount > 0
+
+        return self._run(remove)
+
+    def remove_container(self, container_id: str) -> Deferred[list[PortForward]]:
+        def remove(connection: sqlite3.Connection) -> list[PortForward]:
+            rows = connection.execute(
+                f"SELECT {_COLUMNS} FROM forwards WHERE container_id = ? ORDER BY created_ms",
+                (container_id,),
+            ).fetchall()
+            connection.execute("DELETE FROM forwards WHERE container_id = ?", (container_id,))
+            return [_row(row) for row in rows]
+
+        return self._run(remove)
+
+    def secret(self, name: str) -> Deferred[bytes]:
+        def secret(connection: sqlite3.Connection) -> bytes:
+            row = connection.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+            if row:
+                return bytes(row[0])
+            value = secrets.token_bytes(32)
+            connection.execute("INSERT INTO secrets (name, value) VALUES (?, ?)", (name, value))
+            return value
+
+        return self._run(secret)
+
+    def check(self) -> Deferred[None]:
+        def check(connection: sqlite3.Connection) -> None:
+            connection.execute("SELECT COUNT(*) FROM forwards").fetchone()
+
+        return self._run(check)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _with_cursor(interaction: Callable[[Any], T]) -> Callable[[Any], T]:
+    """Adapt a cursor interaction to ``runWithConnection`` (no implicit commit)."""
+
+    def run(connection: Any) -> T:
+        cursor = connection.cursor()
+        try:
+            return interaction(cursor)
+        finally:
+            cursor.close()
+
+    return run
