@@ -176,7 +176,8 @@ class SQLiteForwardStore:
             cp_noisy=False,
             cp_reactor=reactor,
         )
-        self._pool.start()
+        # The pool starts its threads once the reactor runs: a start-up
+        # failure before then must not leave threads keeping the process alive.
 
     def _run(self, work: Callable[..., T], *args: Any) -> Deferred[T]:
         def interaction(cursor: Any) -> T:
