@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import attrs
@@ -158,7 +159,7 @@ class API:
         request: IRequest,
         container_id: str,
         forward_id: str | None,
-        operation: Callable[[Principal], Awaitable[tuple[int, Any]]],
+        operation: Callable[[Principal], Coroutine[Any, Any, tuple[int, Any]]],
     ) -> bytes:
         """Authenticate, run, answer and log one API call."""
         user = "-"
@@ -257,9 +258,10 @@ class API:
         """No route or no method: 401 first, then 404 or 405 with ``Allow``."""
         try:
             self._principal(request)
-        except APIError as error:
-            return write_error(request, error)
+        except APIError as unauthorized:
+            return write_error(request, unauthorized)
         value = failure.value
+        error: APIError
         if isinstance(value, MethodNotAllowed):
             allowed = ", ".join(sorted(value.valid_methods or ()))
             error = METHOD_NOT_ALLOWED(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from rexecpf.model import UNAUTHORIZED, APIError, Principal
 

@@ -15,10 +15,12 @@ from any working directory.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -223,6 +225,11 @@ def _ip_address(value: Any) -> str:
         raise ValueError(f"must be an IP address, got {_show(value)}") from None
 
 
+def _name(key: str) -> str:
+    """A key as it can be printed on one line (quoted when it is not plain)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_\-]+", key) else json.dumps(key)
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -274,7 +281,7 @@ def _users(value: Any) -> dict[str, str]:
         raise ConfigError(f"auth.users: must be a table of user = token, got {_show(value)}")
     users: dict[str, str] = {}
     for name, token in value.items():
-        key = f"auth.users.{name}"
+        key = f"auth.users.{_name(name)}"
         if not _USER_PATTERN.match(name):
             raise ConfigError(f"{key}: a user name is letters, digits and -._@ (at most 64)")
         if not isinstance(token, str):
@@ -299,7 +306,7 @@ def _admins(value: Any, users: Mapping[str, str]) -> tuple[str, ...]:
         raise ConfigError(f"auth.admins: must be a list of user names, got {_show(value)}")
     for name in value:
         if name not in users:
-            raise ConfigError(f"auth.admins: {name!r} is not a user in auth.users")
+            raise ConfigError(f"auth.admins: {_name(name)} is not a user in auth.users")
     return tuple(value)
 
 
@@ -316,7 +323,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     for section_name, section in data.items():
         if section_name not in _SECTIONS:
             raise ConfigError(
-                f"{section_name}: unknown section (known: {', '.join(_SECTIONS)})"
+                f"{_name(section_name)}: unknown section (known: {', '.join(_SECTIONS)})"
             )
         if not isinstance(section, dict):
             raise ConfigError(f"{section_name}: must be a table")
@@ -324,7 +331,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         values: dict[str, Any] = {}
         for key, value in section.items():
             if key not in checkers:
-                raise ConfigError(f"{section_name}.{key}: unknown key")
+                raise ConfigError(f"{section_name}.{_name(key)}: unknown key")
             try:
                 values[key] = checkers[key](value)
             except ValueError as error:
@@ -394,7 +401,7 @@ def parse_inventory(data: Mapping[str, Any]) -> tuple[InventoryEntry, ...]:
     """
     for key in data:
         if key != "container":
-            raise ConfigError(f"{key}: unknown key (the inventory holds [[container]] entries)")
+            raise ConfigError(f"{_name(key)}: unknown key (the inventory holds [[container]] entries)")
     containers = data.get("container", [])
     if not isinstance(containers, list):
         raise ConfigError("container: must be an array of tables ([[container]])")
@@ -406,7 +413,7 @@ def parse_inventory(data: Mapping[str, Any]) -> tuple[InventoryEntry, ...]:
             raise ConfigError(f"{where}: must be a table")
         for key in item:
             if key not in ("id", "owner", "address", "state"):
-                raise ConfigError(f"{where}.{key}: unknown key")
+                raise ConfigError(f"{where}.{_name(key)}: unknown key")
         try:
             cid = _nonempty_string(item.get("id"))
         except ValueError as error:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import Service
@@ -193,7 +194,7 @@ class ForwardService(Service):
 
     @inlineCallbacks
     def _start(self) -> Any:
-        stored = yield self._store.list()
+        stored = yield self._store.list_forwards()
         self._forwards = {forward.id: forward for forward in stored}
         yield self.reconcile()
         for forward in self._forwards.values():
@@ -331,7 +332,7 @@ class ForwardService(Service):
         request = parse_create_request(body)
         if not container.running:
             raise CONTAINER_NOT_RUNNING(container.detail or "the container is not running")
-        existing: list[PortForward] = yield self._store.list(container_id)
+        existing: list[PortForward] = yield self._store.list_forwards(container_id)
         if any(f.container_port == request.container_port for f in existing):
             raise PORT_ALREADY_FORWARDED(
                 f"container port {request.container_port} is already forwarded"
@@ -378,7 +379,7 @@ class ForwardService(Service):
     def list(self, principal: Principal, container_id: str) -> Any:
         """:return: a Deferred firing with the container's forwards, oldest first."""
         yield self.container_for(principal, container_id)
-        forwards = yield self._store.list(container_id)
+        forwards = yield self._store.list_forwards(container_id)
         return forwards
 
     @inlineCallbacks

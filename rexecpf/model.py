@@ -10,8 +10,9 @@ body ``{"error": {"code": N, "message": "...", "detail": "..."}}``.
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 import attrs
 
@@ -121,7 +122,7 @@ class PortForward:
     @property
     def created_at(self) -> str:
         """:return: ISO 8601 UTC with milliseconds, e.g. 2026-11-28T10:00:00.123Z"""
-        moment = datetime.fromtimestamp(self.created_ms / 1000, tz=timezone.utc)
+        moment = datetime.fromtimestamp(self.created_ms / 1000, tz=UTC)
         return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{self.created_ms % 1000:03d}Z"
 
 

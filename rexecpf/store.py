@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
@@ -56,7 +57,7 @@ class IForwardStore(Interface):
     def get(forward_id: str) -> Deferred[PortForward | None]:
         """:return: fires with the forward, or ``None``."""
 
-    def list(container_id: str | None = None) -> Deferred[list[PortForward]]:
+    def list_forwards(container_id: str | None = None) -> Deferred[list[PortForward]]:
         """:return: fires with the forwards (of one container), oldest first."""
 
     def remove(forward_id: str) -> Deferred[bool]:
@@ -122,6 +123,9 @@ def _open(connection: sqlite3.Connection) -> None:
 
 
 def _migrate(connection: sqlite3.Connection) -> None:
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if version == SCHEMA_VERSION:
+        return
     connection.execute("BEGIN IMMEDIATE")
     try:
         (version,) = connection.execute("PRAGMA user_version").fetchone()
@@ -246,7 +250,7 @@ class SQLiteForwardStore:
 
         return self._run(get)
 
-    def list(self, container_id: str | None = None) -> Deferred[list[PortForward]]:
+    def list_forwards(self, container_id: str | None = None) -> Deferred[list[PortForward]]:
         def select(connection: sqlite3.Connection) -> list[PortForward]:
             if container_id is None:
                 rows = connection.execute(

@@ -49,7 +49,7 @@ class MemoryForwardStore:
     def get(self, forward_id: str) -> Deferred[PortForward | None]:
         return succeed(self.forwards.get(forward_id))
 
-    def list(self, container_id: str | None = None) -> Deferred[list[PortForward]]:
+    def list_forwards(self, container_id: str | None = None) -> Deferred[list[PortForward]]:
         return succeed(
             [f for f in self._ordered() if container_id is None or f.container_id == container_id]
         )

@@ -64,7 +64,7 @@ class Health(Resource):
             request.write(write_json(request, 503, {"status": "unavailable", "detail": detail}))
             request.finish()
 
-        finished: Deferred[None] = request.notifyFinish()
+        finished: Deferred[None] = request.notifyFinish()  # type: ignore[attr-defined]
         gatherResults(checks, consumeErrors=True).addCallbacks(healthy, unhealthy).addErrback(
             lambda failure: None if finished.called else self._log.failure("healthz", failure)
         )

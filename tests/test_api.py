@@ -12,8 +12,8 @@ from typing import Any
 import jsonschema
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from rexecpf.api import API, PublicURLs

@@ -6,7 +6,7 @@ it, whether it runs, and where its ports are reached.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface

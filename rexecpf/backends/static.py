@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from typing import Iterable
+from collections.abc import Iterable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed

@@ -15,9 +15,10 @@ import threading
 import time
 import unittest
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jsonschema
 

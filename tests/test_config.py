@@ -1,0 +1,120 @@
+"""Configuration: the whole format, defaults, and one clear line per mistake."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from rexecpf.config import Config, ConfigError, load_config, parse_config
+
+
+class ConfigTests(SynchronousTestCase):
+    def error(self, data: dict) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(data)
+        text = str(caught.exception)
+        self.assertNotIn("\n", text)
+        return text
+
+    def test_defaults(self) -> None:
+        """An empty file means every default of the contract."""
+        config = parse_config({})
+        self.assertEqual(config, Config())
+        self.assertEqual(config.server.listen, ("tcp:8080:interface=127.0.0.1",))
+        self.assertEqual(config.server.public_url, "http://127.0.0.1:8080")
+        self.assertEqual(config.limits.forwards_per_container, 10)
+        self.assertEqual(config.limits.proxy_body_bytes, 104857600)
+        self.assertEqual(config.limits.tunnel_bytes_per_second, 10485760)
+        self.assertEqual(config.limits.tunnel_idle_seconds, 300)
+        self.assertEqual(config.limits.local_ports, (20000, 29999))
+        self.assertEqual(config.backend.owner_label, "rexecpf.owner")
+
+    def test_full_file(self) -> None:
+        """Every section and key of the contract is read."""
+        config = parse_config(
+            {
+                "server": {"listen": ["tcp:9000", "systemd:domain=INET:index=0"],
+                           "public_url": "https://pf.example.com/", "state": "/var/lib/x.db",
+                           "proxy_domain": "Preview.Example.com"},
+                "auth": {"users": {"alice": "alice-token", "bob": "sha256:" + "AB" * 32},
+                         "admins": ["bob"]},
+                "backend": {"kind": "docker", "url": "unix:///run/docker.sock", "network": "n",
+                            "owner_label": "o"},
+                "limits": {"forwards_per_container": 3, "local_ports": "100 - 200",
+                           "local_interface": "::1", "tunnel_idle_seconds": 2.5},
+            }
+        )
+        self.assertEqual(config.server.public_url, "https://pf.example.com")
+        self.assertEqual(config.server.proxy_domain, "preview.example.com")
+        self.assertEqual(config.auth.users["bob"], "sha256:" + "ab" * 32)
+        self.assertEqual(config.limits.local_ports, (100, 200))
+        self.assertEqual(config.limits.tunnel_idle_seconds, 2.5)
+
+    def test_errors_name_the_key(self) -> None:
+        """Unknown sections and keys, wrong types and impossible values name the key."""
+        cases = [
+            ({"servr": {}}, "servr"),
+            ({"server": {"listn": []}}, "server.listn"),
+            ({"server": {"listen": "tcp:80"}}, "server.listen"),
+            ({"server": {"public_url": "ftp://x"}}, "server.public_url"),
+            ({"limits": {"forwards_per_container": True}}, "limits.forwards_per_container"),
+            ({"limits": {"forwards_per_container": 0}}, "limits.forwards_per_container"),
+            ({"limits": {"local_ports": "3000-2000"}}, "limits.local_ports"),
+            ({"limits": {"local_interface": "localhost"}}, "limits.local_interface"),
+            ({"limits": {"tunnel_idle_seconds": -1}}, "limits.tunnel_idle_seconds"),
+            ({"backend": {"kind": "k8s"}}, "backend.kind"),
+            ({"auth": {"users": {"alice": 5}}}, "auth.users.alice"),
+            ({"auth": {"users": {"alice": "has space"}}}, "auth.users.alice"),
+            ({"auth": {"users": {"alice": "sha256:abc"}}}, "auth.users.alice"),
+            ({"auth": {"users": {"alice": "alice-token"}, "admins": ["carol"]}}, "auth.admins"),
+        ]
+        for data, key in cases:
+            with self.subTest(key=key):
+                self.assertTrue(self.error(data).startswith(key + ":"), self.error(data))
+
+    def test_token_never_echoed(self) -> None:
+        """A bad token is refused without printing it."""
+        self.assertNotIn("s3cr3t/x", self.error({"auth": {"users": {"a": "s3cr3t/x"}}}))
+
+    def test_relative_paths_follow_the_file(self) -> None:
+        """Relative state and inventory paths are taken from the file's directory."""
+        directory = Path(tempfile.mkdtemp())
+        (directory / "r.toml").write_text('[server]\nstate = "s.db"\n[backend]\ninventory = "i.toml"\n')
+        config = load_config(directory / "r.toml")
+        self.assertEqual(config.server.state, str(directory.resolve() / "s.db"))
+        self.assertEqual(config.backend.inventory, str(directory.resolve() / "i.toml"))
+
+    def test_bad_toml(self) -> None:
+        """A file that is not TOML is one line naming the file."""
+        path = Path(tempfile.mkdtemp()) / "r.toml"
+        path.write_bytes(b"[server\n")
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertIn(str(path), str(caught.exception))
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.dictionaries(
+            st.sampled_from(["server", "auth", "backend", "limits", "other"]),
+            st.dictionaries(
+                st.text(max_size=25),
+                st.recursive(
+                    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=6,
+                ),
+                max_size=4,
+            ),
+            max_size=4,
+        )
+    )
+    def test_any_input(self, data: dict) -> None:
+        """Any document gives a Config or one ConfigError line, never another exception."""
+        try:
+            parse_config({k: {kk: v for kk, v in d.items() if v is not None} for k, d in data.items()})
+        except ConfigError as error:
+            self.assertNotIn("\n", str(error))
