@@ -33,7 +33,7 @@ from typing import Any, cast
 from typing import Protocol as _TypingProtocol
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -965,18 +965,31 @@ def splice_to_endpoint(
         as long as the endpoint does.
     :param relay_kwargs: passed to L{Relay} (C{on_end} is required).
     :return: a Deferred that fires with the started L{Relay}, or fails with the
-        connection error (C{TimeoutError} on timeout, C{CancelledError} if the
-        accepted side went away or the Deferred was cancelled).
+        connection error: C{twisted.internet.defer.TimeoutError} on timeout,
+        C{ConnectingCancelledError} or C{CancelledError} if the accepted side
+        went away or the Deferred was cancelled.
     """
     if accepted.transport is not None:
         accepted._t.pauseProducing()
     d: Deferred[Any] = cast(Any, endpoint).connect(Factory.forProtocol(TCPEnd))
+    timed_out: list[bool] = []
+    timeout_call: _DelayedCall | None = None
     if connect_timeout is not None:
-        d.addTimeout(connect_timeout, clock)
+
+        def on_timeout() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timeout_call = cast(_Clock, clock).callLater(connect_timeout, on_timeout)
     accepted._on_lost_before_attach = d.cancel
 
-    def connected(backend: TCPEnd) -> Relay:
+    def done() -> None:
         accepted._on_lost_before_attach = None
+        if timeout_call is not None and timeout_call.active():
+            timeout_call.cancel()
+
+    def connected(backend: TCPEnd) -> Relay:
+        done()
         relay = Relay(clock, accepted, backend, **relay_kwargs)
         accepted.attach(relay)
         backend.attach(relay)
@@ -984,7 +997,11 @@ def splice_to_endpoint(
         return relay
 
     def failed(failure: Failure) -> Failure:
-        accepted._on_lost_before_attach = None
+        done()
+        if timed_out:
+            failure = Failure(
+                TimeoutError(f"connect timed out after {connect_timeout}s")
+            )
         Relay._log.info(
             "relay connect failed: {error}", error=failure.getErrorMessage()
         )
