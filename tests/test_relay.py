@@ -4,7 +4,7 @@ Unit tests for L{rexecpf.relay}: in memory, on a L{Clock}.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -55,7 +55,7 @@ class FakeWebSocketEnd:
         """
         A connected end whose raw transport is paused (as during the handshake).
         """
-        self.transport = StringTransport()
+        self.transport: Any = StringTransport()
         self.transport.pauseProducing()
         self.closes: list[tuple[int, str]] = []
         self.aborted = False
@@ -671,7 +671,7 @@ class AttachTests(SynchronousTestCase):
         a = connected_end()
         a.max_pending = 10
         a.dataReceived(b"x" * 11)
-        self.assertTrue(a.transport.disconnected)  # type: ignore[union-attr]
+        self.assertTrue(cast(Any, a.transport).disconnected)
 
 
 class SpliceTests(SynchronousTestCase):
@@ -686,6 +686,7 @@ class SpliceTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", 8080)
         self.accepted = connected_end()
+        self.accepted_transport: Any = self.accepted.transport
         self.ended: list[RelayStats] = []
 
     def test_connect(self) -> None:
@@ -704,15 +705,15 @@ class SpliceTests(SynchronousTestCase):
         self.assertNoResult(d)
         host, port, factory, _timeout, _bind = self.reactor.tcpClients[0]
         self.assertEqual((host, port), ("127.0.0.1", 8080))
-        backend_transport = StringTransport()
-        factory.buildProtocol(None).makeConnection(backend_transport)
+        backend_transport: Any = StringTransport()
+        cast(Any, factory).buildProtocol(None).makeConnection(backend_transport)
         relay = self.successResultOf(d)
         self.assertIs(relay.a, self.accepted)
         self.assertEqual(backend_transport.value(), b"early")
         self.assertEqual(backend_transport.producerState, "producing")
-        self.assertEqual(self.accepted.transport.producerState, "producing")  # type: ignore[union-attr]
+        self.assertEqual(self.accepted_transport.producerState, "producing")
         backend_transport.producer.pauseProducing()
-        self.assertEqual(self.accepted.transport.producerState, "paused")  # type: ignore[union-attr]
+        self.assertEqual(self.accepted_transport.producerState, "paused")
 
     def test_connect_failed(self) -> None:
         """
@@ -721,10 +722,10 @@ class SpliceTests(SynchronousTestCase):
         d = splice_to_endpoint(
             self.reactor, self.endpoint, self.accepted, on_end=self.ended.append
         )
-        factory = self.reactor.tcpClients[0][2]
+        factory: Any = self.reactor.tcpClients[0][2]
         factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
         self.failureResultOf(d, ConnectionRefusedError)
-        self.assertTrue(self.accepted.transport.disconnecting)  # type: ignore[union-attr]
+        self.assertTrue(self.accepted_transport.disconnecting)
 
     def test_connect_timeout(self) -> None:
         """
@@ -740,7 +741,7 @@ class SpliceTests(SynchronousTestCase):
         )
         self.reactor.advance(5)
         self.failureResultOf(d, TimeoutError)
-        self.assertTrue(self.accepted.transport.disconnecting)  # type: ignore[union-attr]
+        self.assertTrue(self.accepted_transport.disconnecting)
 
     def test_accepted_lost_cancels(self) -> None:
         """
