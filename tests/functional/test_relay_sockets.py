@@ -14,11 +14,17 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IReactorCore,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from rexecpf.relay import Relay, RelayStats, TCPEnd, splice_to_endpoint
 
@@ -134,6 +140,28 @@ class Receiver(Protocol):
         :param reason: ignored.
         """
         self.lost.callback(None)
+
+
+@implementer(IHalfCloseableProtocol)
+class ReplyAtEOF(Receiver):
+    """
+    A container that answers once the client has finished sending (like a
+    server reading a request until end of file), then closes.
+    """
+
+    def readConnectionLost(self) -> None:
+        """
+        The client shut down its writing side: answer with how many bytes it
+        sent, then close.
+        """
+        assert self.transport is not None
+        self.transport.write(b"got " + str(self.received).encode("ascii"))
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Not used.
+        """
 
 
 class OneProtocolFactory(Factory):
@@ -376,3 +404,22 @@ class RelaySocketTests(TestCase):
         self.assertEqual((stats.close_code, stats.close_reason), (1000, "idle timeout"))
         await poll(self.reactor, lambda: container.lost.called, 5)
         self.assertTrue(container.lost.called)
+
+    async def test_half_close(self) -> None:
+        """
+        A client that shuts down its writing side still gets the container's
+        answer: the end of file is passed on as a half-close, and the relay
+        ends with 1000 "peer closed" once both sides are done.
+        """
+        container = ReplyAtEOF()
+        client = Receiver()
+        splicer = await self.splice(container, client)
+        assert client.transport is not None
+        client.transport.write(b"x" * 100000)
+        client.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        done = await poll(self.reactor, lambda: client.lost.called, 10)
+        self.assertTrue(done)
+        self.assertEqual(client.received, len(b"got 100000"))
+        stats = await splicer.ended_d
+        self.assertEqual((stats.bytes_a_to_b, stats.bytes_b_to_a), (100000, 10))
+        self.assertEqual((stats.close_code, stats.close_reason), (1000, "peer closed"))
