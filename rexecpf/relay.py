@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 __all__ = [
+    "CLOSE_ABORTED",
     "CLOSE_GOING_AWAY",
     "CLOSE_NORMAL",
     "CLOSE_PEER_LOST",
@@ -524,6 +525,14 @@ class Relay:
         """
         Register the producers crosswise, arm the idle timer and resume
         reading on both ends.  Does nothing once the relay has ended.
+
+        Until now both ends' producers should be paused (L{TCPEnd} pauses
+        itself on connect; the tunnel pauses the WebSocket's raw transport
+        during the handshake), and neither consumer may have a producer
+        registered: the tunnel must first unregister the C{HTTPChannel} that
+        C{twisted.web} left on the raw transport.
+
+        :raises RuntimeError: if a consumer already has a producer.
         """
         if self.started_at is not None or self.finished:
             return
