@@ -6,6 +6,7 @@ and the Docker backend on a real engine (skipped where ``docker info`` fails).
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any, Awaitable, Callable
 
@@ -105,7 +106,7 @@ class FakeDockerDriver(BackendDriver):
 
 class RealDockerDriver(BackendDriver):
     async def start(self, test: TestCase) -> None:
-        runtime = DockerRuntime(_reactor(), "unix:///var/run/docker.sock")
+        runtime = DockerRuntime(_reactor(), os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
         self.backend = DockerBackend(_reactor(), runtime)
         runtime.startService()
         self.backend.startService()

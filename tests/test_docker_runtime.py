@@ -6,6 +6,7 @@ One behavioural suite for :class:`IDockerRuntime`, run against
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any, Awaitable, Callable
 
@@ -59,7 +60,7 @@ class RealDriver(EngineDriver):
     async def start(self, test: TestCase) -> None:
         from twisted.internet import reactor
 
-        self.runtime = DockerRuntime(reactor, "unix:///var/run/docker.sock")
+        self.runtime = DockerRuntime(reactor, os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
         self.runtime.startService()
         test.addCleanup(self.runtime.stopService)
         self._test = test

@@ -32,8 +32,15 @@ from tests import _docker
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENS = {"alice": "alice-token", "bob": "bob-token", "root": "root-token"}
-DOCKERD_PIDFILE = Path("/run/rexecpf-ci-dockerd.pid")
-DOCKERD_ARGS = ["dockerd", "--iptables=false", "--ip-forward=false", "--ip-masq=false"]
+#: The dockerd the restart test may restart, and how to start it again
+#: (those of .ci/system-setup.sh unless overridden, e.g. for a private engine
+#: reached through DOCKER_HOST).
+DOCKERD_PIDFILE = Path(os.environ.get("REXECPF_TEST_DOCKERD_PIDFILE", "/run/rexecpf-ci-dockerd.pid"))
+DOCKERD_ARGS = os.environ.get(
+    "REXECPF_TEST_DOCKERD_ARGS", "dockerd --iptables=false --ip-forward=false --ip-masq=false"
+).split()
+#: The engine rexecpf is pointed at (the docker CLI follows DOCKER_HOST too).
+DOCKER_URL = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
 
 
 def _free_port() -> int:
@@ -67,7 +74,7 @@ class Rexecpf:
         self.log_path = directory / "twistd.log"
         users = ", ".join(f'{user} = "{token}"' for user, token in TOKENS.items())
         low = min(_free_port(), 65535 - 50)
-        backend_url = f'url = "{url}"' if url else ""
+        backend_url = f'url = "{url or DOCKER_URL}"'
         self.config.write_text(
             f"""
 [server]
@@ -278,16 +285,20 @@ class DockerForwardTests(DockerTestCase):
 
         # The backend sees the same address.
         code = (
-            "import sys; from twisted.internet import task, defer;"
+            "import sys\n"
+            "from twisted.internet import task, defer\n"
             "from rexecpf.backends.docker import DockerRuntime, DockerBackend\n"
             "async def main(reactor):\n"
-            "    runtime = DockerRuntime(reactor, 'unix:///var/run/docker.sock'); runtime.startService()\n"
-            "    container = await DockerBackend(reactor, runtime).inspect(sys.argv[1])\n"
-            "    print(container.address, container.owner, container.running); runtime.stopService()\n"
+            "    runtime = DockerRuntime(reactor, sys.argv[2]); runtime.startService()\n"
+            "    try:\n"
+            "        container = await DockerBackend(reactor, runtime).inspect(sys.argv[1])\n"
+            "        print(container.address, container.owner, container.running)\n"
+            "    finally:\n"
+            "        runtime.stopService()\n"
             "task.react(lambda r: defer.ensureDeferred(main(r)))\n"
         )
         out = subprocess.run(
-            [sys.executable, "-c", code, name], capture_output=True, timeout=60, cwd=REPO,
+            [sys.executable, "-c", code, name, DOCKER_URL], capture_output=True, timeout=60, cwd=REPO,
             env=dict(os.environ, PYTHONPATH=str(REPO)),
         )
         self.assertEqual(out.stdout.decode().split(), [ip, "alice", "True"], out.stderr)
@@ -474,7 +485,8 @@ def _alive(pid: int) -> bool:
 
 def _start_dockerd() -> None:
     """Start dockerd as .ci/system-setup.sh does, and record its PID."""
-    Path("/var/run/docker.pid").unlink(missing_ok=True)
+    if "--pidfile" not in " ".join(DOCKERD_ARGS):
+        Path("/var/run/docker.pid").unlink(missing_ok=True)
     log = open(os.environ.get("DOCKERD_LOG", "/tmp/dockerd.log"), "ab")
     process = subprocess.Popen(
         DOCKERD_ARGS, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
