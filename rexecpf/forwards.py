@@ -177,6 +177,8 @@ class ForwardService(Service):
         self._reserved_ports: set[int] = set()
         self._live: dict[str, set[LiveConnection]] = {}
         self._observers: list[ForwardObserver] = []
+        #: containers whose forwards are being reaped after a stopped event
+        self._reaping: set[str] = set()
         #: fires once the stored forwards are loaded and reconciled
         self.ready: Deferred[None] = Deferred()
         backend.subscribe(self._container_stopped)
@@ -332,7 +334,9 @@ class ForwardService(Service):
         request = parse_create_request(body)
         if not container.running:
             raise CONTAINER_NOT_RUNNING(container.detail or "the container is not running")
-        existing: list[PortForward] = yield self._store.list_forwards(container_id)
+        # Forwards are kept under the backend's canonical id (Docker: the
+        # full id), whatever form of it the URL used.
+        existing: list[PortForward] = yield self._store.list_forwards(container.id)
         if any(f.container_port == request.container_port for f in existing):
             raise PORT_ALREADY_FORWARDED(
                 f"container port {request.container_port} is already forwarded"
@@ -344,7 +348,7 @@ class ForwardService(Service):
         try:
             forward = PortForward(
                 id=new_forward_id(),
-                container_id=container_id,
+                container_id=container.id,
                 container_port=request.container_port,
                 local_port=local_port,
                 name=request.name,
@@ -378,16 +382,16 @@ class ForwardService(Service):
     @inlineCallbacks
     def list(self, principal: Principal, container_id: str) -> Any:
         """:return: a Deferred firing with the container's forwards, oldest first."""
-        yield self.container_for(principal, container_id)
-        forwards = yield self._store.list_forwards(container_id)
+        container = yield self.container_for(principal, container_id)
+        forwards = yield self._store.list_forwards(container.id)
         return forwards
 
     @inlineCallbacks
     def get(self, principal: Principal, container_id: str, forward_id: str) -> Any:
         """:return: a Deferred firing with the forward."""
-        yield self.container_for(principal, container_id)
+        container = yield self.container_for(principal, container_id)
         forward = yield self._store.get(forward_id)
-        if forward is None or forward.container_id != container_id:
+        if forward is None or forward.container_id != container.id:
             raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r} on {container_id!r}")
         return forward
 
@@ -423,11 +427,17 @@ class ForwardService(Service):
     def _container_stopped(self, container_id: str) -> None:
         if not any(f.container_id == container_id for f in self._forwards.values()):
             return
-        self.reap(container_id).addErrback(
+        if container_id in self._reaping:
+            # Docker says die, then stop or destroy: one reap is enough.
+            return
+        self._reaping.add(container_id)
+        reaping = self.reap(container_id)
+        reaping.addErrback(
             lambda failure: self._log.failure(
                 "could not reap the forwards of {cid}", failure, cid=container_id
             )
         )
+        reaping.addBoth(lambda _: self._reaping.discard(container_id))
 
 
 def succeed_none() -> Deferred[None]:

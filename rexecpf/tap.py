@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from rexecpf.api import API, PublicURLs
 from rexecpf.auth import Authenticator
+from rexecpf.backends.docker import DockerBackend, DockerRuntime
 from rexecpf.backends.static import StaticBackend, read_inventory
 from rexecpf.config import DEMO_CONTAINER, DEMO_TOKEN, Config, ConfigError, demo_config, load_config
 from rexecpf.forwards import ForwardService
@@ -169,6 +170,7 @@ def build(config: Config, reactor: Any) -> Components:
     top = MultiService()
     store = SQLiteForwardStore(reactor, state)
 
+    backend: StaticBackend | DockerBackend
     if config.demo_inventory is not None:
         backend = StaticBackend(reactor, None, config.demo_inventory)
     elif config.backend.kind == "static":
@@ -178,11 +180,14 @@ def build(config: Config, reactor: Any) -> Components:
             raise StartupError(str(error)) from None
         backend = StaticBackend(reactor, config.backend.inventory, entries)
     else:
-        raise StartupError("backend.kind: the docker backend is not available in this build")
+        backend = _docker_backend(config, reactor, top)
     backend.setServiceParent(top)
 
     forwards = ForwardService(reactor, store, backend, config.limits)
     forwards.setServiceParent(top)
+    if isinstance(backend, DockerBackend):
+        # Every reconcile_seconds and whenever the event stream (re)connects.
+        backend.set_reconciler(forwards.reconcile)
 
     authenticator = Authenticator(config.auth.users, config.auth.admins)
     urls = PublicURLs(config.server.public_url, config.server.proxy_domain)
@@ -198,6 +203,27 @@ def build(config: Config, reactor: Any) -> Components:
         EndpointListener(endpoint, site, description).setServiceParent(top)
 
     return Components(config, top, forwards, api, site, backend, store)
+
+
+def _docker_backend(config: Config, reactor: Any, top: MultiService) -> DockerBackend:
+    """
+    :return: the Docker backend; its runtime (the SDK's thread pool) is a
+        child of ``top`` started before it and stopped after it.  The engine
+        need not answer at start-up: until it does, the API answers 503.
+    """
+    try:
+        import docker  # noqa: F401
+    except ImportError:
+        raise StartupError("backend.kind: \"docker\" needs the docker package (pip install docker)") from None
+    runtime = DockerRuntime(reactor, config.backend.url)
+    runtime.setServiceParent(top)
+    return DockerBackend(
+        reactor,
+        runtime,
+        network=config.backend.network,
+        owner_label=config.backend.owner_label,
+        reconcile_seconds=config.backend.reconcile_seconds,
+    )
 
 
 def makeService(options: Options, reactor: Any = None) -> IServiceCollection:

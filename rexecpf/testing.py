@@ -1,16 +1,31 @@
+# -*- test-case-name: tests.test_docker_runtime -*-
 """
-Fakes shared by the tests.  Each is held honest by a behavioural test suite
-that runs against it and against the real implementation.
+Fakes shared by the tests, held honest by the behavioural suites that run
+against them and against the real thing.
+
+:class:`FakeDockerRuntime` stands in for :class:`rexecpf.backends.docker.DockerRuntime`:
+an in-memory engine whose containers the test creates, stops, kills and
+removes, which it can take down and bring back, and which resolves
+references (full id, unique id prefix, name) as Docker does.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Mapping
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from rexecpf.backends import IContainerBackend, StoppedCallback
+from rexecpf.backends.docker import (
+    ContainerEvent,
+    DockerContainer,
+    IDockerRuntime,
+    IEventWatch,
+    is_reference,
+)
 from rexecpf.model import (
     BACKEND_UNAVAILABLE,
     LIMIT_EXCEEDED,
@@ -21,7 +36,175 @@ from rexecpf.model import (
 )
 from rexecpf.store import IForwardStore
 
-__all__ = ["FakeBackend", "MemoryForwardStore"]
+__all__ = ["FakeBackend", "FakeDockerRuntime", "MemoryForwardStore"]
+
+
+@implementer(IEventWatch)
+class _FakeWatch:
+    def __init__(self, runtime: FakeDockerRuntime, deliver: Callable[[ContainerEvent], object]):
+        self.ended: Deferred[None] = Deferred()
+        self._runtime = runtime
+        self.deliver = deliver
+
+    def stop(self) -> None:
+        self._runtime._watches.discard(self)
+        if not self.ended.called:
+            self.ended.callback(None)
+
+
+@implementer(IDockerRuntime)
+class FakeDockerRuntime:
+    """
+    An in-memory Docker engine.  Everything answers at once (synchronously).
+
+    :ivar available: whether the engine answers; see :meth:`go_down` and
+        :meth:`come_up`.
+    """
+
+    def __init__(self) -> None:
+        self._containers: dict[str, DockerContainer] = {}
+        self._watches: set[_FakeWatch] = set()
+        self.available = True
+        #: how many inspections reached the engine (to test caching)
+        self.inspections = 0
+
+    # --- driving it
+
+    def run(
+        self,
+        name: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        networks: tuple[tuple[str, str], ...] = (("bridge", "172.17.0.2"),),
+        running: bool = True,
+        container_id: str | None = None,
+    ) -> DockerContainer:
+        """
+        Create (and start, unless ``running`` is false) a container.
+
+        :return: its record.
+        """
+        self._require_up()
+        cid = container_id or secrets.token_hex(32)
+        name = name or f"fake_{cid[:8]}"
+        if any(c.name == name for c in self._containers.values()):
+            raise ValueError(f"the name {name!r} is taken")
+        container = DockerContainer(
+            id=cid,
+            name=name,
+            running=running,
+            status="running" if running else "created",
+            labels=dict(labels or {}),
+            networks=networks if running else tuple((n, "") for n, _ in networks),
+            network_mode=networks[0][0] if networks else "none",
+        )
+        self._containers[cid] = container
+        self._emit("create", container)
+        if running:
+            self._emit("start", container)
+        return container
+
+    def stop(self, reference: str) -> None:
+        """``docker stop``: the container dies, then has stopped."""
+        self._exit(reference, "kill", "die", "stop")
+
+    def kill(self, reference: str) -> None:
+        """``docker kill``."""
+        self._exit(reference, "kill", "die")
+
+    def remove(self, reference: str) -> None:
+        """``docker rm -f``."""
+        container = self._get(reference)
+        if container.running:
+            self._exit(reference, "kill", "die")
+        del self._containers[container.id]
+        self._emit("destroy", container)
+
+    def go_down(self) -> None:
+        """The engine stops answering; open event streams end."""
+        self.available = False
+        for watch in list(self._watches):
+            watch.stop()
+
+    def come_up(self) -> None:
+        """The engine answers again."""
+        self.available = True
+
+    def exit_silently(self, reference: str) -> None:
+        """The container exits while nobody listens (no events)."""
+        container = self._get(reference)
+        self._containers[container.id] = attrs.evolve(
+            container,
+            running=False,
+            status="exited",
+            networks=tuple((n, "") for n, _ in container.networks),
+        )
+
+    # --- internals
+
+    def _require_up(self) -> None:
+        if not self.available:
+            raise BACKEND_UNAVAILABLE("the Docker engine does not answer: (fake) down")
+
+    def _get(self, reference: str) -> DockerContainer:
+        found = self._resolve(reference)
+        if found is None:
+            raise KeyError(reference)
+        return found
+
+    def _resolve(self, reference: str) -> DockerContainer | None:
+        if reference in self._containers:
+            return self._containers[reference]
+        for container in self._containers.values():
+            if container.name == reference:
+                return container
+        matches = [c for c in self._containers.values() if c.id.startswith(reference)]
+        return matches[0] if len(matches) == 1 else None
+
+    def _exit(self, reference: str, *actions: str) -> DockerContainer:
+        container = self._get(reference)
+        if not container.running:
+            return container
+        stopped = attrs.evolve(
+            container,
+            running=False,
+            status="exited",
+            networks=tuple((n, "") for n, _ in container.networks),
+        )
+        self._containers[container.id] = stopped
+        for action in actions:
+            self._emit(action, stopped)
+        return stopped
+
+    def _emit(self, action: str, container: DockerContainer) -> None:
+        event = ContainerEvent(action, container.id, container.name)
+        for watch in list(self._watches):
+            watch.deliver(event)
+
+    # --- IDockerRuntime
+
+    def inspect(self, reference: str) -> Deferred[DockerContainer | None]:
+        if not self.available:
+            return fail(BACKEND_UNAVAILABLE("the Docker engine does not answer: (fake) down"))
+        self.inspections += 1
+        if not is_reference(reference):
+            return succeed(None)
+        return succeed(self._resolve(reference))
+
+    def ping(self) -> Deferred[None]:
+        if not self.available:
+            return fail(BACKEND_UNAVAILABLE("the Docker engine does not answer: (fake) down"))
+        return succeed(None)
+
+    def watch(
+        self, deliver: Callable[[ContainerEvent], object], connected: Callable[[], object]
+    ) -> IEventWatch:
+        watch = _FakeWatch(self, deliver)
+        if not self.available:
+            watch.ended.errback(BACKEND_UNAVAILABLE("the Docker engine does not answer: (fake) down"))
+            return watch
+        self._watches.add(watch)
+        connected()
+        return watch
 
 
 @implementer(IForwardStore)
