@@ -7,6 +7,7 @@ lines, and the one log line written when a tunnel or listener connection ends.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,8 +19,8 @@ from typing import IO, Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
-from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import FileLogObserver, ILogObserver, LogEvent, Logger, eventAsJSON, formatEvent
 from twisted.python.failure import Failure
 
 from rexecpf.auth import Authenticator
@@ -182,14 +183,20 @@ class GracefulService(MultiService):
     3. the other children stop (newest first), then the store is closed, so
        no write is cut short.
 
+    Requests that finished may still have bytes in their connection's write
+    buffer: before the reactor stops, the stop waits (within the grace period)
+    until the reactor has no pending writes.
+
     :param grace_seconds: ``[server] shutdown_grace_seconds``.
+    :param clock: the reactor (``getWriters`` is used when it has it).
     """
 
     _log = Logger()
 
-    def __init__(self, grace_seconds: float) -> None:
+    def __init__(self, grace_seconds: float, clock: IReactorTime) -> None:
         super().__init__()
         self.grace_seconds = grace_seconds
+        self._clock = clock
         self._first: list[Service] = []
         self._forwards: ForwardService | None = None
         self._store: Any = None
@@ -211,14 +218,22 @@ class GracefulService(MultiService):
                        grace=self.grace_seconds)
         yield gatherResults([maybeDeferred(s.stopService) for s in self._first if s.running],
                             consumeErrors=True).addErrback(self._log_failure)
+        deadline = self._clock.seconds() + self.grace_seconds
         if self._forwards is not None:
             yield self._forwards.drain(self.grace_seconds)
+        yield self._flushed(deadline)
         rest = [s for s in reversed(list(self)) if s.running]
         yield gatherResults([maybeDeferred(s.stopService) for s in rest],
                             consumeErrors=True).addErrback(self._log_failure)
         if self._store is not None:
             self._store.close()
         self._log.info("stopped")
+
+    @inlineCallbacks
+    def _flushed(self, deadline: float) -> Any:
+        writers = getattr(self._clock, "getWriters", None)
+        while writers is not None and writers() and self._clock.seconds() < deadline:
+            yield deferLater(self._clock, 0.02, lambda: None)
 
     def _log_failure(self, failure: Any) -> None:
         self._log.failure("while stopping", failure)
@@ -327,7 +342,13 @@ def json_log_observer(out: IO[str] | None = None) -> ILogObserver:
         ``twistd --nodaemon``).
     :return: an observer writing one JSON object per event and per line.
     """
-    return jsonFileLogObserver(out if out is not None else sys.stdout, recordSeparator="")
+    return FileLogObserver(out if out is not None else sys.stdout, _json_line)
+
+
+def _json_line(event: LogEvent) -> str:
+    document = json.loads(eventAsJSON(event))
+    document["text"] = formatEvent(event)
+    return json.dumps(document) + "\n"
 
 
 _relay_log = Logger(namespace="rexecpf.relay")

@@ -204,7 +204,7 @@ def build(
     except Exception as error:  # sqlite3.Error, OSError, RuntimeError: all user-fixable
         raise StartupError(f"server.state: cannot use {state}: {error}") from None
 
-    top = GracefulService(config.server.shutdown_grace_seconds)
+    top = GracefulService(config.server.shutdown_grace_seconds, reactor)
     store = SQLiteForwardStore(reactor, state)
     metrics = Metrics()
 

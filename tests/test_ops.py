@@ -165,7 +165,7 @@ class GracefulStopTests(SynchronousTestCase):
         store = MemoryForwardStore()
         store.close = lambda: journal.append("close store")  # type: ignore[method-assign]
         forwards = ForwardService(clock, store, FakeBackend(), LimitsConfig())
-        top = GracefulService(grace_seconds=10)
+        top = GracefulService(grace_seconds=10, clock=clock)
         backend = Recorder("backend", journal)
         backend.setServiceParent(top)
         forwards.setServiceParent(top)
@@ -290,6 +290,7 @@ class LogTests(SynchronousTestCase):
         lines = out.getvalue().splitlines()
         self.assertEqual(len(lines), 2)
         self.assertEqual(json.loads(lines[0])["n"], 1)
+        self.assertEqual(json.loads(lines[0])["text"], "one 1")
 
     def test_relay_end_line(self) -> None:
         """A relay's end is one line with the forward id, user, bytes each way and duration."""
