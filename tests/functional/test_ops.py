@@ -106,6 +106,7 @@ class OpsTestCase(unittest.TestCase):
 
 
 class SocketActivationTests(OpsTestCase):
+    @unittest.skipUnless(shutil.which("systemd-socket-activate"), "needs systemd-socket-activate (apt: systemd)")
     def test_socket_activation_and_readiness(self) -> None:
         """
         Under systemd-socket-activate, rexecpf serves the API on the socket it
