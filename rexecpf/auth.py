@@ -24,6 +24,17 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
+def _digests(users: Mapping[str, str]) -> list[tuple[bytes, str]]:
+    digests = []
+    for name, token in users.items():
+        if token.startswith("sha256:"):
+            digest = bytes.fromhex(token[len("sha256:"):])
+        else:
+            digest = _digest(token)
+        digests.append((digest, name))
+    return digests
+
+
 class Authenticator:
     """
     Maps a token to its user.
@@ -33,14 +44,22 @@ class Authenticator:
     """
 
     def __init__(self, users: Mapping[str, str], admins: Sequence[str] = ()) -> None:
-        self._digests: list[tuple[bytes, str]] = []
-        for name, token in users.items():
-            if token.startswith("sha256:"):
-                digest = bytes.fromhex(token[len("sha256:"):])
-            else:
-                digest = _digest(token)
-            self._digests.append((digest, name))
+        self._digests: list[tuple[bytes, str]] = _digests(users)
         self._admins = frozenset(admins)
+
+    def replace(self, users: Mapping[str, str], admins: Sequence[str] = ()) -> set[str]:
+        """
+        Take new users and admins in place (a configuration reload): every
+        component holding this authenticator sees them at once.
+
+        :return: the users whose token was revoked: removed, or given a new
+            token.  Their open connections should be closed.
+        """
+        old = {name: digest for digest, name in self._digests}
+        self._digests = _digests(users)
+        self._admins = frozenset(admins)
+        new = {name: digest for digest, name in self._digests}
+        return {name for name, digest in old.items() if new.get(name) != digest}
 
     def authenticate(self, token: str | None) -> Principal | None:
         """

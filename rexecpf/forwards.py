@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -45,6 +45,7 @@ __all__ = [
     "CreateRequest",
     "ForwardObserver",
     "ForwardService",
+    "GOING_AWAY",
     "LiveConnection",
     "parse_create_request",
     "port_is_bindable",
@@ -136,10 +137,29 @@ def port_is_bindable(interface: str, port: int) -> bool:
 
 
 class LiveConnection(Protocol):
-    """Something open on behalf of a forward: a tunnel, a proxied request..."""
+    """
+    Something open on behalf of a forward: a tunnel, a proxied request...
+
+    A connection that serves requests which may be allowed to finish (a
+    proxied HTTP request) may also have a ``drain()`` method: stop taking new
+    work, and return a Deferred that fires once the work in hand is done.  On a
+    graceful stop, :meth:`ForwardService.drain` waits for those (up to the
+    grace period) and shuts every other connection at once.
+    """
 
     def shutdown(self, reason: str) -> None:
         """Close now, telling the peer ``reason`` where the protocol can."""
+
+
+#: The close reason of every live connection on a stop.
+GOING_AWAY = "going away"
+
+
+@attrs.define
+class _Tracked:
+    forward_id: str
+    user: str | None
+    kind: str
 
 
 class ForwardObserver(Protocol):
@@ -176,6 +196,9 @@ class ForwardService(Service):
         self._forwards: dict[str, PortForward] = {}
         self._reserved_ports: set[int] = set()
         self._live: dict[str, set[LiveConnection]] = {}
+        self._tracked: dict[LiveConnection, _Tracked] = {}
+        #: how many times :meth:`reconcile` ran (for the metrics)
+        self.reconcile_runs = 0
         self._observers: list[ForwardObserver] = []
         #: containers whose forwards are being reaped after a stopped event
         self._reaping: set[str] = set()
@@ -205,10 +228,57 @@ class ForwardService(Service):
         self.ready.callback(None)
 
     def stopService(self) -> Deferred[None] | None:
-        for connections in list(self._live.values()):
-            for connection in list(connections):
-                connection.shutdown("going away")
+        for connection in list(self._tracked):
+            self._shutdown(connection, GOING_AWAY)
         return super().stopService()
+
+    def drain(self, grace_seconds: float) -> Deferred[None]:
+        """
+        The live-connection half of a graceful stop: every connection with a
+        ``drain()`` method is asked to finish what it is doing; every other
+        one (tunnels, listener connections) is shut at once with
+        :data:`GOING_AWAY`.  After ``grace_seconds`` whatever is still open is
+        shut too.
+
+        :return: a Deferred firing (with ``None``) once every drainable
+            connection finished, or the grace period ended.
+        """
+        waits: list[Deferred[Any]] = []
+        for connection in list(self._tracked):
+            drain = getattr(connection, "drain", None)
+            if drain is None:
+                self._shutdown(connection, GOING_AWAY)
+            else:
+                waits.append(maybeDeferred(drain))
+        done: Deferred[None] = Deferred()
+        if not waits:
+            done.callback(None)
+            return done
+        self._log.info(
+            "waiting up to {grace}s for {count} requests to finish",
+            grace=grace_seconds,
+            count=len(waits),
+        )
+
+        def expire() -> None:
+            left = list(self._tracked)
+            if left:
+                self._log.warn("grace period over: closing {count} connections", count=len(left))
+            for connection in left:
+                self._shutdown(connection, GOING_AWAY)
+            if not done.called:
+                done.callback(None)
+
+        timer = self._clock.callLater(grace_seconds, expire)
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+
+        DeferredList(waits, consumeErrors=True).addCallback(finished)
+        return done
 
     @inlineCallbacks
     def reconcile(self) -> Any:
@@ -218,6 +288,7 @@ class ForwardService(Service):
 
         :return: a Deferred firing with the number of forwards reaped.
         """
+        self.reconcile_runs += 1
         reaped = 0
         for container_id in sorted({f.container_id for f in self._forwards.values()}):
             try:
@@ -242,34 +313,85 @@ class ForwardService(Service):
         for observer in self._observers:
             observer.forward_added(forward)
 
-    def track(self, forward_id: str, connection: LiveConnection) -> Callable[[], None]:
+    def track(
+        self,
+        forward_id: str,
+        connection: LiveConnection,
+        user: str | None = None,
+        kind: str | None = None,
+    ) -> Callable[[], None]:
         """
         Keep ``connection`` under its forward so that removing the forward
         shuts it down.
 
+        :param user: the user it was opened for, so that revoking that
+            user's token (:meth:`shutdown_user`) closes it.
+        :param kind: ``"tunnel"``, ``"listener"``, ``"proxy"``... (for the
+            metrics); by default the connection's ``kind`` attribute, else
+            ``"other"``.
         :return: a function to call when the connection ends by itself.
         """
         connections = self._live.setdefault(forward_id, set())
         connections.add(connection)
+        self._tracked[connection] = _Tracked(
+            forward_id, user, kind or getattr(connection, "kind", None) or "other"
+        )
 
         def untrack() -> None:
             connections.discard(connection)
             if not connections and self._live.get(forward_id) is connections:
                 del self._live[forward_id]
+            self._tracked.pop(connection, None)
 
         return untrack
 
-    def live_count(self, forward_id: str | None = None) -> int:
-        """:return: how many live connections (of one forward) are open."""
-        if forward_id is not None:
-            return len(self._live.get(forward_id, ()))
-        return sum(len(connections) for connections in self._live.values())
+    def _shutdown(self, connection: LiveConnection, reason: str) -> None:
+        tracked = self._tracked.pop(connection, None)
+        if tracked is not None:
+            connections = self._live.get(tracked.forward_id)
+            if connections is not None:
+                connections.discard(connection)
+                if not connections:
+                    del self._live[tracked.forward_id]
+        connection.shutdown(reason)
+
+    def live_count(self, forward_id: str | None = None, kind: str | None = None) -> int:
+        """:return: how many live connections (of one forward, of one kind) are open."""
+        return sum(
+            1
+            for tracked in self._tracked.values()
+            if (forward_id is None or tracked.forward_id == forward_id)
+            and (kind is None or tracked.kind == kind)
+        )
+
+    def live_counts(self) -> dict[str, int]:
+        """:return: kind -> how many live connections of that kind are open."""
+        counts: dict[str, int] = {}
+        for tracked in self._tracked.values():
+            counts[tracked.kind] = counts.get(tracked.kind, 0) + 1
+        return counts
+
+    def shutdown_user(self, name: str, reason: str) -> int:
+        """
+        Close every live connection opened for user ``name`` (their token was
+        revoked); nobody else's is touched.
+
+        :return: how many were closed.
+        """
+        mine = [c for c, tracked in self._tracked.items() if tracked.user == name]
+        for connection in mine:
+            self._shutdown(connection, reason)
+        if mine:
+            self._log.info(
+                "closed {count} connections of {user}: {reason}", count=len(mine), user=name, reason=reason
+            )
+        return len(mine)
 
     def _forget(self, forwards: Iterable[PortForward], reason: str) -> None:
         for forward in forwards:
             self._forwards.pop(forward.id, None)
-            for connection in list(self._live.pop(forward.id, ())):
-                connection.shutdown(reason)
+            for connection in list(self._live.get(forward.id, ())):
+                self._shutdown(connection, reason)
             for observer in self._observers:
                 observer.forward_removed(forward, reason)
             self._log.info(

@@ -10,6 +10,7 @@ and a non-zero status, never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -28,6 +29,16 @@ from rexecpf.backends.docker import DockerBackend, DockerRuntime
 from rexecpf.backends.static import StaticBackend, read_inventory
 from rexecpf.config import DEMO_CONTAINER, DEMO_TOKEN, Config, ConfigError, demo_config, load_config
 from rexecpf.forwards import ForwardService
+from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
+from rexecpf.ops import (
+    GracefulService,
+    Notifier,
+    Readiness,
+    Reloader,
+    branch,
+    forget_exit_signal,
+    notifier_from_environ,
+)
 from rexecpf.store import SQLiteForwardStore, open_sqlite_for_check
 from rexecpf.web import Health, RexecSite, Root
 
@@ -56,7 +67,11 @@ class Options(usage.Options):
         ["config", "c", None, "The configuration file (TOML)."],
         ["public-url", None, None, "Override [server] public_url."],
         ["state", None, None, "Override [server] state (the SQLite file)."],
+        ["log-format", None, None, "Override [server] log_format: text or json (one JSON object a line)."],
     ]
+
+    #: twistd's log observer factory for ``log_format = "json"``.
+    json_logger = "rexecpf.ops.json_log_observer"
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,6 +91,14 @@ class Options(usage.Options):
             self["config_object"] = apply_overrides(config, self)
         except ConfigError as error:
             raise StartupError(str(error)) from None
+        if self["log-format"] not in (None, "text", "json"):
+            raise usage.UsageError("--log-format is text or json")
+        log_format = self["log-format"] or self["config_object"].server.log_format
+        # twistd resolves its --logger option (a name) after this runs and
+        # starts logging after that: JSON lines unless --logger was given.
+        parent = getattr(self, "parent", None)
+        if log_format == "json" and parent is not None and not parent.get("logger"):
+            parent["logger"] = self.json_logger
 
 
 def apply_overrides(config: Config, options: Any) -> Config:
@@ -153,12 +176,27 @@ class Components:
     site: RexecSite
     backend: Any
     store: Any
+    authenticator: Authenticator
+    metrics: Metrics
+    readiness: Readiness
+    reloader: Reloader
+    listeners: list[EndpointListener]
 
 
-def build(config: Config, reactor: Any) -> Components:
+def build(
+    config: Config,
+    reactor: Any,
+    config_path: str | None = None,
+    notifier: Notifier | None = None,
+    install_signals: bool = False,
+) -> Components:
     """
     Build the service tree for ``config``.
 
+    :param config_path: the file ``config`` came from, re-read on reload
+        (``None`` for ``--demo``).
+    :param notifier: where readiness is announced (``$NOTIFY_SOCKET``).
+    :param install_signals: install the ``SIGHUP`` handler while running.
     :raises StartupError: for anything a user can fix (state file, endpoints).
     """
     state = config.server.state
@@ -167,42 +205,75 @@ def build(config: Config, reactor: Any) -> Components:
     except Exception as error:  # sqlite3.Error, OSError, RuntimeError: all user-fixable
         raise StartupError(f"server.state: cannot use {state}: {error}") from None
 
-    top = MultiService()
+    top = GracefulService(config.server.shutdown_grace_seconds, reactor)
     store = SQLiteForwardStore(reactor, state)
+    metrics = Metrics()
 
     backend: StaticBackend | DockerBackend
+    inventory: str | None = None
     if config.demo_inventory is not None:
         backend = StaticBackend(reactor, None, config.demo_inventory)
     elif config.backend.kind == "static":
+        inventory = config.backend.inventory
         try:
-            entries = read_inventory(config.backend.inventory)
+            entries = read_inventory(inventory)
         except ConfigError as error:
             raise StartupError(str(error)) from None
-        backend = StaticBackend(reactor, config.backend.inventory, entries)
+        backend = StaticBackend(reactor, inventory, entries)
     else:
         backend = _docker_backend(config, reactor, top)
     backend.setServiceParent(top)
+    counted = CountingBackend(backend, metrics)
 
-    forwards = ForwardService(reactor, store, backend, config.limits)
+    forwards = ForwardService(reactor, store, counted, config.limits)
     forwards.setServiceParent(top)
     if isinstance(backend, DockerBackend):
         # Every reconcile_seconds and whenever the event stream (re)connects.
         backend.set_reconciler(forwards.reconcile)
+    metrics.observe_forwards(forwards)
 
     authenticator = Authenticator(config.auth.users, config.auth.admins)
     urls = PublicURLs(config.server.public_url, config.server.proxy_domain)
     api = API(authenticator, forwards, urls)
-    root = Root(api.resource(), Health(store, backend))
+    root = Root(api.resource(), Health(store, counted))
     site = RexecSite(root)
 
-    for description in config.server.listen:
+    listeners = []
+    endpoints = [(description, site) for description in config.server.listen]
+    if config.server.metrics_listen:
+        endpoints.append((config.server.metrics_listen, RexecSite(MetricsResource(metrics))))
+    for description, factory in endpoints:
         try:
             endpoint = serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as error:
-            raise StartupError(f"server.listen: {description!r} is not a valid endpoint: {error}") from None
-        EndpointListener(endpoint, site, description).setServiceParent(top)
+            key = "server.metrics_listen" if factory is not site else "server.listen"
+            raise StartupError(f"{key}: {description!r} is not a valid endpoint: {error}") from None
+        listener = EndpointListener(endpoint, factory, description)
+        listener.setServiceParent(top)
+        listeners.append(listener)
 
-    return Components(config, top, forwards, api, site, backend, store)
+    reloader = Reloader(reactor, config_path, authenticator, forwards, backend, inventory, install_signals)
+    reloader.setServiceParent(top)
+
+    def listening(listener: EndpointListener) -> Deferred[Any]:
+        assert listener.listening is not None
+        return branch(listener.listening).addCallback(
+            lambda _: listener.port if listener.port is not None else _not_listening(listener)
+        )
+
+    waits: list[Any] = [(lambda listener=listener: listening(listener)) for listener in listeners]
+    waits += [store.check, counted.check, lambda: branch(forwards.ready)]
+    readiness = Readiness(reactor, notifier, waits)
+    readiness.setServiceParent(top)
+    top.stop_order([readiness, *listeners], forwards, store)
+
+    return Components(
+        config, top, forwards, api, site, backend, store, authenticator, metrics, readiness, reloader, listeners
+    )
+
+
+def _not_listening(listener: EndpointListener) -> None:
+    raise RuntimeError(f"not listening on {listener.description}")
 
 
 def _docker_backend(config: Config, reactor: Any, top: MultiService) -> DockerBackend:
@@ -236,7 +307,15 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
 
         reactor = global_reactor
     config: Config = options["config_object"]
-    components = build(config, reactor)
+    components = build(
+        config,
+        reactor,
+        config_path=options["config"],
+        notifier=notifier_from_environ(os.environ),
+        install_signals=True,
+    )
+    # After the graceful stop, exit with status 0 rather than re-raising SIGTERM.
+    reactor.addSystemEventTrigger("after", "shutdown", forget_exit_signal, reactor)
     if options["demo"]:
         _print_demo(config)
     return components.service
