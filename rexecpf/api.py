@@ -23,12 +23,14 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from rexecpf.auth import Authenticator, bearer_token
 from rexecpf.forwards import ForwardService
 from rexecpf.model import (
     INTERNAL_ERROR,
+    INVALID_REQUEST,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     REQUEST_TOO_LARGE,
@@ -121,6 +123,33 @@ def shielded(work: Deferred[Any]) -> Deferred[Any]:
     return outer
 
 
+class _UTF8Paths(Resource):
+    """
+    Answers a URL that is not UTF-8 (after percent-decoding) with the JSON
+    400 Invalid request (401 first), where Klein would answer text/plain.
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: API, klein: IResource) -> None:
+        super().__init__()
+        self._api = api
+        self._klein = klein
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            for segment in (*request.prepath, *request.postpath):
+                segment.decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            try:
+                self._api._principal(request)
+            except APIError as unauthorized:
+                return write_error(request, unauthorized)
+            return write_error(request, INVALID_REQUEST("the URL is not UTF-8"))
+        return self._klein.render(request)
+
+
 class API:
     """
     :param authenticator: tokens -> users.
@@ -137,7 +166,7 @@ class API:
         self._urls = urls
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _UTF8Paths(self, self.app.resource())
 
     # --- plumbing
 

@@ -403,3 +403,30 @@ class MiscTests(APITestCase):
         """Forward ids, with - for _, are valid DNS labels."""
         fid = self.create(8080)[1]["id"]
         self.assertRegex(fid.replace("_", "-"), re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))
+
+
+class ConformanceTests(APITestCase):
+    """Gaps between the document and the code that schemathesis found."""
+
+    def test_healthz_other_methods(self) -> None:
+        """/healthz answers other methods (TRACE included) with a JSON 405 and Allow."""
+        for method in ("POST", "DELETE", "TRACE", "PATCH"):
+            with self.subTest(method=method):
+                result = self.request(method, "/healthz")
+                self.assertError(result, 405, "Method not allowed")
+                self.assertEqual(result[2].getRawHeaders("allow"), ["GET, HEAD"])
+
+    def test_float_ports_documented(self) -> None:
+        """The document says in words that 8080.0 is refused (JSON Schema cannot)."""
+        properties = openapi_document()["components"]["schemas"]["CreatePortForward"]["properties"]
+        for field in ("container_port", "local_port"):
+            self.assertIn("8080.0", properties[field]["description"])
+        self.assertError(self.create(8080.0), 400, "Invalid port")
+
+    def test_non_utf8_url(self) -> None:
+        """A URL that is not UTF-8 is the JSON 400 Invalid request, after 401."""
+        path = "/api/containers/%FF%FE/port-forwards"
+        self.assertError(self.request("GET", path, ALICE), 400, "Invalid request")
+        self.assertError(self.request("POST", path, ALICE, {"container_port": 1}), 400,
+                         "Invalid request")
+        self.assertError(self.request("GET", path), 401, "Unauthorized")
