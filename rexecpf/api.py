@@ -123,10 +123,13 @@ def shielded(work: Deferred[Any]) -> Deferred[Any]:
     return outer
 
 
-class _UTF8Paths(Resource):
+class _StrictPaths(Resource):
     """
-    Answers a URL that is not UTF-8 (after percent-decoding) with the JSON
-    400 Invalid request (401 first), where Klein would answer text/plain.
+    Guards the Klein resource from URLs it would read ambiguously, answering
+    (after the 401 check) with the API's JSON errors: a path that is not UTF-8
+    after percent-decoding is 400 Invalid request (Klein would answer
+    text/plain); an encoded slash (``%2F``) in a segment is 404 Not found
+    (Klein would take it for a separator).
     """
 
     isLeaf = True
@@ -137,17 +140,23 @@ class _UTF8Paths(Resource):
         self._klein = klein
 
     def render(self, request: IRequest) -> Any:
+        error: APIError | None = None
         try:
             for segment in (*request.prepath, *request.postpath):
                 segment.decode("utf-8")
             request.getRequestHostname().decode("utf-8")
         except UnicodeDecodeError:
-            try:
-                self._api._principal(request)
-            except APIError as unauthorized:
-                return write_error(request, unauthorized)
-            return write_error(request, INVALID_REQUEST("the URL is not UTF-8"))
-        return self._klein.render(request)
+            error = INVALID_REQUEST("the URL is not UTF-8")
+        else:
+            if any(b"/" in segment for segment in request.postpath):
+                error = NOT_FOUND("no such API path (an encoded slash is not a separator)")
+        if error is None:
+            return self._klein.render(request)
+        try:
+            self._api._principal(request)
+        except APIError as unauthorized:
+            return write_error(request, unauthorized)
+        return write_error(request, error)
 
 
 class API:
@@ -166,7 +175,7 @@ class API:
         self._urls = urls
 
     def resource(self) -> Any:
-        return _UTF8Paths(self, self.app.resource())
+        return _StrictPaths(self, self.app.resource())
 
     # --- plumbing
 

@@ -178,6 +178,8 @@ class LimitedRequest(server.Request):
     def _refuse(self) -> None:
         self._refused = True
         self.content = None
+        # no "100 Continue" after the final answer
+        self.requestHeaders.removeHeader(b"expect")
         body = json.dumps(
             REQUEST_TOO_LARGE(f"a request body here may be at most {self._limit} bytes").body()
         ).encode("utf-8") + b"\n"
@@ -216,6 +218,24 @@ class LimitedRequest(server.Request):
         super().connectionLost(reason)
 
 
+def _line_too_long(channel: Any) -> None:
+    """
+    A request line or header line over the channel's ``MAX_LENGTH`` (16 KiB):
+    answer 414 or 431 and close, where Twisted would close without a word.
+    """
+    first_line = getattr(channel, "_HTTPChannel__first_line", 0)
+    status = b"414 URI Too Long" if first_line else b"431 Request Header Fields Too Large"
+    kind = REQUEST_TOO_LARGE("the request line or a header is too long")
+    body = json.dumps(
+        {"error": {"code": int(status[:3]), "message": status[4:].decode(), "detail": kind.detail}}
+    ).encode("utf-8") + b"\n"
+    channel.transport.write(
+        b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body)
+    )
+    channel.transport.loseConnection()
+
+
 class RexecSite(server.Site):
     """
     A Site that logs without query strings, shows no tracebacks, refuses
@@ -233,6 +253,13 @@ class RexecSite(server.Site):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kwargs)
         self.displayTracebacks = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        channel = getattr(protocol, "_channel", protocol)
+        if hasattr(channel, "lineLengthExceeded"):
+            channel.lineLengthExceeded = lambda line: _line_too_long(channel)
+        return protocol
 
     def max_body_for(self, path: bytes) -> int | None:
         """

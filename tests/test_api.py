@@ -430,3 +430,9 @@ class ConformanceTests(APITestCase):
         self.assertError(self.request("POST", path, ALICE, {"container_port": 1}), 400,
                          "Invalid request")
         self.assertError(self.request("GET", path), 401, "Unauthorized")
+
+    def test_encoded_slash_is_not_a_separator(self) -> None:
+        """``c1%2Fport-forwards`` is one segment: 404 Not found, not c1's list."""
+        result = self.request("GET", "/api/containers/c1%2Fport-forwards", ALICE)
+        self.assertError(result, 404, "Not found")
+        self.assertError(self.request("GET", "/api/containers/c1%2Fport-forwards"), 401, "Unauthorized")

@@ -30,7 +30,7 @@ class Echo(Resource):
         return b"ok"
 
 
-class SiteTests(SynchronousTestCase):
+class SiteCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.resource = Echo()
@@ -42,6 +42,8 @@ class SiteTests(SynchronousTestCase):
         channel.makeConnection(transport)  # type: ignore[union-attr]
         return channel, transport
 
+
+class SiteTests(SiteCase):
     def test_defaults(self) -> None:
         """Idle timeout 60 s, the limiting request factory, no form parsing."""
         self.assertEqual(self.site.timeOut, IDLE_TIMEOUT_SECONDS)
@@ -116,3 +118,30 @@ class SiteTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.clock.advance(1)
         self.assertTrue(transport.disconnecting or getattr(transport, "disconnected", False))
+
+
+class LineLengthTests(SiteCase):
+    def test_request_line_too_long(self) -> None:
+        """A request line over 16 KiB is 414, not a silent close."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n")  # type: ignore[attr-defined]
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 414 "), transport.value()[:80])
+        self.assertTrue(transport.disconnecting)
+
+    def test_header_line_too_long(self) -> None:
+        """A header line over 16 KiB is 431."""
+        channel, transport = self.connect()
+        channel.dataReceived(  # type: ignore[attr-defined]
+            b"GET /api/x HTTP/1.1\r\nX-Big: " + b"b" * 20000 + b"\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value()[:80])
+
+    def test_no_100_continue_after_413(self) -> None:
+        """Expect: 100-continue with a too-large length: the 413 only, no 100 after it."""
+        channel, transport = self.connect()
+        channel.dataReceived(  # type: ignore[attr-defined]
+            b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        self.assertNotIn(b"100 Continue", transport.value())
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
