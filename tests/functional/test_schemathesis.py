@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
     HAVE_SCHEMATHESIS = False
 
 #: Cases per operation per phase; the total is reported and checked.
-MAX_EXAMPLES = int(os.environ.get("REXECPF_ST_MAX_EXAMPLES", "500"))
+MAX_EXAMPLES = int(os.environ.get("REXECPF_ST_MAX_EXAMPLES", "1000"))
 SEED = os.environ.get("REXECPF_ST_SEED", "20261128")
 MIN_CASES = 1000
 
