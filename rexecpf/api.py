@@ -23,12 +23,14 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from rexecpf.auth import Authenticator, bearer_token
 from rexecpf.forwards import ForwardService
 from rexecpf.model import (
     INTERNAL_ERROR,
+    INVALID_REQUEST,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     REQUEST_TOO_LARGE,
@@ -121,6 +123,42 @@ def shielded(work: Deferred[Any]) -> Deferred[Any]:
     return outer
 
 
+class _StrictPaths(Resource):
+    """
+    Guards the Klein resource from URLs it would read ambiguously, answering
+    (after the 401 check) with the API's JSON errors: a path that is not UTF-8
+    after percent-decoding is 400 Invalid request (Klein would answer
+    text/plain); an encoded slash (``%2F``) in a segment is 404 Not found
+    (Klein would take it for a separator).
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: API, klein: IResource) -> None:
+        super().__init__()
+        self._api = api
+        self._klein = klein
+
+    def render(self, request: IRequest) -> Any:
+        error: APIError | None = None
+        try:
+            for segment in (*request.prepath, *request.postpath):
+                segment.decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            error = INVALID_REQUEST("the URL is not UTF-8")
+        else:
+            if any(b"/" in segment for segment in request.postpath):
+                error = NOT_FOUND("no such API path (an encoded slash is not a separator)")
+        if error is None:
+            return self._klein.render(request)
+        try:
+            self._api._principal(request)
+        except APIError as unauthorized:
+            return write_error(request, unauthorized)
+        return write_error(request, error)
+
+
 class API:
     """
     :param authenticator: tokens -> users.
@@ -137,7 +175,7 @@ class API:
         self._urls = urls
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _StrictPaths(self, self.app.resource())
 
     # --- plumbing
 

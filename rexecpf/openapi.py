@@ -33,6 +33,12 @@ _METHOD = _error(
 )
 _UNAVAILABLE = _error("Backend unavailable (or Store unavailable): nothing was changed")
 
+#: JSON Schema counts 8080.0 as an integer; the API does not (contract section 4).
+_INTEGER_LITERAL = (
+    "A JSON integer literal: 8080.0 (a float, though JSON Schema calls it an integer) "
+    "and booleans are refused with 400 Invalid port."
+)
+
 _CONTAINER_ID = {
     "name": "containerId",
     "in": "path",
@@ -220,12 +226,18 @@ def openapi_document() -> dict[str, Any]:
                     "additionalProperties": False,
                     "required": ["container_port"],
                     "properties": {
-                        "container_port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "container_port": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 65535,
+                            "description": _INTEGER_LITERAL,
+                        },
                         "local_port": {
                             "type": ["integer", "null"],
                             "minimum": 1,
                             "maximum": 65535,
-                            "description": "auto-assigned from local_ports when omitted",
+                            "description": "auto-assigned from local_ports when omitted. "
+                            + _INTEGER_LITERAL,
                         },
                         "name": {"type": ["string", "null"], "minLength": 1, "maxLength": 100},
                     },

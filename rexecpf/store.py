@@ -98,6 +98,9 @@ _MIGRATIONS: list[list[str]] = [
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
+#: The row /healthz rewrites to prove the store takes writes.
+_PROBE = "rexecpf.health-probe"
+
 _COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner"
 
 
@@ -298,6 +301,13 @@ class SQLiteForwardStore:
     def check(self) -> Deferred[None]:
         def check(connection: sqlite3.Connection) -> None:
             connection.execute("SELECT COUNT(*) FROM forwards").fetchone()
+            # A store that reads but cannot write (read-only file or file
+            # system, disk full) cannot take a create or a delete: probe a
+            # write (committed, so it reaches the WAL and the disk).
+            connection.execute(
+                "INSERT OR REPLACE INTO secrets (name, value) VALUES (?, randomblob(16))",
+                (_PROBE,),
+            )
 
         return self._run(check)
 

@@ -10,6 +10,8 @@ import re
 from typing import Any
 
 import jsonschema
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
@@ -403,3 +405,89 @@ class MiscTests(APITestCase):
         """Forward ids, with - for _, are valid DNS labels."""
         fid = self.create(8080)[1]["id"]
         self.assertRegex(fid.replace("_", "-"), re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))
+
+
+class ConformanceTests(APITestCase):
+    """Gaps between the document and the code that schemathesis found."""
+
+    def test_healthz_other_methods(self) -> None:
+        """/healthz answers other methods (TRACE included) with a JSON 405 and Allow."""
+        for method in ("POST", "DELETE", "TRACE", "PATCH"):
+            with self.subTest(method=method):
+                result = self.request(method, "/healthz")
+                self.assertError(result, 405, "Method not allowed")
+                self.assertEqual(result[2].getRawHeaders("allow"), ["GET, HEAD"])
+
+    def test_float_ports_documented(self) -> None:
+        """The document says in words that 8080.0 is refused (JSON Schema cannot)."""
+        properties = openapi_document()["components"]["schemas"]["CreatePortForward"]["properties"]
+        for field in ("container_port", "local_port"):
+            self.assertIn("8080.0", properties[field]["description"])
+        self.assertError(self.create(8080.0), 400, "Invalid port")
+
+    def test_non_utf8_url(self) -> None:
+        """A URL that is not UTF-8 is the JSON 400 Invalid request, after 401."""
+        path = "/api/containers/%FF%FE/port-forwards"
+        self.assertError(self.request("GET", path, ALICE), 400, "Invalid request")
+        self.assertError(self.request("POST", path, ALICE, {"container_port": 1}), 400,
+                         "Invalid request")
+        self.assertError(self.request("GET", path), 401, "Unauthorized")
+
+    def test_encoded_slash_is_not_a_separator(self) -> None:
+        """``c1%2Fport-forwards`` is one segment: 404 Not found, not c1's list."""
+        result = self.request("GET", "/api/containers/c1%2Fport-forwards", ALICE)
+        self.assertError(result, 404, "Not found")
+        self.assertError(self.request("GET", "/api/containers/c1%2Fport-forwards"), 401, "Unauthorized")
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=120),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+_PORTISH = st.integers(-2, 70000) | st.floats() | st.booleans() | st.text(max_size=6) | st.none()
+_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "container_port": _PORTISH,
+        "local_port": _PORTISH | st.integers(20000, 29999),
+        "name": st.none() | st.text(max_size=110) | st.integers(),
+    },
+)
+_BODIES = (
+    st.binary(max_size=200)
+    | _JSON.map(lambda value: json.dumps(value).encode())
+    | _FIELDS.map(lambda value: json.dumps(value).encode())
+    | st.builds(lambda fields, extra: json.dumps({**fields, **extra}).encode(),
+                _FIELDS, st.dictionaries(st.text(max_size=8), _JSON, max_size=2))
+)
+#: What the contract allows a create to answer, by status and message.
+_DOCUMENTED = {
+    (400, "Invalid request"),
+    (400, "Invalid port"),
+    (403, "Port already forwarded"),
+    (409, "Local port unavailable"),
+    (429, "Limit exceeded"),
+}
+
+
+class PropertyTests(APITestCase):
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=_BODIES, content_type=st.sampled_from(
+        ["application/json", "application/x-www-form-urlencoded", "text/plain", None]))
+    def test_any_body(self, body: bytes, content_type: str | None) -> None:
+        """Any body: a 201 (for a valid one) or a documented 4xx; never a 500."""
+        headers = dict(ALICE)
+        if content_type:
+            headers["Content-Type"] = content_type
+        code, document, _ = self.request("POST", "/api/containers/c1/port-forwards", headers, body)
+        if code == 201:
+            data = json.loads(body)
+            self.assertEqual(document["container_port"], data["container_port"])
+            self.assertEqual(document["name"], data.get("name"))
+            path = f"/api/containers/c1/port-forwards/{document['id']}"
+            self.assertEqual(self.request("DELETE", path, ALICE)[0], 204)
+        else:
+            self.assertIn((code, document["error"]["message"]), _DOCUMENTED, (body, document))
+        self.assertEqual(self.store.forwards, {})
