@@ -27,7 +27,9 @@ from rexecpf.auth import Authenticator
 from rexecpf.backends.static import StaticBackend, read_inventory
 from rexecpf.config import DEMO_CONTAINER, DEMO_TOKEN, Config, ConfigError, demo_config, load_config
 from rexecpf.forwards import ForwardService
+from rexecpf.listeners import LocalListeners
 from rexecpf.store import SQLiteForwardStore, open_sqlite_for_check
+from rexecpf.tunnel import TunnelFactory, TunnelResource
 from rexecpf.web import Health, RexecSite, Root
 
 __all__ = ["Options", "makeService", "StartupError"]
@@ -152,6 +154,7 @@ class Components:
     site: RexecSite
     backend: Any
     store: Any
+    listeners: Any = None
 
 
 def build(config: Config, reactor: Any) -> Components:
@@ -187,7 +190,10 @@ def build(config: Config, reactor: Any) -> Components:
     authenticator = Authenticator(config.auth.users, config.auth.admins)
     urls = PublicURLs(config.server.public_url, config.server.proxy_domain)
     api = API(authenticator, forwards, urls)
-    root = Root(api.resource(), Health(store, backend))
+    listeners = LocalListeners(reactor, forwards, config.limits)
+    listeners.setServiceParent(top)
+    tunnel = TunnelResource(TunnelFactory(reactor, authenticator, forwards, config.limits))
+    root = Root(api.resource(), Health(store, backend), tunnel=tunnel)
     site = RexecSite(root)
 
     for description in config.server.listen:
@@ -197,7 +203,7 @@ def build(config: Config, reactor: Any) -> Components:
             raise StartupError(f"server.listen: {description!r} is not a valid endpoint: {error}") from None
         EndpointListener(endpoint, site, description).setServiceParent(top)
 
-    return Components(config, top, forwards, api, site, backend, store)
+    return Components(config, top, forwards, api, site, backend, store, listeners)
 
 
 def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
