@@ -443,6 +443,24 @@ class ForwardService(Service):
             raise CONTAINER_NOT_RUNNING(container.detail or "the container is not running")
         return (forward, container)
 
+    @inlineCallbacks
+    def target(self, forward_id: str) -> Any:
+        """
+        Resolve a forward for a local listener, which has no principal: the
+        forward's container must still be running.
+
+        :return: a Deferred firing with ``(forward, container)``; fails with
+            404 Port forward not found or 409 Container not running.
+        """
+        forward = self._forwards.get(forward_id)
+        if forward is None:
+            raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r}")
+        container = yield self._backend.inspect(forward.container_id)
+        if container is None or not container.running or not container.address:
+            detail = container.detail if container is not None else ""
+            raise CONTAINER_NOT_RUNNING(detail or "the container is not running")
+        return (forward, container)
+
     # --- the API's operations
 
     @inlineCallbacks

@@ -29,6 +29,7 @@ from rexecpf.backends.docker import DockerBackend, DockerRuntime
 from rexecpf.backends.static import StaticBackend, read_inventory
 from rexecpf.config import DEMO_CONTAINER, DEMO_TOKEN, Config, ConfigError, demo_config, load_config
 from rexecpf.forwards import ForwardService
+from rexecpf.listeners import LocalListeners
 from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
 from rexecpf.ops import (
     GracefulService,
@@ -40,6 +41,7 @@ from rexecpf.ops import (
     notifier_from_environ,
 )
 from rexecpf.store import SQLiteForwardStore, open_sqlite_for_check
+from rexecpf.tunnel import TunnelFactory, TunnelResource
 from rexecpf.web import Health, RexecSite, Root
 
 __all__ = ["Options", "makeService", "StartupError"]
@@ -181,6 +183,7 @@ class Components:
     readiness: Readiness
     reloader: Reloader
     listeners: list[EndpointListener]
+    local_listeners: LocalListeners | None = None
 
 
 def build(
@@ -235,7 +238,10 @@ def build(
     authenticator = Authenticator(config.auth.users, config.auth.admins)
     urls = PublicURLs(config.server.public_url, config.server.proxy_domain)
     api = API(authenticator, forwards, urls)
-    root = Root(api.resource(), Health(store, counted))
+    local_listeners = LocalListeners(reactor, forwards, config.limits)
+    local_listeners.setServiceParent(top)
+    tunnel = TunnelResource(TunnelFactory(reactor, authenticator, forwards, config.limits))
+    root = Root(api.resource(), Health(store, counted), tunnel=tunnel)
     site = RexecSite(root)
 
     listeners = []
@@ -265,10 +271,11 @@ def build(
     waits += [store.check, counted.check, lambda: branch(forwards.ready)]
     readiness = Readiness(reactor, notifier, waits)
     readiness.setServiceParent(top)
-    top.stop_order([readiness, *listeners], forwards, store)
+    top.stop_order([readiness, *listeners, local_listeners], forwards, store)
 
     return Components(
-        config, top, forwards, api, site, backend, store, authenticator, metrics, readiness, reloader, listeners
+        config, top, forwards, api, site, backend, store, authenticator, metrics, readiness, reloader,
+        listeners, local_listeners,
     )
 
 

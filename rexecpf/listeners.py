@@ -1,0 +1,221 @@
+# -*- test-case-name: tests.test_listeners -*-
+"""
+``local_port``: a plain TCP listener per forward, relaying to the container.
+
+:class:`LocalListeners` observes the :class:`ForwardService`: every forward
+added (including those restored at start-up) gets a listener on
+``limits.local_interface:forward.local_port``; a forward removed loses its
+listener, and its open connections are closed (they are tracked under the
+forward, so the service closes them with the removal).
+
+Each accepted connection stays paused while its container is looked up (at
+accept time, so a container that stopped is refused) and the container port
+is connected; then :func:`rexecpf.relay.splice_to_endpoint` joins them with
+the tunnel's limits (``tunnel_bytes_per_second`` each way,
+``tunnel_idle_seconds``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rexecpf.config import LimitsConfig
+from rexecpf.forwards import ForwardService
+from rexecpf.model import APIError, PortForward
+from rexecpf.relay import CLOSE_GOING_AWAY, Relay, TCPEnd, splice_to_endpoint
+
+__all__ = ["LocalListeners", "LocalConnection"]
+
+CONNECT_TIMEOUT = 10.0
+
+
+class LocalConnection(TCPEnd):
+    """One accepted connection: paused until spliced to the container."""
+
+    _log = Logger()
+    listeners: LocalListeners
+    forward_id: str
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.splice: Deferred[Relay] | None = None
+        self._untrack: Callable[[], None] | None = None
+        self._closed = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()  # pauses reading until attached
+        self._untrack = self.listeners.forwards.track(self.forward_id, self)
+        self.listeners._connect(self)
+
+    def shutdown(self, reason: str) -> None:
+        """The forward went away (or we stop): close now."""
+        if self.relay is not None:
+            self.relay.close(CLOSE_GOING_AWAY, reason)
+        elif self.splice is not None:
+            self.splice.cancel()
+        else:
+            self.abort()
+
+    def ended(self, _: Any = None) -> None:
+        if self._untrack is not None:
+            self._untrack()
+            self._untrack = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        if self.relay is None:
+            self.ended()
+
+
+class _ConnectionFactory(Factory):
+    def __init__(self, listeners: LocalListeners, forward_id: str) -> None:
+        self.listeners = listeners
+        self.forward_id = forward_id
+
+    def buildProtocol(self, addr: Any) -> LocalConnection:
+        protocol = LocalConnection()
+        protocol.factory = self
+        protocol.listeners = self.listeners
+        protocol.forward_id = self.forward_id
+        return protocol
+
+
+class LocalListeners(Service):
+    """
+    :param reactor: listens, connects, and times the relays.
+    :param forwards: the forwards to serve (this observes it).
+    :param limits: ``[limits]``: interface, rate, idle timeout.
+    :param endpoint: ``(address, port) -> IStreamClientEndpoint`` for the
+        container port (a :class:`HostnameEndpoint` by default).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        forwards: ForwardService,
+        limits: LimitsConfig,
+        endpoint: Callable[[str, int], IStreamClientEndpoint] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self.forwards = forwards
+        self._limits = limits
+        self._endpoint = endpoint or (
+            lambda host, port: HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
+        )
+        #: forward id -> its listening port (once listening)
+        self.ports: dict[str, IListeningPort] = {}
+        self._closing: set[Deferred[Any]] = set()
+        forwards.observe(self)
+
+    # -- ForwardObserver -------------------------------------------------
+
+    def forward_added(self, forward: PortForward) -> None:
+        interface = self._limits.local_interface
+        server = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+        endpoint = server(self._reactor, forward.local_port, interface=interface)
+
+        def listening(port: IListeningPort) -> None:
+            if self.forwards.cached(forward.id) is None:
+                # Removed while we were binding.
+                port.stopListening()
+                return
+            self.ports[forward.id] = port
+            self._log.info(
+                "forward {forward_id}: listening on {interface}:{port}",
+                forward_id=forward.id,
+                interface=interface,
+                port=forward.local_port,
+            )
+
+        def failed(failure: Failure) -> None:
+            self._log.error(
+                "forward {forward_id}: cannot listen on {interface}:{port}: {error}",
+                forward_id=forward.id,
+                interface=interface,
+                port=forward.local_port,
+                error=failure.getErrorMessage(),
+            )
+
+        endpoint.listen(_ConnectionFactory(self, forward.id)).addCallbacks(listening, failed)
+
+    def forward_removed(self, forward: PortForward, reason: str) -> None:
+        port = self.ports.pop(forward.id, None)
+        if port is not None:
+            self._stop(port)
+
+    def _stop(self, port: IListeningPort) -> None:
+        d: Deferred[Any] = Deferred.fromCoroutine(_maybe(port.stopListening()))  # type: ignore[arg-type]
+        self._closing.add(d)
+        d.addBoth(lambda result: self._closing.discard(d))
+
+    # -- connections -----------------------------------------------------
+
+    def _connect(self, connection: LocalConnection) -> None:
+        limits = self._limits
+        lookup = self.forwards.target(connection.forward_id)
+
+        def reached(target: tuple[PortForward, Any]) -> Deferred[Relay] | None:
+            forward, container = target
+            if connection._pending_lost is not None:
+                connection.ended()
+                return None
+            endpoint = self._endpoint(container.address, forward.container_port)
+            connection.splice = splice_to_endpoint(
+                self._reactor,
+                endpoint,
+                connection,
+                connect_timeout=CONNECT_TIMEOUT,
+                on_end=connection.ended,
+                rate_a_to_b=limits.tunnel_bytes_per_second,
+                rate_b_to_a=limits.tunnel_bytes_per_second,
+                idle_seconds=limits.tunnel_idle_seconds,
+            )
+            return connection.splice
+
+        def failed(failure: Failure) -> None:
+            connection.splice = None
+            if failure.check(APIError):
+                self._log.info(
+                    "forward {forward_id}: connection refused: {error}",
+                    forward_id=connection.forward_id,
+                    error=failure.value.detail,
+                )
+            else:
+                self._log.info(
+                    "forward {forward_id}: cannot reach the container: {error}",
+                    forward_id=connection.forward_id,
+                    error=failure.getErrorMessage(),
+                )
+            connection.abort()
+            connection.ended()
+
+        def spliced(relay: Relay | None) -> None:
+            connection.splice = None
+
+        lookup.addCallback(reached).addCallbacks(spliced, failed)
+
+    # -- Service ---------------------------------------------------------
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        for port in list(self.ports.values()):
+            self._stop(port)
+        self.ports.clear()
+        return DeferredList(list(self._closing))
+
+
+async def _maybe(result: Any) -> Any:
+    if isinstance(result, Deferred):
+        return await result
+    return result

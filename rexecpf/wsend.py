@@ -1,0 +1,166 @@
+# -*- test-case-name: tests.test_tunnel -*-
+"""
+The WebSocket side of a relay, shared by the server tunnel and the ``rexecpf
+tunnel`` client.
+
+:class:`WebSocketEndMixin` turns an Autobahn (Twisted) protocol into an
+:class:`rexecpf.relay.IRelayEnd`:
+
+- its ``producer`` and ``consumer`` are the *raw* transport (the socket), so
+  the relay pauses socket reads and hears when the socket's write buffer is
+  full (STYLE.md 2.2);
+- incoming message data is streamed to the relay frame chunk by frame chunk,
+  as Autobahn unmasks it: a message is never assembled in memory, binary and
+  text alike (a text message's UTF-8 bytes are passed as they are);
+- ``write`` sends one binary message per chunk; with ``autoFragmentSize`` a
+  large chunk goes out as 64 KiB frames;
+- a ping or pong counts as activity for the relay's idle timer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.util import encode_truncate
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.logger import Logger
+
+from rexecpf.relay import Relay
+
+__all__ = [
+    "AUTO_FRAGMENT_SIZE",
+    "MAX_FRAME_PAYLOAD",
+    "MAX_MESSAGE_PAYLOAD",
+    "WebSocketEndMixin",
+    "protocol_options",
+    "xor_masker_name",
+]
+
+#: The largest frame accepted from a peer.
+MAX_FRAME_PAYLOAD = 1024 * 1024
+#: The largest message accepted from a peer (messages are streamed, never
+#: held whole, but a peer has no reason to send bigger ones).
+MAX_MESSAGE_PAYLOAD = 4 * 1024 * 1024
+#: Frames written to a peer are at most this big.
+AUTO_FRAGMENT_SIZE = 64 * 1024
+
+
+def protocol_options() -> dict[str, Any]:
+    """
+    :return: the Autobahn protocol options every rexecpf WebSocket uses
+        (pass to ``factory.setProtocolOptions``).
+    """
+    return {
+        "maxFramePayloadSize": MAX_FRAME_PAYLOAD,
+        "maxMessagePayloadSize": MAX_MESSAGE_PAYLOAD,
+        "autoFragmentSize": AUTO_FRAGMENT_SIZE,
+        # Streams need no per-message compression, and it would defeat the
+        # bounds above (a small frame can inflate to a big one).
+        "perMessageCompressionAccept": lambda offers: None,
+        "openHandshakeTimeout": 30,
+        "closeHandshakeTimeout": 5,
+        "failByDrop": False,
+    }
+
+
+def xor_masker_name() -> str:
+    """
+    :return: the class name of the XOR masker Autobahn uses for large
+        payloads (``XorMaskerSimple`` / ``XorMaskerShifted1`` of
+        ``autobahn.nvx`` when the native one is active).
+    """
+    from autobahn.websocket.xormasker import create_xor_masker
+
+    masker = create_xor_masker(b"\x01\x02\x03\x04", 1 << 20)
+    return f"{type(masker).__module__}.{type(masker).__name__}"
+
+
+class WebSocketEndMixin:
+    """
+    Mixed in before an Autobahn Twisted protocol class: the protocol is then
+    an ``IRelayEnd`` once :meth:`attach_relay` is called.
+    """
+
+    _log = Logger()
+    relay: Relay | None = None
+    transport: Any
+    state: int
+
+    # -- IRelayEnd ---------------------------------------------------------
+
+    @property
+    def producer(self) -> Any:
+        """:return: the raw transport: pausing it stops reading the socket."""
+        return self.transport
+
+    @property
+    def consumer(self) -> Any:
+        """:return: the raw transport, written to by ``sendMessage``."""
+        return self.transport
+
+    def write(self, data: bytes) -> None:
+        """
+        Send ``data`` as one binary message (in 64 KiB frames); dropped once
+        the WebSocket is closing.
+        """
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendMessage(data, isBinary=True)  # type: ignore[attr-defined]
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame with ``code`` and ``reason`` after the data."""
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            # sendClose() refuses the 1001 and 1011 a relay needs: send the
+            # close frame directly (any code valid on the wire is allowed).
+            self.sendCloseFrame(  # type: ignore[attr-defined]
+                code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False
+            )
+        elif self.state == WebSocketProtocol.STATE_CONNECTING and self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection now."""
+        if self.transport is not None:
+            abort = getattr(self.transport, "abortConnection", None)
+            (abort or self.transport.loseConnection)()
+
+    # -- glue --------------------------------------------------------------
+
+    def attach_relay(self, relay: Relay) -> None:
+        """Report to ``relay`` from now on."""
+        self.relay = relay
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)  # type: ignore[misc]
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        # Stream: hand each chunk to the relay as it is unmasked.
+        if self.relay is not None and not self.failedByMe:  # type: ignore[attr-defined]
+            self.relay.received(self, payload)  # type: ignore[arg-type]
+
+    def onMessageFrameEnd(self) -> None:
+        self.frame_data = None
+
+    def onMessageEnd(self) -> None:
+        self.message_data = None
+
+    def onPing(self, payload: bytes) -> None:
+        super().onPing(payload)  # type: ignore[misc]
+        if self.relay is not None:
+            self.relay.activity()
+
+    def onPong(self, payload: bytes) -> None:
+        super().onPong(payload)  # type: ignore[misc]
+        if self.relay is not None:
+            self.relay.activity()
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> Any:
+        result = super().onCloseFrame(code, reasonRaw)  # type: ignore[misc]
+        # The peer is done: close the other side now rather than when the
+        # socket finally goes away.
+        if self.relay is not None and not self.relay.closing:
+            self.relay.close(1000, "peer closed")
+        return result
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.relay is not None:
+            self.relay.lost(self, bool(wasClean))  # type: ignore[arg-type]
