@@ -27,6 +27,7 @@ from rexecpf.auth import Authenticator
 from rexecpf.backends.static import StaticBackend, read_inventory
 from rexecpf.config import DEMO_CONTAINER, DEMO_TOKEN, Config, ConfigError, demo_config, load_config
 from rexecpf.forwards import ForwardService
+from rexecpf.proxy import HostRouter, ProxyResource, ProxyService, limited_request_factory
 from rexecpf.store import SQLiteForwardStore, open_sqlite_for_check
 from rexecpf.web import Health, RexecSite, Root
 
@@ -152,6 +153,7 @@ class Components:
     site: RexecSite
     backend: Any
     store: Any
+    proxy: Any = None
 
 
 def build(config: Config, reactor: Any) -> Components:
@@ -187,8 +189,25 @@ def build(config: Config, reactor: Any) -> Components:
     authenticator = Authenticator(config.auth.users, config.auth.admins)
     urls = PublicURLs(config.server.public_url, config.server.proxy_domain)
     api = API(authenticator, forwards, urls)
-    root = Root(api.resource(), Health(store, backend))
+    proxy = ProxyService(
+        reactor,
+        authenticator,
+        forwards,
+        urls,
+        session_key=lambda: store.secret("session"),
+        session_seconds=config.auth.session_seconds,
+        body_limit=config.limits.proxy_body_bytes,
+        upgrade_rate=config.limits.tunnel_bytes_per_second,
+        upgrade_idle=config.limits.tunnel_idle_seconds,
+    )
+    proxy.setServiceParent(top)
+    host_router = HostRouter(proxy, config.server.proxy_domain) if config.server.proxy_domain else None
+    root = Root(
+        api.resource(), Health(store, backend), proxy=ProxyResource(proxy), host_router=host_router
+    )
     site = RexecSite(root)
+    # Request bodies over the limit are refused (413) while they arrive.
+    site.requestFactory = limited_request_factory(config.limits.proxy_body_bytes)
 
     for description in config.server.listen:
         try:
@@ -197,7 +216,7 @@ def build(config: Config, reactor: Any) -> Components:
             raise StartupError(f"server.listen: {description!r} is not a valid endpoint: {error}") from None
         EndpointListener(endpoint, site, description).setServiceParent(top)
 
-    return Components(config, top, forwards, api, site, backend, store)
+    return Components(config, top, forwards, api, site, backend, store, proxy)
 
 
 def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
