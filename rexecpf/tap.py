@@ -40,6 +40,7 @@ from rexecpf.ops import (
     forget_exit_signal,
     notifier_from_environ,
 )
+from rexecpf.proxy import HostRouter, ProxyResource, ProxyService
 from rexecpf.store import SQLiteForwardStore, open_sqlite_for_check
 from rexecpf.tunnel import TunnelFactory, TunnelResource
 from rexecpf.web import Health, RexecSite, Root
@@ -184,6 +185,7 @@ class Components:
     reloader: Reloader
     listeners: list[EndpointListener]
     local_listeners: LocalListeners | None = None
+    proxy: ProxyService | None = None
 
 
 def build(
@@ -241,8 +243,28 @@ def build(
     local_listeners = LocalListeners(reactor, forwards, config.limits)
     local_listeners.setServiceParent(top)
     tunnel = TunnelResource(TunnelFactory(reactor, authenticator, forwards, config.limits))
-    root = Root(api.resource(), Health(store, counted), tunnel=tunnel)
-    site = RexecSite(root)
+    proxy = ProxyService(
+        reactor,
+        authenticator,
+        forwards,
+        urls,
+        session_key=lambda: store.secret("session"),
+        session_seconds=config.auth.session_seconds,
+        body_limit=config.limits.proxy_body_bytes,
+        upgrade_rate=config.limits.tunnel_bytes_per_second,
+        upgrade_idle=config.limits.tunnel_idle_seconds,
+    )
+    proxy.setServiceParent(top)
+    host_router = HostRouter(proxy, config.server.proxy_domain) if config.server.proxy_domain else None
+    root = Root(
+        api.resource(),
+        Health(store, counted),
+        proxy=ProxyResource(proxy),
+        tunnel=tunnel,
+        host_router=host_router,
+    )
+    # Request bodies over their limit are refused (413) while they arrive.
+    site = RexecSite(root, proxy_body_bytes=config.limits.proxy_body_bytes)
 
     listeners = []
     endpoints = [(description, site) for description in config.server.listen]
@@ -275,7 +297,7 @@ def build(
 
     return Components(
         config, top, forwards, api, site, backend, store, authenticator, metrics, readiness, reloader,
-        listeners, local_listeners,
+        listeners, local_listeners, proxy,
     )
 
 

@@ -245,7 +245,9 @@ class RexecSite(server.Site):
 
     displayTracebacks = False
 
-    def __init__(self, resource: IResource, **kwargs: Any) -> None:
+    def __init__(self, resource: IResource, proxy_body_bytes: int | None = None, **kwargs: Any) -> None:
+        #: the limit for request bodies outside /api (the proxied ones)
+        self.proxy_body_bytes = proxy_body_bytes
         kwargs.setdefault("requestFactory", LimitedRequest)
         kwargs.setdefault("timeout", IDLE_TIMEOUT_SECONDS)
         # The API reads bodies as JSON whatever their Content-Type; nothing
@@ -271,7 +273,7 @@ class RexecSite(server.Site):
         if target == b"/api" or target.startswith(b"/api/") or not target.startswith(b"/"):
             # the API, and targets in absolute or asterisk form (never proxied)
             return MAX_BODY_BYTES
-        return None
+        return self.proxy_body_bytes
 
     def log(self, request: Any) -> None:
         # The query string may hold a token (?token=...): log the path only.

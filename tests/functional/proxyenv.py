@@ -1,0 +1,218 @@
+"""
+A real rexecpf built in-process on the running reactor (127.0.0.1), with a
+static inventory, plus a small Twisted "container" application used by the
+proxy tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import textwrap
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from rexecpf.config import parse_config
+from rexecpf.model import Principal
+from rexecpf.tap import build
+
+TOKENS = {"alice": "alice-token", "bob": "bob-token"}
+
+
+def real_reactor() -> Any:
+    """:return: the global reactor (functional tests only)."""
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(real_reactor(), seconds, lambda: None)
+
+
+def write_inventory(path: str, containers: dict[str, tuple[str, str]]) -> None:
+    """``containers``: id -> (owner, state); all at 127.0.0.1."""
+    text = "".join(
+        textwrap.dedent(
+            f"""
+            [[container]]
+            id = "{cid}"
+            owner = "{owner}"
+            address = "127.0.0.1"
+            state = "{state}"
+            """
+        )
+        for cid, (owner, state) in containers.items()
+    )
+    tmp = path + ".tmp"
+    with open(tmp, "w") as file:
+        file.write(text)
+    os.replace(tmp, path)
+
+
+@attrs.define
+class Rexec:
+    """A running rexecpf."""
+
+    components: Any
+    port: int
+    base: str
+    inventory: str
+
+    @property
+    def forwards(self) -> Any:
+        return self.components.forwards
+
+    @property
+    def proxy(self) -> Any:
+        return self.components.proxy
+
+    @inlineCallbacks
+    def forward(self, container_port: int, container: str = "cont_a", user: str = "alice") -> Any:
+        """:return: a Deferred firing with a new forward to ``container_port``."""
+        body = json.dumps({"container_port": container_port}).encode()
+        forward = yield self.forwards.create(Principal(user), container, body)
+        return forward
+
+    def stop(self) -> Deferred[None]:
+        return self.components.service.stopService()
+
+
+@inlineCallbacks
+def start_rexec(testcase: Any, **overrides: Any) -> Any:
+    """
+    Start rexecpf on a free port; stopped at test cleanup.
+
+    :param overrides: ``section={key: value}`` merged into the configuration.
+    """
+    reactor = real_reactor()
+    directory = testcase.mktemp()
+    os.makedirs(directory)
+    inventory = os.path.join(directory, "containers.toml")
+    write_inventory(inventory, {"cont_a": ("alice", "running"), "cont_b": ("bob", "running")})
+    port = free_port()
+    data: dict[str, Any] = {
+        "server": {
+            "listen": [f"tcp:{port}:interface=127.0.0.1"],
+            "public_url": f"http://127.0.0.1:{port}",
+            "state": os.path.join(directory, "state.sqlite3"),
+        },
+        "auth": {"users": dict(TOKENS)},
+        "backend": {"kind": "static", "inventory": inventory},
+        "limits": {"local_ports": "30000-39999"},
+    }
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    components = build(parse_config(data), reactor)
+    components.service.startService()
+    testcase.addCleanup(components.service.stopService)
+    yield components.forwards.ready
+    return Rexec(components, port, f"http://127.0.0.1:{port}", inventory)
+
+
+# --- the test application ("the container") ------------------------------------
+
+
+class Echo(Resource):
+    """Answers JSON describing the request it got: method, uri, every header, body digest."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        body = request.content.read()
+        document = {
+            "method": request.method.decode(),
+            "uri": request.uri.decode(),
+            "headers": [
+                [name.decode(), value.decode()]
+                for name, values in request.requestHeaders.getAllRawHeaders()
+                for value in values
+            ],
+            "body_length": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "client_proto": request.clientproto.decode(),
+        }
+        request.setHeader(b"content-type", b"application/json")
+        path = request.path
+        if path.startswith(b"/redirect/"):
+            request.setResponseCode(302)
+            request.setHeader(b"location", request.args.get(b"to", [b"/login"])[0])
+        if path.startswith(b"/cookies"):
+            request.responseHeaders.setRawHeaders(
+                b"set-cookie", [b"a=1; Path=/", b"b=2; HttpOnly", b"c=3; Max-Age=60"]
+            )
+            request.responseHeaders.setRawHeaders(b"x-multi", [b"one", b"two"])
+        if path.startswith(b"/hop"):
+            request.responseHeaders.setRawHeaders(b"connection", [b"x-private"])
+            request.responseHeaders.setRawHeaders(b"x-private", [b"secret"])
+            request.responseHeaders.setRawHeaders(b"keep-alive", [b"timeout=5"])
+            request.responseHeaders.setRawHeaders(b"proxy-authenticate", [b"Basic"])
+        if path.startswith(b"/chunked"):
+            # No Content-Length: twisted.web chunks it.
+            for i in range(10):
+                request.write(b"chunk %d\n" % i)
+            request.finish()
+            return server.NOT_DONE_YET
+        if path.startswith(b"/big/"):
+            size = int(path.split(b"/")[2])
+            request.setHeader(b"content-length", b"%d" % size)
+            request.setHeader(b"content-type", b"application/octet-stream")
+            return b"x" * size
+        if path.startswith(b"/hang"):
+            return server.NOT_DONE_YET
+        return json.dumps(document).encode()
+
+
+class Truncating(Protocol):
+    """
+    A bad HTTP server: answers any request with a head announcing more body
+    than it sends (``Content-Length`` or chunked, by path), then drops the
+    connection.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" not in data:
+            return
+        assert self.transport is not None
+        if data.startswith(b"GET /chunked"):
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nworld\r\n"
+            )
+        elif data.startswith(b"GET /endless"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+            self.transport.write(b"y" * 100000)
+            return
+        else:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"z" * 500)
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+@inlineCallbacks
+def listen(testcase: Any, factory: Any) -> Any:
+    """:return: a Deferred firing with the port a server factory listens on (127.0.0.1)."""
+    port = yield TCP4ServerEndpoint(real_reactor(), 0, interface="127.0.0.1").listen(factory)
+    testcase.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+def app_site() -> server.Site:
+    return server.Site(Echo())
+
+
+def truncating_factory() -> Factory:
+    return Factory.forProtocol(Truncating)
