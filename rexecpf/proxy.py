@@ -11,7 +11,7 @@ What it does, against the twelve faults of ``twisted.web.proxy``:
 - the response body streams with back-pressure: the backend transport is the
   request's streaming producer, so a slow client stops the container's reads;
 - the request body (already spooled by ``twisted.web``; over the limit it is
-  refused with 413 while it arrives, see :class:`LimitedRequest`) is streamed
+  refused with 413 while it arrives, see :class:`rexecpf.web.LimitedRequest`) is streamed
   from ``request.content`` with a :class:`FileBodyProducer`, never copied;
 - hop-by-hop headers go both ways (plus every name ``Connection`` lists),
   every value of a repeated header is kept, ``Host`` is the client's, and
@@ -34,7 +34,6 @@ import hashlib
 import hmac
 import html
 import ipaddress
-import json
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -81,7 +80,6 @@ from rexecpf.model import (
     GATEWAY_TIMEOUT,
     INTERNAL_ERROR,
     NOT_FOUND,
-    REQUEST_TOO_LARGE,
     UNAUTHORIZED,
     APIError,
     Container,
@@ -93,10 +91,8 @@ from rexecpf.relay import Relay, RelayStats, TCPEnd
 __all__ = [
     "SESSION_COOKIE",
     "HostRouter",
-    "LimitedRequest",
     "ProxyResource",
     "ProxyService",
-    "limited_request_factory",
 ]
 
 #: The name of rexecpf's browser session cookie.
@@ -210,89 +206,6 @@ class _Discard:
 
     def close(self) -> None:
         pass
-
-
-class LimitedRequest(server.Request):
-    """
-    A request whose body may not exceed ``max_body_bytes``.
-
-    A ``Content-Length`` over the limit is answered with 413 as soon as the
-    headers are in, before any byte of the body is stored (and no ``100
-    Continue`` is sent); a chunked body is counted as it arrives and answered
-    with 413 the moment it passes the limit.  Either way the rest of the body
-    is read and thrown away (so the client sees the answer rather than a
-    reset) and the connection is closed.
-    """
-
-    #: set by :func:`limited_request_factory`
-    max_body_bytes: int = 100 * 1024 * 1024
-    _body_bytes = 0
-    _refused = False
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body_bytes:
-            self.requestHeaders.removeHeader(b"expect")  # no 100 Continue after a 413
-            self._refuse(f"the request body ({length} bytes) is over the limit of {self.max_body_bytes} bytes")
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._body_bytes += len(data)
-        if self._body_bytes > self.max_body_bytes:
-            self._refuse(f"the request body is over the limit of {self.max_body_bytes} bytes")
-            return
-        super().handleContentChunk(data)
-
-    def _refuse(self, detail: str) -> None:
-        self._refused = True
-        old = getattr(self, "content", None)
-        self.content = _Discard()
-        if old is not None:
-            old.close()
-        error = REQUEST_TOO_LARGE(detail)
-        html_page = wants_html(self)
-        if html_page:
-            body = _ERROR_PAGE.format(code=error.code, message=error.message, detail=html.escape(detail))
-            ctype = b"text/html; charset=utf-8"
-            payload = body.encode("utf-8")
-        else:
-            ctype = b"application/json"
-            payload = json.dumps(error.body()).encode("utf-8") + b"\n"
-        head = (
-            b"HTTP/1.1 413 Request Too Large\r\n"
-            b"Server: " + server.version + b"\r\n"
-            b"Date: " + http.datetimeToString() + b"\r\n"
-            b"Content-Type: " + ctype + b"\r\n"
-            b"Cache-Control: no-store\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: " + str(len(payload)).encode("ascii") + b"\r\n\r\n"
-        )
-        channel = self.channel
-        channel.persistent = False
-        transport = channel.transport
-        transport.write(head + payload)
-        # Send our FIN once the answer is out, keep reading (and dropping) the
-        # rest of the body so the client sees the 413 instead of a reset.
-        lose_write = getattr(transport, "loseWriteConnection", None)
-        if lose_write is not None:
-            lose_write()
-        else:
-            transport.loseConnection()
-        channel.setTimeout(30)  # do not drain forever
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._refused:
-            # The answer is sent; this request is never processed.
-            self.channel.loseConnection()
-            return
-        super().requestReceived(command, path, version)
-
-
-def limited_request_factory(max_body_bytes: int) -> type[LimitedRequest]:
-    """:return: a :class:`LimitedRequest` class with this body limit (for ``Site.requestFactory``)."""
-    return type("LimitedRequest", (LimitedRequest,), {"max_body_bytes": max_body_bytes})
 
 
 # --- session cookies ----------------------------------------------------------
