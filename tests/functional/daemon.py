@@ -323,3 +323,29 @@ def raw_handshake(port: int, path: str, headers: dict[str, str]) -> Any:
         name, _, value = line.partition(":")
         parsed[name.strip().lower()] = value.strip()
     return int(status_line.split()[1]), parsed, body
+
+
+class _RoundTrip(Protocol):
+    def connectionMade(self) -> None:
+        self.buffer = b""
+        self.transport.write(self.factory.payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) >= len(self.factory.payload):
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.done.callback(self.buffer)
+
+
+@inlineCallbacks
+def connect_tcp_roundtrip(port: int, payload: bytes) -> Any:
+    """Send ``payload`` to 127.0.0.1:port; :return: what came back (as much)."""
+    factory = Factory.forProtocol(_RoundTrip)
+    factory.payload = payload
+    factory.done = Deferred()
+    factory.done.addTimeout(15, reactor)
+    yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    data = yield factory.done
+    return data
