@@ -345,7 +345,6 @@ def connect_tcp_roundtrip(port: int, payload: bytes) -> Any:
     factory = Factory.forProtocol(_RoundTrip)
     factory.payload = payload
     factory.done = Deferred()
-    factory.done.addTimeout(15, reactor)
     yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
-    data = yield factory.done
+    data = yield factory.done.addTimeout(15, reactor)
     return data
