@@ -100,8 +100,12 @@ class Daemon:
         self.components.service.startService()
         return self.components.forwards.ready
 
-    def stop(self) -> Deferred[Any]:
-        return self.components.service.stopService()
+    @inlineCallbacks
+    def stop(self) -> Any:
+        if self.components.service.running:
+            yield self.components.service.stopService()
+        # Its thread pool would keep the test process alive after the tests.
+        self.components.store.close()
 
     def set_state(self, cid: str, state: str) -> None:
         owner, _ = self.containers[cid]
