@@ -312,7 +312,9 @@ class SQLiteForwardStore:
         return self._run(check)
 
     def close(self) -> None:
-        self._pool.close()
+        # Idempotent: graceful shutdown closes the store, and so may its owner.
+        if self._pool.running:
+            self._pool.close()
 
 
 def _with_cursor(interaction: Callable[[Any], T]) -> Callable[[Any], T]:

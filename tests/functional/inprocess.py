@@ -100,8 +100,12 @@ class Daemon:
         self.components.service.startService()
         return self.components.forwards.ready
 
-    def stop(self) -> Deferred[Any]:
-        return self.components.service.stopService()
+    @inlineCallbacks
+    def stop(self) -> Any:
+        if self.components.service.running:
+            yield self.components.service.stopService()
+        # Its thread pool would keep the test process alive after the tests.
+        self.components.store.close()
 
     def set_state(self, cid: str, state: str) -> None:
         owner, _ = self.containers[cid]
@@ -323,3 +327,28 @@ def raw_handshake(port: int, path: str, headers: dict[str, str]) -> Any:
         name, _, value = line.partition(":")
         parsed[name.strip().lower()] = value.strip()
     return int(status_line.split()[1]), parsed, body
+
+
+class _RoundTrip(Protocol):
+    def connectionMade(self) -> None:
+        self.buffer = b""
+        self.transport.write(self.factory.payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) >= len(self.factory.payload):
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.done.callback(self.buffer)
+
+
+@inlineCallbacks
+def connect_tcp_roundtrip(port: int, payload: bytes) -> Any:
+    """Send ``payload`` to 127.0.0.1:port; :return: what came back (as much)."""
+    factory = Factory.forProtocol(_RoundTrip)
+    factory.payload = payload
+    factory.done = Deferred()
+    yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    data = yield factory.done.addTimeout(15, reactor)
+    return data
