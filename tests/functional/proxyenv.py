@@ -120,6 +120,9 @@ def start_rexec(testcase: Any, **overrides: Any) -> Any:
         data.setdefault(section, {}).update(values)
     components = build(parse_config(data), reactor)
     components.service.startService()
+    # Cleanups run last-added first: stop the services, then release the
+    # store's thread pool (else its threads keep the process alive).
+    testcase.addCleanup(components.store.close)
     testcase.addCleanup(components.service.stopService)
     yield components.forwards.ready
     return Rexec(components, port, f"http://127.0.0.1:{port}", inventory)
@@ -195,11 +198,14 @@ class Truncating(Protocol):
             )
         elif data.startswith(b"GET /endless"):
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
-            self.transport.write(b"y" * 100000)
+            self.transport.write(b"y" * 40000)
+            from twisted.internet import reactor
+
+            reactor.callLater(0.3, self.transport.write, b"y" * 40000)
             return
         else:
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"z" * 500)
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.loseConnection()  # a clean close, mid-body
 
 
 @inlineCallbacks
@@ -216,3 +222,73 @@ def app_site() -> server.Site:
 
 def truncating_factory() -> Factory:
     return Factory.forProtocol(Truncating)
+
+
+class RawClient(Protocol):
+    """Sends raw bytes, keeps every byte received, notes how the connection ended."""
+
+    def __init__(self, payload: bytes = b"") -> None:
+        self.payload = payload
+        self.data = b""
+        self.ended: Deferred[bytes] = Deferred()
+        self.reason: Any = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        if self.payload:
+            self.transport.write(self.payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.reason = reason
+        self.ended.callback(self.data)
+
+
+@inlineCallbacks
+def raw_request(port: int, payload: bytes, timeout: float = 10.0) -> Any:
+    """
+    Send ``payload`` to 127.0.0.1:``port`` and read until the server closes.
+
+    :return: a Deferred firing with the :class:`RawClient` (``.data``, ``.reason``).
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    client = RawClient(payload)
+    yield connectProtocol(TCP4ClientEndpoint(real_reactor(), "127.0.0.1", port), client)
+    yield client.ended.addTimeout(timeout, real_reactor())
+    return client
+
+
+def split_response(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """:return: status code, headers (lower-case names, in order) and the raw body of one response."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    code = int(lines[0].split(b" ")[1])
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.append((name.strip().lower(), value.strip()))
+    return code, headers, body
+
+
+def dechunk(body: bytes) -> bytes:
+    """:return: the data of a complete chunked body (raises ValueError if it is not complete)."""
+    out = b""
+    while True:
+        size_line, sep, body = body.partition(b"\r\n")
+        if not sep:
+            raise ValueError("incomplete chunked body")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return out
+        out += body[:size]
+        body = body[size + 2:]
+
+
+def payload_of(headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """:return: the data of a response body, dechunked when it is chunked."""
+    if (b"transfer-encoding", b"chunked") in headers:
+        return dechunk(body)
+    return body
