@@ -292,3 +292,57 @@ def payload_of(headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
     if (b"transfer-encoding", b"chunked") in headers:
         return dechunk(body)
     return body
+
+
+# --- a WebSocket application with its own subprotocol --------------------------
+
+PAGE = b"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>ws app</title></head>
+<body><div id="status">loading</div><div id="echo"></div>
+<script>
+// A relative URL: works under /p/{id}/ and at the root of a forward's own origin.
+var url = new URL("ws", location.href);
+url.protocol = url.protocol.replace("http", "ws");
+var ws = new WebSocket(url.href, ["echo.v1"]);
+ws.onopen = function () { document.getElementById("status").textContent = "open " + ws.protocol; ws.send("hello from the browser"); };
+ws.onmessage = function (event) { document.getElementById("echo").textContent = event.data; };
+ws.onerror = function () { document.getElementById("status").textContent = "error"; };
+</script></body></html>
+"""
+
+
+def ws_app_site() -> server.Site:
+    """
+    :return: a site serving ``/`` (an HTML page whose script opens a WebSocket
+        to ``ws`` relative to itself) and ``/ws``: an Autobahn echo server that
+        selects the subprotocol ``echo.v1`` and answers ``{protocol}:{message}``.
+    """
+    from autobahn.twisted.resource import WebSocketResource
+    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+
+    class EchoProtocol(WebSocketServerProtocol):
+        def onConnect(self, request: Any) -> Any:
+            self.chosen = "echo.v1" if "echo.v1" in request.protocols else None
+            return self.chosen
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            if isBinary:
+                self.sendMessage(payload, True)
+            else:
+                self.sendMessage(f"{self.chosen}:{payload.decode()}".encode(), False)
+
+    factory = WebSocketServerFactory()
+    factory.protocol = EchoProtocol
+    factory.setProtocolOptions(maxMessagePayloadSize=1 << 20, maxFramePayloadSize=1 << 20)
+
+    class Page(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            return PAGE
+
+    root = Resource()
+    root.putChild(b"", Page())
+    root.putChild(b"ws", WebSocketResource(factory))
+    return server.Site(root)
