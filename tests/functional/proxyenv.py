@@ -300,6 +300,9 @@ PAGE = b"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>ws app</title></head>
 <body><div id="status">loading</div><div id="echo"></div>
 <script>
+// A slow fetch keeps headless Chromium's virtual time from running out
+// before the (real-time) WebSocket exchange is done.
+fetch("hold");
 // A relative URL: works under /p/{id}/ and at the root of a forward's own origin.
 var url = new URL("ws", location.href);
 url.protocol = url.protocol.replace("http", "ws");
@@ -342,7 +345,23 @@ def ws_app_site() -> server.Site:
             request.setHeader(b"content-type", b"text/html; charset=utf-8")
             return PAGE
 
+    class Hold(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> Any:
+            from twisted.internet import reactor
+
+            def answer() -> None:
+                if not request._disconnected:
+                    request.write(b"ok")
+                    request.finish()
+
+            call = reactor.callLater(1.5, answer)
+            request.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
+            return server.NOT_DONE_YET
+
     root = Resource()
     root.putChild(b"", Page())
+    root.putChild(b"hold", Hold())
     root.putChild(b"ws", WebSocketResource(factory))
     return server.Site(root)
