@@ -268,7 +268,7 @@ def main() -> None:
             print(f"rexecpf peak RSS, slow 100 MiB download:   {rex_r['rss_peak']:.1f} MiB  (target < 60)")
             print(f"ReverseProxyResource peak RSS, same:       {rpr_r['rss_peak']:.1f} MiB")
             if options.profile:
-                profile_out = os.path.join(work, "rexecpf.prof")
+                profile_out = os.path.join(tempfile.gettempdir(), "rexecpf-bench.prof")
                 prof, _, prof_url = start_rexecpf(work, nginx_port, profile_out)
                 try:
                     wrk(prof_url + "1k", options.duration, auth)

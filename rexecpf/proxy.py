@@ -42,7 +42,7 @@ from urllib.parse import unquote_plus
 
 from twisted.application.service import Service
 from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -342,6 +342,11 @@ class SessionCookies:
         self._clock = clock
         self.lifetime = lifetime
 
+    @property
+    def known(self) -> bool:
+        """:return: whether the key is loaded (cookies can be made and checked now)."""
+        return self._key is not None
+
     def ready(self) -> Deferred[None]:
         """:return: a Deferred firing once the key is known (fails if the store cannot give it)."""
         if self._key is not None:
@@ -583,10 +588,19 @@ class ProxyService(Service):
         :return: ``NOT_DONE_YET``.
         """
         request.defaultContentType = None
-        finished = request.notifyFinish()
-        work = self.sessions.ready().addCallback(lambda _: self._authorize(request, forward_id, prefix))
-        # A client that disconnects while we authenticate: stop there.
-        finished.addErrback(lambda _: work.cancel())
+        if self.sessions.known:
+            # The common case, without a Deferred when nothing waits.
+            try:
+                work = self._authorize(request, forward_id, prefix)
+            except Exception:  # noqa: BLE001 - answered by failed() below
+                work = fail()
+        else:
+            work = self.sessions.ready().addCallback(lambda _: self._authorize(request, forward_id, prefix))
+        if work is None:
+            return server.NOT_DONE_YET
+        if not work.called:
+            # A client that disconnects while we authenticate: stop there.
+            request.notifyFinish().addErrback(lambda _: work.cancel())
 
         def failed(failure: Failure) -> None:
             if failure.check(CancelledError):
@@ -972,6 +986,19 @@ def _reason(failure: Failure) -> str:
     return failure.getErrorMessage()
 
 
+#: Read size from the container and write-buffer threshold towards the
+#: client while a body streams (Twisted's default is 64 KiB): fewer, larger
+#: reads and fewer pause/resume turns; memory stays bounded by about twice
+#: this per proxied request.
+STREAM_BUFFER = 256 * 1024
+
+
+def _widen(transport: Any) -> None:
+    """Raise a Twisted TCP transport's ``bufferSize`` (its read size and its producer-pause threshold)."""
+    if transport is not None and getattr(transport, "bufferSize", STREAM_BUFFER) < STREAM_BUFFER:
+        transport.bufferSize = STREAM_BUFFER
+
+
 class _Drop(Protocol):
     """Stops a response body that will not be read."""
 
@@ -996,6 +1023,8 @@ class _ResponseBody(Protocol):
         if self.exchange.done:
             self.stop()
             return
+        _widen(getattr(self.transport, "_producer", None))
+        _widen(getattr(request.channel, "transport", None))
         request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
