@@ -63,8 +63,7 @@ def start_nginx(work: str) -> tuple[subprocess.Popen[bytes], int]:
         file.write(os.urandom(1024))
     os.chmod(os.path.join(docroot, "1k"), 0o644)
     with open(os.path.join(docroot, "100m"), "wb") as file:
-        for _ in range(100):
-            file.write(os.urandom(MiB))
+        file.writelines(os.urandom(MiB) for _ in range(100))
     os.chmod(os.path.join(docroot, "100m"), 0o644)
     config = os.path.join(work, "nginx.conf")
     with open(config, "w") as file:
@@ -162,8 +161,8 @@ def wrk(url: str, duration: int, headers: list[str]) -> dict[str, float]:
         command += ["-H", header]
     output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", output, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", output, re.MULTILINE).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     if errors:
         raise RuntimeError(f"{url}: {errors.group(1)} error responses")
@@ -246,7 +245,9 @@ def main() -> None:
                 result = wrk(base + "1k", options.duration, headers)
                 result["download"] = download(base + "100m", headers)
                 if pid is not None:
-                    before, peak = peak_rss_during(pid, lambda: download(base + "100m", headers, "25M"))
+                    before, peak = peak_rss_during(
+                        pid, lambda base=base, headers=headers: download(base + "100m", headers, "25M")
+                    )
                     result["rss_before"], result["rss_peak"] = before, peak
                 results[name] = result
                 print(

@@ -41,6 +41,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def temp_dir(testcase: Any) -> str:
+    """:return: a new directory outside the source tree, removed at cleanup."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="rexecpf-test-")
+    testcase.addCleanup(shutil.rmtree, directory, True)
+    return directory
+
+
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(real_reactor(), seconds, lambda: None)
 
@@ -101,8 +111,7 @@ def start_rexec(testcase: Any, **overrides: Any) -> Any:
     :param overrides: ``section={key: value}`` merged into the configuration.
     """
     reactor = real_reactor()
-    directory = testcase.mktemp()
-    os.makedirs(directory)
+    directory = temp_dir(testcase)
     inventory = os.path.join(directory, "containers.toml")
     write_inventory(inventory, {"cont_a": ("alice", "running"), "cont_b": ("bob", "running")})
     port = free_port()
@@ -321,7 +330,10 @@ def ws_app_site() -> server.Site:
         selects the subprotocol ``echo.v1`` and answers ``{protocol}:{message}``.
     """
     from autobahn.twisted.resource import WebSocketResource
-    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+    from autobahn.twisted.websocket import (
+        WebSocketServerFactory,
+        WebSocketServerProtocol,
+    )
 
     class EchoProtocol(WebSocketServerProtocol):
         def onConnect(self, request: Any) -> Any:

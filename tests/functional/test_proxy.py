@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 import treq
 from twisted.internet.defer import inlineCallbacks
@@ -29,6 +29,7 @@ from tests.functional.proxyenv import (
     sleep,
     split_response,
     start_rexec,
+    temp_dir,
     truncating_factory,
 )
 
@@ -43,7 +44,7 @@ def _treq() -> Any:
 class ProxyTestsMixin:
     """Starts rexecpf and the test application; makes one forward to it."""
 
-    overrides: dict[str, Any] = {}
+    overrides: ClassVar[dict[str, Any]] = {}
 
     @inlineCallbacks
     def setUp(self) -> Any:
@@ -280,7 +281,7 @@ class ErrorTests(ProxyTestsMixin, TestCase):
             "Content-Length: 999999999999\r\n\r\n"
         ).encode()
         client = yield raw_request(self.rex.port, head)  # the body is never sent
-        code, headers, body = split_response(client.data)
+        code, _, body = split_response(client.data)
         self.assertEqual(code, 413)
         self.assertEqual(json.loads(body)["error"]["code"], 413)
 
@@ -423,7 +424,7 @@ class SessionTests(ProxyTestsMixin, TestCase):
 class HostRoutingTests(ProxyTestsMixin, TestCase):
     """proxy_domain: each forward at the root of its own origin."""
 
-    overrides = {"server": {"proxy_domain": "preview.test"}}
+    overrides: ClassVar[dict[str, Any]] = {"server": {"proxy_domain": "preview.test"}}
 
     def host(self, forward_id: str) -> str:
         return f"{forward_id.replace('_', '-')}.preview.test:{self.rex.port}"
@@ -469,7 +470,7 @@ class HTTPServerTests(TestCase):
     @inlineCallbacks
     def setUp(self) -> Any:
         self.rex = yield start_rexec(self)
-        self.dir = self.mktemp()
+        self.dir = temp_dir(self)
         os.makedirs(os.path.join(self.dir, "sub"))
         with open(os.path.join(self.dir, "sub", "file.bin"), "wb") as file:
             file.write(b"q" * 123_457)

