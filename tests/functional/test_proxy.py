@@ -355,6 +355,7 @@ class ErrorTests(ProxyTestsMixin, TestCase):
         self.assertEqual(response.code, 404)
         yield response.content()
         self.assertEqual(self.rex.forwards.live_count(self.fw.id), 0)
+        yield sleep(0.3)  # let the closed connections go
 
 
 class SessionTests(ProxyTestsMixin, TestCase):
