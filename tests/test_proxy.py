@@ -60,6 +60,7 @@ def make_proxy(reactor: Any, timeout: float = 60.0) -> tuple[ProxyService, FakeF
 
 
 def channel_for(site: server.Site) -> tuple[Any, StringTransport]:
+    site.timeOut = None  # no idle timer on the global reactor
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
