@@ -59,6 +59,11 @@ class Streamer(Protocol):
     def stopProducing(self) -> None:
         pass
 
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+
+    lost = False
+
 
 class StallingClient(Protocol):
     """Sends one GET, stalls after the first bytes, reads everything once resumed."""
@@ -140,3 +145,26 @@ class BackPressureTests(TestCase):
         client.transport.loseConnection()
         yield client.lost
         yield sleep(0.1)
+
+    @inlineCallbacks
+    def test_client_goes_away(self) -> Any:
+        """A client that disconnects mid-body stops the container's connection; nothing stays tracked."""
+        rex = yield start_rexec(self, limits={"proxy_body_bytes": 2 * TOTAL})
+        container = Streamer()
+        port = yield listen(self, Factory.forProtocol(lambda: container))
+        fw = yield rex.forward(port)
+        client = StallingClient(
+            f"GET /p/{fw.id}/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-token\r\n\r\n".encode()
+        )
+        yield connectProtocol(TCP4ClientEndpoint(real_reactor(), "127.0.0.1", rex.port), client)
+        yield client.first
+        self.assertEqual(rex.forwards.live_count(fw.id), 1)
+        client.transport.abortConnection()
+        yield client.lost
+        for _ in range(20):
+            if container.lost:
+                break
+            yield sleep(0.05)
+        self.assertTrue(container.lost)
+        self.assertEqual(rex.forwards.live_count(fw.id), 0)
+        self.assertLess(container.sent, IN_FLIGHT_BOUND)
