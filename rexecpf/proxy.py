@@ -41,7 +41,7 @@ from urllib.parse import unquote_plus
 
 from twisted.application.service import Service
 from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -173,39 +173,35 @@ def _finish_with_error(request: Any, error: APIError) -> None:
     request.finish()
 
 
-def _abort_client(request: Any) -> None:
-    """Drop the client connection: the response must not look complete."""
+#: Seconds a broken response may take to flush before its connection is aborted.
+BROKEN_FLUSH_SECONDS = 30.0
+
+
+def _abort_client(request: Any, clock: IReactorTime | None = None) -> None:
+    """
+    End the client connection without finishing the response, so that it
+    cannot look complete (a short body, or no terminating chunk).
+
+    :param clock: when given, what was already written is flushed first (for
+        at most :data:`BROKEN_FLUSH_SECONDS`); otherwise the connection is
+        dropped at once.
+    """
     channel = getattr(request, "channel", None)
     transport = getattr(channel, "transport", None)
     if transport is None:
         return
     abort = getattr(transport, "abortConnection", None)
-    if abort is not None:
-        abort()
-    else:
-        transport.loseConnection()
+    if clock is None or abort is None:
+        (abort or transport.loseConnection)()
+        return
+    transport.loseConnection()
 
+    def too_slow() -> None:
+        if getattr(transport, "connected", False):
+            abort()
 
-# --- the request body limit ---------------------------------------------------
-
-
-class _Discard:
-    """A write-only sink standing in for ``request.content`` after a 413."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def seek(self, *args: Any) -> int:
-        return 0
-
-    def tell(self) -> int:
-        return 0
-
-    def read(self, *args: Any) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
+    call = clock.callLater(BROKEN_FLUSH_SECONDS, too_slow)
+    request.notifyFinish().addBoth(lambda _: call.cancel() if call.active() else None)
 
 
 # --- session cookies ----------------------------------------------------------
@@ -236,6 +232,11 @@ class SessionCookies:
         self._waiters: list[Deferred[None]] = []
         self._clock = clock
         self.lifetime = lifetime
+
+    @property
+    def known(self) -> bool:
+        """:return: whether the key is loaded (cookies can be made and checked now)."""
+        return self._key is not None
 
     def ready(self) -> Deferred[None]:
         """:return: a Deferred firing once the key is known (fails if the store cannot give it)."""
@@ -345,6 +346,21 @@ def _connection_names(headers: Headers) -> set[bytes]:
             if token:
                 names.add(token)
     return names
+
+
+def _agent_connection_names(response: Any) -> set[bytes]:
+    """
+    :return: the names the container listed in its response ``Connection``
+        header.  ``Agent`` files ``Connection`` among its connection-control
+        headers, out of ``response.headers``; they are read from its parser
+        (private: tests.functional.test_proxy pins this down).
+    """
+    producer = getattr(getattr(response, "_transport", None), "_producer", None)
+    protocol = getattr(producer, "protocol", None)
+    protocol = getattr(protocol, "_wrappedProtocol", protocol)
+    parser = getattr(protocol, "_parser", None)
+    headers = getattr(parser, "connHeaders", None)
+    return _connection_names(headers) if headers is not None else set()
 
 
 def _end_to_end(headers: Headers, also_drop: Iterable[bytes] = ()) -> list[tuple[bytes, list[bytes]]]:
@@ -463,10 +479,19 @@ class ProxyService(Service):
         :return: ``NOT_DONE_YET``.
         """
         request.defaultContentType = None
-        finished = request.notifyFinish()
-        work = self.sessions.ready().addCallback(lambda _: self._authorize(request, forward_id, prefix))
-        # A client that disconnects while we authenticate: stop there.
-        finished.addErrback(lambda _: work.cancel())
+        if self.sessions.known:
+            # The common case, without a Deferred when nothing waits.
+            try:
+                work = self._authorize(request, forward_id, prefix)
+            except Exception:  # noqa: BLE001 - answered by failed() below
+                work = fail()
+        else:
+            work = self.sessions.ready().addCallback(lambda _: self._authorize(request, forward_id, prefix))
+        if work is None:
+            return server.NOT_DONE_YET
+        if not work.called:
+            # A client that disconnects while we authenticate: stop there.
+            request.notifyFinish().addErrback(lambda _: work.cancel())
 
         def failed(failure: Failure) -> None:
             if failure.check(CancelledError):
@@ -594,17 +619,25 @@ class ProxyService(Service):
             headers.setRawHeaders(b"x-forwarded-prefix", [prefix])
         return headers
 
-    def response_headers(self, request: Any, headers: Headers, prefix: bytes, keep: Iterable[bytes] = ()) -> None:
+    def response_headers(
+        self,
+        request: Any,
+        headers: Headers,
+        prefix: bytes,
+        keep: Iterable[bytes] = (),
+        connection_names: Iterable[bytes] = (),
+    ) -> None:
         """Copy the container's end-to-end response headers onto ``request``."""
         out: Headers = request.responseHeaders
         out.removeHeader(b"server")
         keep_set = set(keep)
+        drop = HOP_BY_HOP | _connection_names(headers) | set(connection_names)
         for name, values in headers.getAllRawHeaders():
             lower = name.lower()
             if lower in keep_set:
                 out.setRawHeaders(name, values)
                 continue
-            if lower in HOP_BY_HOP or lower in _connection_names(headers):
+            if lower in drop:
                 continue
             if lower == b"location" and prefix:
                 values = [_rewrite_location(value, prefix) for value in values]
@@ -752,7 +785,13 @@ class _Exchange:
             self._end(BAD_GATEWAY(f"the response body ({response.length} bytes) is over the limit of {limit} bytes"))
             return
         request.setResponseCode(response.code, response.phrase)
-        self.service.response_headers(request, response.headers, self.prefix)
+        self.service.response_headers(
+            request, response.headers, self.prefix, connection_names=_agent_connection_names(response)
+        )
+        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            # Agent keeps Content-Length among its connection headers: pass
+            # it on, so that a body cut short is seen to be short.
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
         self.body = _ResponseBody(self, limit)
         response.deliverBody(self.body)
 
@@ -791,14 +830,18 @@ class _Exchange:
         if not request.finished and not request._disconnected:
             request.finish()
 
-    def broken(self, why: str) -> None:
-        """The body cannot be delivered whole: abort the client connection."""
+    def broken(self, why: str, at_once: bool = False) -> None:
+        """
+        The body cannot be delivered whole: end the client connection without
+        finishing the response (what was written is flushed first, unless
+        ``at_once``).
+        """
         if self.done:
             return
         self.done = True
         self.untrack()
         self._log.info("proxied response of {forward_id} broken: {why}", forward_id=self.forward.id, why=why)
-        _abort_client(self.request)
+        _abort_client(self.request, None if at_once else self.service.reactor)
 
     def _client_done(self, result: Any) -> None:
         if isinstance(result, Failure) and not self.done:
@@ -823,7 +866,7 @@ class _Exchange:
             return
         if self.body is not None:
             self.body.stop()
-        self.broken(reason)
+        self.broken(reason, at_once=True)
 
 
 def _reason(failure: Failure) -> str:
@@ -832,6 +875,19 @@ def _reason(failure: Failure) -> str:
     if reasons:
         return "; ".join(r.getErrorMessage() for r in reasons)
     return failure.getErrorMessage()
+
+
+#: Read size from the container and write-buffer threshold towards the
+#: client while a body streams (Twisted's default is 64 KiB): fewer, larger
+#: reads and fewer pause/resume turns; memory stays bounded by about twice
+#: this per proxied request.
+STREAM_BUFFER = 256 * 1024
+
+
+def _widen(transport: Any) -> None:
+    """Raise a Twisted TCP transport's ``bufferSize`` (its read size and its producer-pause threshold)."""
+    if transport is not None and getattr(transport, "bufferSize", STREAM_BUFFER) < STREAM_BUFFER:
+        transport.bufferSize = STREAM_BUFFER
 
 
 class _Drop(Protocol):
@@ -858,6 +914,8 @@ class _ResponseBody(Protocol):
         if self.exchange.done:
             self.stop()
             return
+        _widen(getattr(self.transport, "_producer", None))
+        _widen(getattr(request.channel, "transport", None))
         request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
@@ -866,7 +924,11 @@ class _ResponseBody(Protocol):
         self.received += len(data)
         if self.received > self.limit:
             self.stop()
-            self.exchange.broken(f"the response body grew past {self.limit} bytes")
+            why = f"the response body grew past {self.limit} bytes"
+            if not self.exchange.request.startedWriting:
+                self.exchange._end(BAD_GATEWAY(why))
+            else:
+                self.exchange.broken(why)
             return
         self.exchange.request.write(data)
 
@@ -1166,10 +1228,10 @@ class _Upgrade(_Exchange):
         else:
             self.broken("the container's response ended early")
 
-    def broken(self, why: str) -> None:
+    def broken(self, why: str, at_once: bool = False) -> None:
         if self.backend is not None and self.backend.transport is not None:
             self.backend._t.abortConnection()
-        super().broken(why)
+        super().broken(why, at_once)
 
     def _client_done(self, result: Any) -> None:
         if isinstance(result, Failure) and not self.done:
@@ -1196,7 +1258,7 @@ class _Upgrade(_Exchange):
             if pending is not None:
                 pending.cancel()
             return
-        self.broken(reason)
+        self.broken(reason, at_once=True)
 
 
 class _Sink:

@@ -41,6 +41,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def temp_dir(testcase: Any) -> str:
+    """:return: a new directory outside the source tree, removed at cleanup."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="rexecpf-test-")
+    testcase.addCleanup(shutil.rmtree, directory, True)
+    return directory
+
+
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(real_reactor(), seconds, lambda: None)
 
@@ -101,8 +111,7 @@ def start_rexec(testcase: Any, **overrides: Any) -> Any:
     :param overrides: ``section={key: value}`` merged into the configuration.
     """
     reactor = real_reactor()
-    directory = testcase.mktemp()
-    os.makedirs(directory)
+    directory = temp_dir(testcase)
     inventory = os.path.join(directory, "containers.toml")
     write_inventory(inventory, {"cont_a": ("alice", "running"), "cont_b": ("bob", "running")})
     port = free_port()
@@ -120,6 +129,9 @@ def start_rexec(testcase: Any, **overrides: Any) -> Any:
         data.setdefault(section, {}).update(values)
     components = build(parse_config(data), reactor)
     components.service.startService()
+    # Cleanups run last-added first: stop the services, then release the
+    # store's thread pool (else its threads keep the process alive).
+    testcase.addCleanup(components.store.close)
     testcase.addCleanup(components.service.stopService)
     yield components.forwards.ready
     return Rexec(components, port, f"http://127.0.0.1:{port}", inventory)
@@ -195,11 +207,14 @@ class Truncating(Protocol):
             )
         elif data.startswith(b"GET /endless"):
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
-            self.transport.write(b"y" * 100000)
+            self.transport.write(b"y" * 40000)
+            from twisted.internet import reactor
+
+            reactor.callLater(0.3, self.transport.write, b"y" * 40000)
             return
         else:
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"z" * 500)
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.loseConnection()  # a clean close, mid-body
 
 
 @inlineCallbacks
@@ -216,3 +231,164 @@ def app_site() -> server.Site:
 
 def truncating_factory() -> Factory:
     return Factory.forProtocol(Truncating)
+
+
+class RawClient(Protocol):
+    """Sends raw bytes, keeps every byte received, notes how the connection ended."""
+
+    def __init__(self, payload: bytes = b"") -> None:
+        self.payload = payload
+        self.data = b""
+        self.ended: Deferred[bytes] = Deferred()
+        self.reason: Any = None
+        self._waiting: list[tuple[bytes, Deferred[bytes]]] = []
+
+    def received(self, marker: bytes) -> Deferred[bytes]:
+        """:return: a Deferred firing with the data once it holds ``marker``."""
+        waiter: Deferred[bytes] = Deferred()
+        self._waiting.append((marker, waiter))
+        self._wake()
+        return waiter
+
+    def _wake(self) -> None:
+        for marker, waiter in list(self._waiting):
+            if marker in self.data:
+                self._waiting.remove((marker, waiter))
+                waiter.callback(self.data)
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        if self.payload:
+            self.transport.write(self.payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        self._wake()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.reason = reason
+        self.ended.callback(self.data)
+
+
+@inlineCallbacks
+def raw_request(port: int, payload: bytes, timeout: float = 10.0) -> Any:
+    """
+    Send ``payload`` to 127.0.0.1:``port`` and read until the server closes.
+
+    :return: a Deferred firing with the :class:`RawClient` (``.data``, ``.reason``).
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    client = RawClient(payload)
+    yield connectProtocol(TCP4ClientEndpoint(real_reactor(), "127.0.0.1", port), client)
+    yield client.ended.addTimeout(timeout, real_reactor())
+    return client
+
+
+def split_response(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """:return: status code, headers (lower-case names, in order) and the raw body of one response."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    code = int(lines[0].split(b" ")[1])
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.append((name.strip().lower(), value.strip()))
+    return code, headers, body
+
+
+def dechunk(body: bytes) -> bytes:
+    """:return: the data of a complete chunked body (raises ValueError if it is not complete)."""
+    out = b""
+    while True:
+        size_line, sep, body = body.partition(b"\r\n")
+        if not sep:
+            raise ValueError("incomplete chunked body")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return out
+        out += body[:size]
+        body = body[size + 2:]
+
+
+def payload_of(headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """:return: the data of a response body, dechunked when it is chunked."""
+    if (b"transfer-encoding", b"chunked") in headers:
+        return dechunk(body)
+    return body
+
+
+# --- a WebSocket application with its own subprotocol --------------------------
+
+PAGE = b"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>ws app</title></head>
+<body><div id="status">loading</div><div id="echo"></div>
+<script>
+// A slow fetch keeps headless Chromium's virtual time from running out
+// before the (real-time) WebSocket exchange is done.
+fetch("hold");
+// A relative URL: works under /p/{id}/ and at the root of a forward's own origin.
+var url = new URL("ws", location.href);
+url.protocol = url.protocol.replace("http", "ws");
+var ws = new WebSocket(url.href, ["echo.v1"]);
+ws.onopen = function () { document.getElementById("status").textContent = "open " + ws.protocol; ws.send("hello from the browser"); };
+ws.onmessage = function (event) { document.getElementById("echo").textContent = event.data; };
+ws.onerror = function () { document.getElementById("status").textContent = "error"; };
+</script></body></html>
+"""
+
+
+def ws_app_site() -> server.Site:
+    """
+    :return: a site serving ``/`` (an HTML page whose script opens a WebSocket
+        to ``ws`` relative to itself) and ``/ws``: an Autobahn echo server that
+        selects the subprotocol ``echo.v1`` and answers ``{protocol}:{message}``.
+    """
+    from autobahn.twisted.resource import WebSocketResource
+    from autobahn.twisted.websocket import (
+        WebSocketServerFactory,
+        WebSocketServerProtocol,
+    )
+
+    class EchoProtocol(WebSocketServerProtocol):
+        def onConnect(self, request: Any) -> Any:
+            self.chosen = "echo.v1" if "echo.v1" in request.protocols else None
+            return self.chosen
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            if isBinary:
+                self.sendMessage(payload, True)
+            else:
+                self.sendMessage(f"{self.chosen}:{payload.decode()}".encode(), False)
+
+    factory = WebSocketServerFactory()
+    factory.protocol = EchoProtocol
+    factory.setProtocolOptions(maxMessagePayloadSize=1 << 20, maxFramePayloadSize=1 << 20)
+
+    class Page(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            return PAGE
+
+    class Hold(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> Any:
+            from twisted.internet import reactor
+
+            def answer() -> None:
+                if not request._disconnected:
+                    request.write(b"ok")
+                    request.finish()
+
+            call = reactor.callLater(1.5, answer)
+            request.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
+            return server.NOT_DONE_YET
+
+    root = Resource()
+    root.putChild(b"", Page())
+    root.putChild(b"hold", Hold())
+    root.putChild(b"ws", WebSocketResource(factory))
+    return server.Site(root)
