@@ -77,6 +77,7 @@ class Health(Resource):
             request.finish()
 
         finished: Deferred[None] = request.notifyFinish()  # type: ignore[attr-defined]
+        finished.addErrback(lambda _: None)  # a client gone before the answer is no error
         gatherResults(checks, consumeErrors=True).addCallbacks(healthy, unhealthy).addErrback(
             lambda failure: None if finished.called else self._log.failure("healthz", failure)
         )

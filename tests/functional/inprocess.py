@@ -23,7 +23,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from rexecpf.config import AuthConfig, BackendConfig, Config, LimitsConfig, ServerConfig
+from rexecpf.config import parse_config
+from rexecpf.model import Principal
 from rexecpf.tap import build
 from rexecpf.wsend import protocol_options
 
@@ -67,29 +68,57 @@ def write_inventory(path: str, containers: dict[str, tuple[str, str]]) -> None:
 class Daemon:
     """
     A running rexecpf.  ``start()`` fires once it listens and has loaded its
-    forwards; ``stop()`` stops the service tree.
+    forwards; ``stop()`` stops the service tree and closes the store.
+
+    :param containers: the static inventory, id -> (owner, state); by default
+        ``c1`` of alice's and ``c2`` of bob's, all at 127.0.0.1.
+    :param sections: ``section={key: value}`` merged into the configuration.
+    :param limits: keys of the ``[limits]`` section.
     """
 
-    def __init__(self, directory: str, **limits: Any) -> None:
+    def __init__(
+        self,
+        directory: str,
+        containers: dict[str, tuple[str, str]] | None = None,
+        sections: dict[str, dict[str, Any]] | None = None,
+        **limits: Any,
+    ) -> None:
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.inventory = os.path.join(directory, "containers.toml")
-        self.containers = {"c1": ("alice", "running"), "c2": ("bob", "running")}
+        self.containers = containers or {"c1": ("alice", "running"), "c2": ("bob", "running")}
         write_inventory(self.inventory, self.containers)
-        defaults: dict[str, Any] = dict(limits)
-        self.config = Config(
-            server=ServerConfig(
-                listen=(f"tcp:{self.port}:interface=127.0.0.1",),
-                public_url=self.base,
-                state=os.path.join(directory, "state.sqlite3"),
-            ),
-            auth=AuthConfig(users=dict(TOKENS)),
-            backend=BackendConfig(kind="static", inventory=self.inventory),
-            limits=LimitsConfig(**defaults),
-        )
+        data: dict[str, dict[str, Any]] = {
+            "server": {
+                "listen": [f"tcp:{self.port}:interface=127.0.0.1"],
+                "public_url": self.base,
+                "state": os.path.join(directory, "state.sqlite3"),
+            },
+            "auth": {"users": dict(TOKENS)},
+            "backend": {"kind": "static", "inventory": self.inventory},
+            "limits": dict(limits),
+        }
+        for section, values in (sections or {}).items():
+            data.setdefault(section, {}).update(values)
+        self.config = parse_config(data)
         self.components = build(self.config, reactor)
+
+    @property
+    def proxy(self) -> Any:
+        return self.components.proxy
+
+    @inlineCallbacks
+    def forward(self, container_port: int, container: str | None = None, user: str = "alice") -> Any:
+        """
+        :param container: by default the first of the inventory.
+        :return: a Deferred firing with a new forward (made in-process, not over HTTP).
+        """
+        container = container or next(iter(self.containers))
+        body = json.dumps({"container_port": container_port}).encode()
+        forward = yield self.forwards.create(Principal(user), container, body)
+        return forward
 
     @property
     def forwards(self) -> Any:

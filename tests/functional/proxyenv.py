@@ -1,44 +1,34 @@
 """
-A real rexecpf built in-process on the running reactor (127.0.0.1), with a
-static inventory, plus a small Twisted "container" application used by the
-proxy tests.
+What the proxy tests add to :mod:`tests.functional.inprocess`: a rexecpf
+with containers ``cont_a`` and ``cont_b`` stopped at test cleanup, a small
+Twisted "container" application, and raw HTTP clients.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
-import textwrap
 from typing import Any
 
-import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from rexecpf.config import parse_config
-from rexecpf.model import Principal
-from rexecpf.tap import build
-
-TOKENS = {"alice": "alice-token", "bob": "bob-token"}
+from tests.functional.inprocess import (  # noqa: F401 - shared with the proxy tests
+    TOKENS,
+    Daemon,
+    free_port,
+    reactor,
+    sleep,
+    write_inventory,
+)
 
 
 def real_reactor() -> Any:
     """:return: the global reactor (functional tests only)."""
-    from twisted.internet import reactor
-
     return reactor
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def temp_dir(testcase: Any) -> str:
@@ -51,90 +41,24 @@ def temp_dir(testcase: Any) -> str:
     return directory
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(real_reactor(), seconds, lambda: None)
-
-
-def write_inventory(path: str, containers: dict[str, tuple[str, str]]) -> None:
-    """``containers``: id -> (owner, state); all at 127.0.0.1."""
-    text = "".join(
-        textwrap.dedent(
-            f"""
-            [[container]]
-            id = "{cid}"
-            owner = "{owner}"
-            address = "127.0.0.1"
-            state = "{state}"
-            """
-        )
-        for cid, (owner, state) in containers.items()
-    )
-    tmp = path + ".tmp"
-    with open(tmp, "w") as file:
-        file.write(text)
-    os.replace(tmp, path)
-
-
-@attrs.define
-class Rexec:
-    """A running rexecpf."""
-
-    components: Any
-    port: int
-    base: str
-    inventory: str
-
-    @property
-    def forwards(self) -> Any:
-        return self.components.forwards
-
-    @property
-    def proxy(self) -> Any:
-        return self.components.proxy
-
-    @inlineCallbacks
-    def forward(self, container_port: int, container: str = "cont_a", user: str = "alice") -> Any:
-        """:return: a Deferred firing with a new forward to ``container_port``."""
-        body = json.dumps({"container_port": container_port}).encode()
-        forward = yield self.forwards.create(Principal(user), container, body)
-        return forward
-
-    def stop(self) -> Deferred[None]:
-        return self.components.service.stopService()
-
-
 @inlineCallbacks
-def start_rexec(testcase: Any, **overrides: Any) -> Any:
+def start_rexec(testcase: Any, **sections: Any) -> Any:
     """
-    Start rexecpf on a free port; stopped at test cleanup.
+    Start rexecpf (:class:`Daemon`) with containers ``cont_a`` (alice's) and
+    ``cont_b`` (bob's); stopped at test cleanup.
 
-    :param overrides: ``section={key: value}`` merged into the configuration.
+    :param sections: ``section={key: value}`` merged into the configuration.
     """
-    reactor = real_reactor()
-    directory = temp_dir(testcase)
-    inventory = os.path.join(directory, "containers.toml")
-    write_inventory(inventory, {"cont_a": ("alice", "running"), "cont_b": ("bob", "running")})
-    port = free_port()
-    data: dict[str, Any] = {
-        "server": {
-            "listen": [f"tcp:{port}:interface=127.0.0.1"],
-            "public_url": f"http://127.0.0.1:{port}",
-            "state": os.path.join(directory, "state.sqlite3"),
-        },
-        "auth": {"users": dict(TOKENS)},
-        "backend": {"kind": "static", "inventory": inventory},
-        "limits": {"local_ports": "30000-39999"},
-    }
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
-    components = build(parse_config(data), reactor)
-    components.service.startService()
-    # Cleanups run last-added first: stop the services, then release the
-    # store's thread pool (else its threads keep the process alive).
-    testcase.addCleanup(components.store.close)
-    testcase.addCleanup(components.service.stopService)
-    yield components.forwards.ready
-    return Rexec(components, port, f"http://127.0.0.1:{port}", inventory)
+    limits = {"local_ports": "30000-39999", **sections.pop("limits", {})}
+    daemon = Daemon(
+        temp_dir(testcase),
+        containers={"cont_a": ("alice", "running"), "cont_b": ("bob", "running")},
+        sections=sections,
+        **limits,
+    )
+    testcase.addCleanup(daemon.stop)
+    yield daemon.start()
+    return daemon
 
 
 # --- the test application ("the container") ------------------------------------
