@@ -185,7 +185,7 @@ class LocalListeners(Service):
 
         def failed(failure: Failure) -> None:
             connection.splice = None
-            if failure.check(APIError):
+            if isinstance(failure.value, APIError):
                 self._log.info(
                     "forward {forward_id}: connection refused: {error}",
                     forward_id=connection.forward_id,
