@@ -77,6 +77,8 @@ class LocalConnection(TCPEnd):
 
 
 class _ConnectionFactory(Factory):
+    noisy = False  # each connection logs its own closing line; no start/stop lines
+
     def __init__(self, listeners: LocalListeners, forward_id: str) -> None:
         self.listeners = listeners
         self.forward_id = forward_id
