@@ -100,6 +100,8 @@ def parse_create_request(body: bytes) -> CreateRequest:
         data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except ValueError as error:
         raise INVALID_REQUEST(f"the body is not JSON: {error}") from None
+    except RecursionError:
+        raise INVALID_REQUEST("the body is not JSON that can be read: nested too deeply") from None
     if not isinstance(data, dict):
         raise INVALID_REQUEST("the body must be a JSON object")
     unknown = sorted(set(data) - _FIELDS)
