@@ -611,7 +611,9 @@ class ProxyService(Service):
         chain = incoming.getRawHeaders(b"x-forwarded-for", [])
         chain = [b", ".join(chain + [_client_ip(request)])]
         headers.setRawHeaders(b"x-forwarded-for", chain)
-        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
+        # behind a TLS front end, the https of public_url is what the client used
+        secure = self.secure_cookies or request.isSecure()
+        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if secure else b"http"])
         host = incoming.getRawHeaders(b"host")
         if host:
             headers.setRawHeaders(b"x-forwarded-host", host[:1])
@@ -1359,9 +1361,11 @@ class HostRouter:
             return None
         host = host.rsplit(":", 1)[0] if ":" in host else host
         host = host.rstrip(".")
-        if not host.endswith(self._suffix) and host != self._suffix[1:]:
+        if not host.endswith(self._suffix):
+            # other hosts, the bare proxy_domain too: it may well be the
+            # public host of the API itself
             return None
-        label = host[: -len(self._suffix)] if host.endswith(self._suffix) else ""
+        label = host[: -len(self._suffix)]
         if not _FORWARD_LABEL.match(label):
             return _NotFound(FORWARD_NOT_FOUND(f"no port forward at {host!r}"))
         return _ForwardResource(self._service, label.replace("-", "_"), False)

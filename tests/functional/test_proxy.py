@@ -435,6 +435,21 @@ class SessionTests(ProxyTestsMixin, TestCase):
         self.assertEqual(restarted.check(cookie.encode(), self.fw.id), "alice")
 
 
+class BehindTLSFrontEndTests(ProxyTestsMixin, TestCase):
+    """public_url is https (a TLS front end): the container is told so."""
+
+    overrides: ClassVar[dict[str, Any]] = {"server": {"public_url": "https://rexec.example"}}
+
+    @inlineCallbacks
+    def test_forwarded_proto_https(self) -> Any:
+        """X-Forwarded-Proto is https, and the session cookie is Secure."""
+        document = yield self.echo("/")
+        self.assertEqual(self.headers_of(document, "X-Forwarded-Proto"), ["https"])
+        response = yield self.http.get(f"{self.url}/?token=alice-token", allow_redirects=False)
+        yield response.content()
+        self.assertIn("Secure", response.headers.getRawHeaders("set-cookie")[0])
+
+
 class HostRoutingTests(ProxyTestsMixin, TestCase):
     """proxy_domain: each forward at the root of its own origin."""
 
@@ -461,6 +476,13 @@ class HostRoutingTests(ProxyTestsMixin, TestCase):
         """Another name under proxy_domain is 404, never the API."""
         response = yield self.http.get(f"{self.rex.base}/api/openapi.json", headers={"Host": "www.preview.test"})
         self.assertEqual(response.code, 404)
+        yield response.content()
+
+    @inlineCallbacks
+    def test_bare_domain_is_the_api(self) -> Any:
+        """proxy_domain itself is not a forward's origin: it may be the API's own host."""
+        response = yield self.http.get(f"{self.rex.base}/api/openapi.json", headers={"Host": "preview.test"})
+        self.assertEqual(response.code, 200)
         yield response.content()
 
     @inlineCallbacks
