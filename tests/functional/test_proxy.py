@@ -408,6 +408,7 @@ class SessionTests(ProxyTestsMixin, TestCase):
         """A wrong ?token= is 401; a tampered or expired cookie is 401."""
         response = yield self.http.get(self.url + "/?token=nope", allow_redirects=False)
         self.assertEqual(response.code, 401)
+        self.assertEqual(response.headers.getRawHeaders("www-authenticate"), ['Bearer realm="rexecpf"'])
         yield response.content()
         cookie = self.rex.proxy.sessions.make("alice", self.fw.id)
         tampered = cookie[:-2] + ("AA" if not cookie.endswith("AA") else "BB")
@@ -421,6 +422,26 @@ class SessionTests(ProxyTestsMixin, TestCase):
         yield response.content()
 
     @inlineCallbacks
+    def test_new_token_ends_old_sessions(self) -> Any:
+        """A cookie from before the user's token changed (a reload) is 401; one made after works."""
+        response = yield self.http.get(self.url + "/?token=alice-token", allow_redirects=False)
+        yield response.content()
+        old = response.headers.getRawHeaders("set-cookie")[0].split(";")[0]
+        response = yield self.http.get(self.url + "/", headers={"Cookie": old})
+        self.assertEqual(response.code, 200)
+        yield response.content()
+        self.rex.components.authenticator.replace({"alice": "alice-new-token", "bob": "bob-token"})
+        response = yield self.http.get(self.url + "/", headers={"Cookie": old})
+        self.assertEqual(response.code, 401)
+        yield response.content()
+        response = yield self.http.get(self.url + "/?token=alice-new-token", allow_redirects=False)
+        yield response.content()
+        new = response.headers.getRawHeaders("set-cookie")[0].split(";")[0]
+        response = yield self.http.get(self.url + "/", headers={"Cookie": new})
+        self.assertEqual(response.code, 200)
+        yield response.content()
+
+    @inlineCallbacks
     def test_cookie_survives_restart(self) -> Any:
         """
         The signing key is kept in the store: cookies checked with the key a
@@ -430,7 +451,12 @@ class SessionTests(ProxyTestsMixin, TestCase):
 
         yield self.rex.proxy.sessions.ready()
         cookie = self.rex.proxy.sessions.make("alice", self.fw.id)
-        restarted = SessionCookies(lambda: self.rex.components.store.secret("session"), real_reactor(), 60)
+        restarted = SessionCookies(
+            lambda: self.rex.components.store.secret("session"),
+            real_reactor(),
+            60,
+            self.rex.components.authenticator.credential,
+        )
         yield restarted.ready()
         self.assertEqual(restarted.check(cookie.encode(), self.fw.id), "alice")
 
