@@ -12,26 +12,32 @@ tunnel`` client.
 - incoming message data is streamed to the relay frame chunk by frame chunk,
   as Autobahn unmasks it: a message is never assembled in memory, binary and
   text alike (a text message's UTF-8 bytes are passed as they are);
-- ``write`` sends one binary message per chunk; with ``autoFragmentSize`` a
-  large chunk goes out as 64 KiB frames;
+- ``write`` sends a chunk as binary messages of at most 64 KiB each; a
+  server writes those frames to the socket itself (:func:`binary_frames`),
+  a client has Autobahn mask them;
+- its transport keeps Twisted's 64 KiB read size (Autobahn's parser costs
+  time quadratic in the size of one read) but sends up to
+  :data:`rexecpf.relay.TRANSPORT_BUFFER` at once;
 - a ping or pong counts as activity for the relay's idle timer.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.logger import Logger
 
-from rexecpf.relay import Relay
+from rexecpf.relay import Relay, widen_transport
 
 __all__ = [
     "AUTO_FRAGMENT_SIZE",
     "MAX_FRAME_PAYLOAD",
     "MAX_MESSAGE_PAYLOAD",
     "WebSocketEndMixin",
+    "binary_frames",
     "protocol_options",
     "xor_masker_name",
 ]
@@ -43,6 +49,11 @@ MAX_FRAME_PAYLOAD = 1024 * 1024
 MAX_MESSAGE_PAYLOAD = 4 * 1024 * 1024
 #: Frames written to a peer are at most this big.
 AUTO_FRAGMENT_SIZE = 64 * 1024
+
+_FIN_BINARY = 0x80 | 0x02
+_HEADER_7 = struct.Struct("!BB")
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
 
 
 def protocol_options() -> dict[str, Any]:
@@ -61,6 +72,30 @@ def protocol_options() -> dict[str, Any]:
         "closeHandshakeTimeout": 5,
         "failByDrop": False,
     }
+
+
+def binary_frames(data: bytes, frame_size: int = AUTO_FRAGMENT_SIZE) -> bytes:
+    """
+    Encode ``data`` as unmasked binary WebSocket messages, one frame each
+    (RFC 6455 5.2), ready for the socket: what a server sends.
+
+    :param data: the payload.
+    :param frame_size: the largest payload of one frame.
+    :return: the frames, in one ``bytes`` (one copy of ``data``).
+    """
+    view = memoryview(data)
+    parts: list[bytes | memoryview] = []
+    for start in range(0, len(view), frame_size):
+        payload = view[start : start + frame_size]
+        length = len(payload)
+        if length < 126:
+            parts.append(_HEADER_7.pack(_FIN_BINARY, length))
+        elif length < 1 << 16:
+            parts.append(_HEADER_16.pack(_FIN_BINARY, 126, length))
+        else:
+            parts.append(_HEADER_64.pack(_FIN_BINARY, 127, length))
+        parts.append(payload)
+    return b"".join(parts)
 
 
 def xor_masker_name() -> str:
@@ -100,11 +135,30 @@ class WebSocketEndMixin:
 
     def write(self, data: bytes) -> None:
         """
-        Send ``data`` as one binary message (in 64 KiB frames); dropped once
-        the WebSocket is closing.
+        Send ``data`` as binary messages of at most 64 KiB; dropped once the
+        WebSocket is closing.
+
+        A server's frames are unmasked and uncompressed (rexecpf refuses
+        per-message compression), so they are written to the socket as they
+        are: Autobahn's ``sendMessage`` costs more per frame than the
+        transport does.  A client's frames must be masked: Autobahn does it.
         """
-        if self.state == WebSocketProtocol.STATE_OPEN:
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        if self._sends_plain_frames():
+            self.transport.write(binary_frames(data))
+        else:
             self.sendMessage(data, isBinary=True)  # type: ignore[attr-defined]
+
+    def _sends_plain_frames(self) -> bool:
+        # Autobahn's send queue holds delayed writes (it is empty unless a
+        # "sync" or "chopsize" write was asked for): never overtake them.
+        return (
+            self.factory.isServer  # type: ignore[attr-defined]
+            and not self.maskServerFrames  # type: ignore[attr-defined]
+            and self._perMessageCompress is None  # type: ignore[attr-defined]
+            and not self.send_queue  # type: ignore[attr-defined]
+        )
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame with ``code`` and ``reason`` after the data."""
@@ -128,6 +182,12 @@ class WebSocketEndMixin:
     def attach_relay(self, relay: Relay) -> None:
         """Report to ``relay`` from now on."""
         self.relay = relay
+        widen_transport(self.transport, reads=False)
+
+    def dataReceived(self, data: bytes) -> None:
+        # Autobahn's Twisted adapter only logs (formatting the log fields even
+        # when debug is off) before handing the bytes to its parser.
+        self._dataReceived(data)  # type: ignore[attr-defined]
 
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)  # type: ignore[misc]
