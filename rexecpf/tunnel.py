@@ -225,6 +225,7 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
             rate_a_to_b=limits.tunnel_bytes_per_second,
             rate_b_to_a=limits.tunnel_bytes_per_second,
             idle_seconds=limits.tunnel_idle_seconds,
+            label=f"tunnel {self.forward_id} (a: client, b: container)",
         )
         self.attach_relay(relay)
         backend.attach(relay)
@@ -239,17 +240,10 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
             self.abort()
 
     def _ended(self, stats: RelayStats) -> None:
+        # The relay has logged how it ended.
         if self._untrack is not None:
             self._untrack()
             self._untrack = None
-        self._log.info(
-            "tunnel {forward_id} closed {code} {reason}: {up} bytes up, {down} bytes down",
-            forward_id=self.forward_id,
-            code=stats.close_code,
-            reason=stats.close_reason,
-            up=stats.bytes_a_to_b,
-            down=stats.bytes_b_to_a,
-        )
 
     def connectionLost(self, reason: Any) -> None:
         self._gone = True
