@@ -33,6 +33,7 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -159,9 +160,10 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
             self._connecting.addTimeout(CONNECT_TIMEOUT, self.factory.clock)
             try:
                 self.backend = yield self._connecting
-            except CancelledError:
+            except (CancelledError, DeferredTimeoutError):
+                # addTimeout turns its cancellation into a TimeoutError.
                 if self._gone:
-                    raise
+                    raise CancelledError() from None
                 raise BAD_GATEWAY(
                     f"container port {forward.container_port} did not answer"
                 ) from None
