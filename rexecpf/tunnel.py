@@ -37,8 +37,9 @@ from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
@@ -112,10 +113,14 @@ class _Tracked:
 
 
 class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
-    """One tunnel: the handshake, then one end of a relay."""
+    """
+    One tunnel: the handshake, then one end of a relay.  Its ``factory`` is
+    a :class:`TunnelFactory` (typed ``Any`` by :class:`WebSocketEndMixin`:
+    Twisted's ``Factory[P]`` cannot name the protocol of Autobahn's
+    factories, which are not generic).
+    """
 
     _log = Logger()
-    factory: TunnelFactory
 
     def __init__(self) -> None:
         super().__init__()
@@ -138,7 +143,9 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
 
     # -- handshake -------------------------------------------------------
 
-    def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:
+    def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:  # type: ignore[override]
+        # Autobahn waits for a Deferred returned here (its annotation leaves
+        # that out): the handshake answers once the container port is reached.
         return self._handshake(request)
 
     @inlineCallbacks
@@ -221,7 +228,7 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
         limits = self.factory.limits
         relay = Relay(
             self.factory.clock,
-            self,  # type: ignore[arg-type]
+            self,
             backend,
             on_end=self._ended,
             rate_a_to_b=limits.tunnel_bytes_per_second,
@@ -247,7 +254,7 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
             self._untrack()
             self._untrack = None
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         if self._connecting is not None:
             self._connecting.cancel()

@@ -24,9 +24,10 @@ tunnel`` client.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autobahn.util import encode_truncate
+from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.logger import Logger
 
@@ -110,7 +111,14 @@ def xor_masker_name() -> str:
     return f"{type(masker).__module__}.{type(masker).__name__}"
 
 
-class WebSocketEndMixin:
+if TYPE_CHECKING:
+    # What the mixin is mixed into, as the type checker sees it.
+    _AutobahnProtocol = WebSocketProtocol
+else:
+    _AutobahnProtocol = object
+
+
+class WebSocketEndMixin(_AutobahnProtocol):
     """
     Mixed in before an Autobahn Twisted protocol class: the protocol is then
     an ``IRelayEnd`` once :meth:`attach_relay` is called.
@@ -118,8 +126,17 @@ class WebSocketEndMixin:
 
     _log = Logger()
     relay: Relay | None = None
+    # Set on the protocol at run time, and not declared by Autobahn's
+    # framework-independent WebSocketProtocol: the raw transport (by
+    # Twisted), the factory and, on a server, the frame-masking option.
     transport: Any
-    state: int
+    factory: Any
+    maskServerFrames: bool
+    # Autobahn's Twisted adapter and its WebSocketProtocol declare these two
+    # differently (``str | None`` / ``str``, ``TransportDetails`` /
+    # ``TransportDetails | None``): one declaration that fits both.
+    peer: Any
+    _transport_details: TransportDetails
 
     # -- IRelayEnd ---------------------------------------------------------
 
@@ -148,16 +165,16 @@ class WebSocketEndMixin:
         if self._sends_plain_frames():
             self.transport.write(binary_frames(data))
         else:
-            self.sendMessage(data, isBinary=True)  # type: ignore[attr-defined]
+            self.sendMessage(data, isBinary=True)
 
     def _sends_plain_frames(self) -> bool:
         # Autobahn's send queue holds delayed writes (it is empty unless a
         # "sync" or "chopsize" write was asked for): never overtake them.
         return (
-            self.factory.isServer  # type: ignore[attr-defined]
-            and not self.maskServerFrames  # type: ignore[attr-defined]
-            and self._perMessageCompress is None  # type: ignore[attr-defined]
-            and not self.send_queue  # type: ignore[attr-defined]
+            self.factory.isServer
+            and not self.maskServerFrames
+            and self._perMessageCompress is None
+            and not self.send_queue
         )
 
     def close(self, code: int, reason: str) -> None:
@@ -165,7 +182,7 @@ class WebSocketEndMixin:
         if self.state == WebSocketProtocol.STATE_OPEN:
             # sendClose() refuses the 1001 and 1011 a relay needs: send the
             # close frame directly (any code valid on the wire is allowed).
-            self.sendCloseFrame(  # type: ignore[attr-defined]
+            self.sendCloseFrame(
                 code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False
             )
         elif self.state == WebSocketProtocol.STATE_CONNECTING and self.transport is not None:
@@ -187,34 +204,36 @@ class WebSocketEndMixin:
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's Twisted adapter only logs (formatting the log fields even
         # when debug is off) before handing the bytes to its parser.
-        self._dataReceived(data)  # type: ignore[attr-defined]
-
-    def onMessageBegin(self, isBinary: bool) -> None:
-        super().onMessageBegin(isBinary)  # type: ignore[misc]
+        self._dataReceived(data)
 
     def onMessageFrameData(self, payload: bytes) -> None:
-        # Stream: hand each chunk to the relay as it is unmasked.
-        if self.relay is not None and not self.failedByMe:  # type: ignore[attr-defined]
-            self.relay.received(self, payload)  # type: ignore[arg-type]
+        # Stream: hand each chunk to the relay as it is unmasked (Autobahn's
+        # own would keep it for the whole message).
+        if self.relay is not None and not self.failedByMe:
+            self.relay.received(self, payload)
 
     def onMessageFrameEnd(self) -> None:
-        self.frame_data = None
+        # The frame's data went to the relay already: nothing to collect.
+        pass
 
     def onMessageEnd(self) -> None:
-        self.message_data = None
+        # Nothing was assembled: no onMessage.
+        pass
 
     def onPing(self, payload: bytes) -> None:
-        super().onPing(payload)  # type: ignore[misc]
+        super().onPing(payload)
         if self.relay is not None:
             self.relay.activity()
 
     def onPong(self, payload: bytes) -> None:
-        super().onPong(payload)  # type: ignore[misc]
+        super().onPong(payload)
         if self.relay is not None:
             self.relay.activity()
 
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> Any:
-        result = super().onCloseFrame(code, reasonRaw)  # type: ignore[misc]
+        # Autobahn annotates int and bytes, but passes None for a close frame
+        # without a code or reason.
+        result = super().onCloseFrame(code, reasonRaw)  # type: ignore[arg-type]
         # The peer is done: close the other side now rather than when the
         # socket finally goes away.
         if self.relay is not None and not self.relay.closing:
@@ -223,4 +242,4 @@ class WebSocketEndMixin:
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.relay is not None:
-            self.relay.lost(self, bool(wasClean))  # type: ignore[arg-type]
+            self.relay.lost(self, bool(wasClean))
