@@ -70,12 +70,13 @@ CLOSE_PEER_LOST = 1011
 #: Recorded in L{RelayStats} after L{Relay.abort}; never sent on the wire.
 CLOSE_ABORTED = 1006
 
-#: The read size and write-buffer bound of a L{TCPEnd}'s transport, and the
-#: most one C{send()} of any end's transport passes (Twisted's defaults are
-#: 64 KiB and 128 KiB).  Fewer, larger reads and sends mean fewer turns of the
-#: reactor per byte: with the tunnel's own frame writing this doubles its
-#: download rate.  Memory stays bounded: one read plus this much buffered per
-#: direction.
+#: The read size and write-buffer bound of a L{TCPEnd}'s transport (Twisted's
+#: default is 64 KiB); any end's transport may pass twice this to one
+#: C{send()} (Twisted's default is 128 KiB), so that one read and the
+#: WebSocket frame headers written with it go out at once.  Fewer, larger
+#: reads and sends mean fewer turns of the reactor per byte: with the
+#: tunnel's own frame writing this doubles its download rate.  Memory stays
+#: bounded: one read plus this much buffered per direction.
 TRANSPORT_BUFFER = 256 * 1024
 
 #: The smallest token-bucket capacity: one read always fits.
@@ -802,10 +803,10 @@ class Relay:
 def widen_transport(transport: Any, reads: bool = True) -> None:
     """
     Raise a Twisted socket transport's C{SEND_LIMIT} (the most one
-    C{doWrite} hands to C{send()}) and, with C{reads}, its C{bufferSize}
-    (how much one C{doRead} asks for, and how much may wait in the write
-    buffer before the registered producer is paused) to at least
-    L{TRANSPORT_BUFFER}.
+    C{doWrite} hands to C{send()}) to twice L{TRANSPORT_BUFFER} and, with
+    C{reads}, its C{bufferSize} (how much one C{doRead} asks for, and how
+    much may wait in the write buffer before the registered producer is
+    paused) to L{TRANSPORT_BUFFER}; never lower them.
 
     Both are public attributes of L{twisted.internet.abstract.FileDescriptor};
     other transports (TLS, test doubles) are left as they are.
@@ -815,7 +816,7 @@ def widen_transport(transport: Any, reads: bool = True) -> None:
     """
     if not isinstance(getattr(transport, "SEND_LIMIT", None), int):
         return
-    transport.SEND_LIMIT = max(transport.SEND_LIMIT, TRANSPORT_BUFFER)
+    transport.SEND_LIMIT = max(transport.SEND_LIMIT, 2 * TRANSPORT_BUFFER)
     if reads:
         transport.bufferSize = max(transport.bufferSize, TRANSPORT_BUFFER)
 
