@@ -288,16 +288,16 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.open()
         self.assertNotIsInstance(self.ws_transport.producer, _HTTPChannelStandIn)
         self.assertIsNotNone(self.container_transport.producer)
-        self.assertEqual(self.ws_transport.producerState, "producing")
-        self.assertEqual(self.container_transport.producerState, "producing")
-        self.ws_transport.producer.pauseProducing()
-        self.assertEqual(self.container_transport.producerState, "paused")
-        self.ws_transport.producer.resumeProducing()
-        self.assertEqual(self.container_transport.producerState, "producing")
-        self.container_transport.producer.pauseProducing()
-        self.assertEqual(self.ws_transport.producerState, "paused")
-        self.container_transport.producer.resumeProducing()
-        self.assertEqual(self.ws_transport.producerState, "producing")
+        pairs = [
+            (self.ws_transport, self.container_transport),
+            (self.container_transport, self.ws_transport),
+        ]
+        for full, reader in pairs:
+            self.assertEqual(reader.producerState, "producing")
+            full.producer.pauseProducing()
+            self.assertEqual(reader.producerState, "paused")
+            full.producer.resumeProducing()
+            self.assertEqual(reader.producerState, "producing")
 
     def test_idle_timeout(self) -> None:
         """
