@@ -430,7 +430,6 @@ class Relay:
         idle_seconds: float | None = None,
         burst: int | None = None,
         close_timeout: float | None = 60.0,
-        label: str = "relay",
     ) -> None:
         """
         :param clock: time source and scheduler (the reactor, or a C{Clock}).
@@ -447,8 +446,6 @@ class Relay:
             default one second of the rate, at least L{MIN_BURST}.
         :param close_timeout: seconds an orderly close may take before the ends
             still open are aborted; C{None} waits forever.
-        :param label: what the relay's log lines call it (e.g. C{"tunnel
-            pf_..."}), so that its end is logged once, by the relay.
         """
         self.clock = cast(_Clock, clock)
         self.a = a
@@ -456,7 +453,6 @@ class Relay:
         self._on_end = on_end
         self._idle_seconds = idle_seconds or None
         self._close_timeout = close_timeout
-        self._label = label
         self._pauser_a = _Pauser(self, a)
         self._pauser_b = _Pauser(self, b)
         self._a_to_b = _Direction(self.clock, a, b, self._pauser_a, rate_a_to_b, burst)
@@ -614,9 +610,7 @@ class Relay:
         if remaining > 0:
             self._idle_call = self.clock.callLater(remaining, self._idle_check)
             return
-        self._log.info(
-            "{label} idle for {seconds}s: closing", label=self._label, seconds=idle_for
-        )
+        self._log.info("relay idle for {seconds}s: closing", seconds=idle_for)
         self.close(CLOSE_NORMAL, "idle timeout")
 
     def read_closed(self, end: RelayEnd) -> None:
@@ -785,9 +779,8 @@ class Relay:
         self._pauser_b.detach()
         stats = self.stats()
         self._log.info(
-            "{label} ended: {a_to_b} bytes a->b, {b_to_a} bytes b->a, "
+            "relay ended: {a_to_b} bytes a->b, {b_to_a} bytes b->a, "
             "{duration:.3f}s, close {code} {reason}",
-            label=self._label,
             a_to_b=stats.bytes_a_to_b,
             b_to_a=stats.bytes_b_to_a,
             duration=stats.duration,

@@ -127,6 +127,8 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
         self.relay: Relay | None = None
         self.backend: TCPEnd | None = None
         self.forward_id: str | None = None
+        #: the user the tunnel was opened for
+        self.user: str | None = None
         self._deny: APIError | None = None
         self._connecting: Deferred[Any] | None = None
         self._untrack: Callable[[], None] | None = None
@@ -158,6 +160,7 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
                 list(request.protocols), request.headers.get("authorization")
             )
             principal = self.factory.authenticator.require(token)
+            self.user = principal.name
             if forward_id is None:
                 raise FORWARD_NOT_FOUND("no port forward here")
             forward, container = yield self.factory.forwards.reach(principal, forward_id)
@@ -234,11 +237,12 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
             rate_a_to_b=limits.tunnel_bytes_per_second,
             rate_b_to_a=limits.tunnel_bytes_per_second,
             idle_seconds=limits.tunnel_idle_seconds,
-            label=f"tunnel {self.forward_id} (a: client, b: container)",
         )
         self.attach_relay(relay)
         backend.attach(relay)
-        self._untrack = self.factory.forwards.track(self.forward_id, _Tracked(self))
+        self._untrack = self.factory.forwards.track(
+            self.forward_id, _Tracked(self), user=self.user, kind="tunnel"
+        )
         relay.start()
 
     def shutdown(self, reason: str) -> None:
@@ -249,10 +253,11 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
             self.abort()
 
     def _ended(self, stats: RelayStats) -> None:
-        # The relay has logged how it ended.
         if self._untrack is not None:
             self._untrack()
             self._untrack = None
+        assert self.forward_id is not None
+        self.factory.forwards.relay_ended("tunnel", self.forward_id, self.user, stats)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True

@@ -370,6 +370,32 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.assertTrue(self.container_transport.disconnecting)
         self.assertEqual(close_frame_of(self.sent_frames()[0])[0], 1000)
 
+    def test_token_revoked(self) -> None:
+        """Revoking the user's token closes their tunnel with 1001."""
+        self.open()
+        self.assertEqual(self.forwards.live_counts(), {"tunnel": 1})
+        self.assertEqual(self.forwards.shutdown_user("alice", "token revoked"), 1)
+        [frame] = self.sent_frames()
+        self.assertEqual(close_frame_of(frame), (1001, "token revoked"))
+
+    def test_end_reported_once(self) -> None:
+        """
+        When both sides are gone the tunnel's end goes to
+        ``ForwardService.relay_ended`` (its log line and the metrics), once,
+        as a ``tunnel``, with the bytes each way.
+        """
+        ended: list[tuple[str, int, int]] = []
+        self.forwards.relay_observers.append(
+            lambda kind, stats: ended.append((kind, stats.bytes_a_to_b, stats.bytes_b_to_a))
+        )
+        self.open()
+        self.ws.dataReceived(client_frame(b"up"))
+        self.container.dataReceived(b"down!")
+        self.container.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(ended, [])
+        self.ws.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(ended, [("tunnel", 2, 5)])
+
     def test_client_gone_ends_tracking(self) -> None:
         """The client's connection drops: the container connection is closed and the tunnel no longer counted."""
         self.open()
