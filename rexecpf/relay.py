@@ -52,11 +52,13 @@ __all__ = [
     "CLOSE_NORMAL",
     "CLOSE_PEER_LOST",
     "MIN_BURST",
+    "TRANSPORT_BUFFER",
     "IRelayEnd",
     "Relay",
     "RelayStats",
     "TCPEnd",
     "splice_to_endpoint",
+    "widen_transport",
 ]
 
 #: Normal closure: peer closed, idle timeout.
@@ -68,8 +70,17 @@ CLOSE_PEER_LOST = 1011
 #: Recorded in L{RelayStats} after L{Relay.abort}; never sent on the wire.
 CLOSE_ABORTED = 1006
 
-#: The smallest token-bucket capacity: one TCP read (64 KiB) always fits.
-MIN_BURST = 64 * 1024
+#: The read size and write-buffer bound of a L{TCPEnd}'s transport (Twisted's
+#: default is 64 KiB); any end's transport may pass twice this to one
+#: C{send()} (Twisted's default is 128 KiB), so that one read and the
+#: WebSocket frame headers written with it go out at once.  Fewer, larger
+#: reads and sends mean fewer turns of the reactor per byte: with the
+#: tunnel's own frame writing this doubles its download rate.  Memory stays
+#: bounded: one read plus this much buffered per direction.
+TRANSPORT_BUFFER = 256 * 1024
+
+#: The smallest token-bucket capacity: one read always fits.
+MIN_BURST = TRANSPORT_BUFFER
 
 #: Reasons a reading side may be paused (members of a L{_Pauser}'s pause set).
 _START = "start"
@@ -782,6 +793,27 @@ class Relay:
             self._log.failure("relay on_end callback failed")
 
 
+def widen_transport(transport: Any, reads: bool = True) -> None:
+    """
+    Raise a Twisted socket transport's C{SEND_LIMIT} (the most one
+    C{doWrite} hands to C{send()}) to twice L{TRANSPORT_BUFFER} and, with
+    C{reads}, its C{bufferSize} (how much one C{doRead} asks for, and how
+    much may wait in the write buffer before the registered producer is
+    paused) to L{TRANSPORT_BUFFER}; never lower them.
+
+    Both are public attributes of L{twisted.internet.abstract.FileDescriptor};
+    other transports (TLS, test doubles) are left as they are.
+
+    :param transport: an end's raw transport.
+    :param reads: whether to raise C{bufferSize} too.
+    """
+    if not isinstance(getattr(transport, "SEND_LIMIT", None), int):
+        return
+    transport.SEND_LIMIT = max(transport.SEND_LIMIT, 2 * TRANSPORT_BUFFER)
+    if reads:
+        transport.bufferSize = max(transport.bufferSize, TRANSPORT_BUFFER)
+
+
 @implementer(IRelayEnd, IHalfCloseableProtocol)
 class TCPEnd(Protocol):
     """
@@ -830,8 +862,10 @@ class TCPEnd(Protocol):
 
     def connectionMade(self) -> None:
         """
-        Pause reading until a relay is attached.
+        Pause reading until a relay is attached; read and send in
+        L{TRANSPORT_BUFFER} pieces.
         """
+        widen_transport(self.transport)
         if self.relay is None:
             self._t.pauseProducing()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import (
@@ -23,11 +24,13 @@ from zope.interface.verify import verifyObject
 
 from rexecpf.relay import (
     MIN_BURST,
+    TRANSPORT_BUFFER,
     IRelayEnd,
     Relay,
     RelayStats,
     TCPEnd,
     splice_to_endpoint,
+    widen_transport,
 )
 
 
@@ -753,3 +756,54 @@ class SpliceTests(SynchronousTestCase):
         )
         self.accepted.connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(d, CancelledError, ConnectingCancelledError)
+
+
+class WidenTransportTests(SynchronousTestCase):
+    """
+    L{widen_transport} and L{TCPEnd}: socket transports read and send in
+    larger pieces; other transports are left alone.
+    """
+
+    def test_socket_transport(self) -> None:
+        """
+        A socket transport (a L{FileDescriptor}) gets L{TRANSPORT_BUFFER} as
+        its read size and write-buffer bound and twice that as its send
+        limit; the class defaults stay as they are.
+        """
+        transport = FileDescriptor(reactor=MemoryReactorClock())
+        widen_transport(transport)
+        self.assertEqual(transport.bufferSize, TRANSPORT_BUFFER)
+        self.assertEqual(transport.SEND_LIMIT, 2 * TRANSPORT_BUFFER)
+        self.assertEqual(FileDescriptor.bufferSize, 64 * 1024)
+        self.assertEqual(FileDescriptor.SEND_LIMIT, 128 * 1024)
+
+    def test_send_limit_only(self) -> None:
+        """
+        With C{reads=False} (a WebSocket end: Autobahn parses small reads
+        faster) only the send limit is raised.
+        """
+        transport = FileDescriptor(reactor=MemoryReactorClock())
+        widen_transport(transport, reads=False)
+        self.assertEqual(transport.bufferSize, 64 * 1024)
+        self.assertEqual(transport.SEND_LIMIT, 2 * TRANSPORT_BUFFER)
+
+    def test_never_lowers(self) -> None:
+        """A transport already wider keeps its sizes."""
+        transport = FileDescriptor(reactor=MemoryReactorClock())
+        transport.bufferSize = transport.SEND_LIMIT = 8 * TRANSPORT_BUFFER
+        widen_transport(transport)
+        self.assertEqual(transport.bufferSize, 8 * TRANSPORT_BUFFER)
+        self.assertEqual(transport.SEND_LIMIT, 8 * TRANSPORT_BUFFER)
+
+    def test_other_transport(self) -> None:
+        """A transport without these attributes (TLS, a test double) is left alone."""
+        transport = StringTransport()
+        widen_transport(transport)
+        self.assertFalse(hasattr(transport, "bufferSize"))
+        self.assertFalse(hasattr(transport, "SEND_LIMIT"))
+
+    def test_tcp_end_widens_its_transport(self) -> None:
+        """A L{TCPEnd} widens its transport when connected."""
+        transport = FileDescriptor(reactor=MemoryReactorClock())
+        TCPEnd().makeConnection(transport)
+        self.assertEqual(transport.bufferSize, TRANSPORT_BUFFER)
