@@ -51,7 +51,7 @@ __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_NORMAL",
     "CLOSE_PEER_LOST",
-    "MIN_BURST",
+    "BURST_SECONDS",
     "TRANSPORT_BUFFER",
     "IRelayEnd",
     "Relay",
@@ -79,8 +79,11 @@ CLOSE_ABORTED = 1006
 #: bounded: one read plus this much buffered per direction.
 TRANSPORT_BUFFER = 256 * 1024
 
-#: The smallest token-bucket capacity: one read always fits.
-MIN_BURST = TRANSPORT_BUFFER
+#: Seconds of the rate a token bucket holds by default.  The bucket starts
+#: empty and a read is charged once passed, so over any interval a direction
+#: carries at most the rate's worth plus this much plus one read: a small
+#: burst (the contract says "at most", not "on average").
+BURST_SECONDS = 0.1
 
 #: Reasons a reading side may be paused (members of a L{_Pauser}'s pause set).
 _START = "start"
@@ -325,8 +328,7 @@ class _Direction:
         :param sink: the end data is written to.
         :param pauser: the pause set of C{source}'s producer.
         :param rate: bytes per second; C{None} or 0 is unlimited.
-        :param burst: bucket capacity; default one second of C{rate}, at
-            least L{MIN_BURST}.
+        :param burst: bucket capacity; default L{BURST_SECONDS} of C{rate}.
         """
         self.clock = clock
         self.source = source
@@ -334,9 +336,9 @@ class _Direction:
         self.pauser = pauser
         self.rate = float(rate) if rate else None
         self.capacity = float(
-            burst if burst is not None else max(self.rate or 0.0, MIN_BURST)
+            burst if burst is not None else (self.rate or 0.0) * BURST_SECONDS
         )
-        self.tokens = self.capacity
+        self.tokens = 0.0
         self.stamp = clock.seconds()
         self.bytes = 0
         self.throttled = 0.0
@@ -443,7 +445,7 @@ class Relay:
         :param idle_seconds: close with 1000 "idle timeout" after this long
             without data or activity; C{None} never.
         :param burst: token-bucket capacity in bytes (both directions); by
-            default one second of the rate, at least L{MIN_BURST}.
+            default L{BURST_SECONDS} of the rate.  Buckets start empty.
         :param close_timeout: seconds an orderly close may take before the ends
             still open are aborted; C{None} waits forever.
         """

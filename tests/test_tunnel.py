@@ -20,7 +20,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from rexecpf.auth import Authenticator
 from rexecpf.config import LimitsConfig
 from rexecpf.forwards import ForwardService
-from rexecpf.relay import MIN_BURST
 from rexecpf.testing import FakeBackend, MemoryForwardStore
 from rexecpf.tunnel import CONNECT_TIMEOUT, TunnelFactory, choose_credentials
 from rexecpf.wsend import AUTO_FRAGMENT_SIZE, MAX_FRAME_PAYLOAD, protocol_options, xor_masker_name
@@ -452,11 +451,11 @@ class TunnelThrottleTests(TunnelProtocolTests):
 
     def test_throttle_container_to_client(self) -> None:
         """
-        The container sends more than the bucket holds: reading from it
-        pauses until the clock has paid the debt back.
+        The container sends a second's worth at once: reading from it pauses
+        for that second (the bucket starts empty).
         """
         self.open()
-        self.container.dataReceived(b"x" * (MIN_BURST + self.rate))
+        self.container.dataReceived(b"x" * self.rate)
         self.assertEqual(self.container_transport.producerState, "paused")
         self.clock.advance(0.99)
         self.assertEqual(self.container_transport.producerState, "paused")
@@ -466,7 +465,7 @@ class TunnelThrottleTests(TunnelProtocolTests):
     def test_throttle_client_to_container(self) -> None:
         """The client sends more than the bucket holds: reading from it pauses, then resumes."""
         self.open()
-        self.ws.dataReceived(client_frame(b"x" * (MIN_BURST + self.rate // 2)))
+        self.ws.dataReceived(client_frame(b"x" * (self.rate // 2)))
         self.assertEqual(self.ws_transport.producerState, "paused")
         self.clock.advance(0.51)
         self.assertEqual(self.ws_transport.producerState, "producing")
