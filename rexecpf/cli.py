@@ -10,7 +10,9 @@ The ``rexecpf`` command.
     rexecpf tunnel FORWARD_ID_OR_WEBSOCKET_URL [--listen [HOST:]PORT | --stdio]
 
 ``--url`` / ``REXECPF_URL`` (default ``http://127.0.0.1:8080``) and
-``--token`` / ``REXECPF_TOKEN``.
+``--token`` / ``REXECPF_TOKEN``, before or after the subcommand.  ``tunnel``
+without a mode carries stdin/stdout when stdin is not a terminal, else
+listens on a free local port.
 
 Output: ``forward create`` and ``forward list`` print a table (``ID PORT
 LOCAL NAME CREATED``, one forward a line); with ``--json`` they print the API's
@@ -126,6 +128,14 @@ def _table(forwards: list[dict[str, Any]]) -> str:
     )
 
 
+def _check_forwards(forwards: Any, url: str) -> None:
+    """:raises CLIError: unless ``forwards`` is a list of forward objects (is ``url`` rexecpf?)."""
+    if not isinstance(forwards, list) or not all(
+        isinstance(f, dict) and isinstance(f.get("id"), str) and "container_port" in f for f in forwards
+    ):
+        raise CLIError(f"the answer of {url} is not port forwards: is it a rexecpf server?")
+
+
 async def _forward(reactor: Any, args: argparse.Namespace) -> int:
     container = quote(args.container, safe="")
     base = f"/api/containers/{container}/port-forwards"
@@ -136,9 +146,11 @@ async def _forward(reactor: Any, args: argparse.Namespace) -> int:
         if args.local_port is not None:
             body["local_port"] = args.local_port
         forward = await _request(reactor, args, "POST", base, body)
+        _check_forwards([forward], args.url)
         print(json.dumps(forward, indent=2) if args.json else _table([forward]))
     elif args.action == "list":
         forwards = await _request(reactor, args, "GET", base)
+        _check_forwards(forwards, args.url)
         print(json.dumps(forwards, indent=2) if args.json else _table(forwards))
     else:
         await _request(reactor, args, "DELETE", f"{base}/{quote(args.forward_id, safe='')}")
@@ -344,46 +356,64 @@ async def _tunnel_listen(reactor: Any, url: str, token: str | None, listen: str,
 
 async def _tunnel(reactor: Any, args: argparse.Namespace) -> int:
     url = websocket_url(args.target, args.url)
-    if args.stdio:
+    stdio = args.stdio
+    if not stdio and args.listen is None:
+        # No mode given: stdin/stdout when they are not a terminal (an ssh
+        # ProxyCommand, a pipe), else a local port the system picks.
+        stdio = not sys.stdin.isatty()
+    if stdio:
         return await _tunnel_stdio(reactor, url, args.token)
-    return await _tunnel_listen(reactor, url, args.token, args.listen, args.target)
+    return await _tunnel_listen(reactor, url, args.token, args.listen or "127.0.0.1:0", args.target)
 
 
 # --- main --------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line too (``rexecpf: error: ...``, status 2)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"rexecpf: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rexecpf", description="Create port forwards to containers and tunnel to them."
+    # --url and --token are taken before or after the subcommand: a
+    # subcommand's copy only overrides when given (SUPPRESS).
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--url", default=argparse.SUPPRESS, help=f"the rexecpf server (REXECPF_URL; default {DEFAULT_URL})"
     )
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("REXECPF_URL") or DEFAULT_URL,
-        help=f"the rexecpf server (REXECPF_URL; default {DEFAULT_URL})",
+    common.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (REXECPF_TOKEN)")
+    parser = _Parser(
+        prog="rexecpf",
+        description="Create port forwards to containers and tunnel to them.",
+        parents=[common],
     )
-    parser.add_argument(
-        "--token", default=os.environ.get("REXECPF_TOKEN"), help="bearer token (REXECPF_TOKEN)"
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     forward = commands.add_parser("forward", help="create, list and delete port forwards")
-    actions = forward.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="forward a container port")
+    actions = forward.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    create = actions.add_parser("create", help="forward a container port", parents=[common])
     create.add_argument("container")
     create.add_argument("port", type=int)
     create.add_argument("--name")
     create.add_argument("--local-port", type=int)
     create.add_argument("--json", action="store_true", help="print JSON")
-    listing = actions.add_parser("list", help="list a container's forwards")
+    listing = actions.add_parser("list", help="list a container's forwards", parents=[common])
     listing.add_argument("container")
     listing.add_argument("--json", action="store_true", help="print JSON")
-    delete = actions.add_parser("delete", help="delete a forward")
+    delete = actions.add_parser("delete", help="delete a forward", parents=[common])
     delete.add_argument("container")
     delete.add_argument("forward_id")
 
-    tunnel = commands.add_parser("tunnel", help="carry a local stream over a forward's WebSocket")
+    tunnel = commands.add_parser(
+        "tunnel",
+        help="carry a local stream over a forward's WebSocket",
+        description="Without --listen or --stdio: --stdio when stdin is not a terminal, else a free local port.",
+        parents=[common],
+    )
     tunnel.add_argument("target", metavar="FORWARD_ID_OR_WEBSOCKET_URL")
-    mode = tunnel.add_mutually_exclusive_group(required=True)
+    mode = tunnel.add_mutually_exclusive_group()
     mode.add_argument("--listen", metavar="[HOST:]PORT", help="listen locally; one WebSocket per connection")
     mode.add_argument("--stdio", action="store_true", help="carry stdin/stdout (ssh ProxyCommand)")
     return parser
@@ -400,6 +430,9 @@ async def _run(reactor: Any, args: argparse.Namespace) -> None:
     except CLIError as error:
         print(f"rexecpf: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except Exception as error:  # noqa: BLE001 - a bug or a strange server: still one line
+        print(f"rexecpf: error: unexpected {error.__class__.__name__}: {_describe(error)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if status:
         raise SystemExit(status)
 
@@ -407,6 +440,12 @@ async def _run(reactor: Any, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``rexecpf`` console script."""
     args = _parser().parse_args(argv)
+    # Not parser defaults: the parsers share these two options, and a default
+    # would let a subcommand overwrite what was given before it.
+    if not hasattr(args, "url"):
+        args.url = os.environ.get("REXECPF_URL") or DEFAULT_URL
+    if not hasattr(args, "token"):
+        args.token = os.environ.get("REXECPF_TOKEN")
     task.react(lambda reactor: ensureDeferred(_run(reactor, args)))
 
 

@@ -14,9 +14,12 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.server import Site
+from twisted.web.static import Data
 
 from tests.functional import peers
 from tests.functional.inprocess import TOKENS, Daemon, echo_server, free_port, listen, sleep
@@ -106,6 +109,8 @@ class ForwardCommandTests(DaemonMixin, TestCase):
             (["forward", "delete", "c1", "pf_nope"], self.env, "404 Port forward not found"),
             (["--url", f"http://127.0.0.1:{free_port()}", "forward", "list", "c1"], self.env, "connection refused"),
             (["forward", "list", "c1"], cli_env(self.daemon, None), "no token"),
+            # a server that is not rexecpf: an answer of the wrong shape
+            (["--url", self.not_rexecpf, "forward", "list", "c1"], self.env, "is it a rexecpf server?"),
         ]
         for args, env, expected in cases:
             out, err, status = yield self.cli(*args, env=env)
@@ -115,6 +120,35 @@ class ForwardCommandTests(DaemonMixin, TestCase):
             self.assertEqual(len(lines), 1, err)
             self.assertTrue(lines[0].startswith("rexecpf: error: "), lines[0])
             self.assertIn(expected, lines[0])
+
+
+    @inlineCallbacks
+    def test_usage_errors_and_option_places(self):
+        """
+        A usage error is one line and status 2; ``--url``/``--token`` work
+        after the subcommand as well as before it.
+        """
+        out, err, status = yield self.cli("forward", "frobnicate")
+        self.assertEqual(status, 2, err)
+        self.assertEqual(len(err.decode().splitlines()), 1, err)
+        self.assertTrue(err.startswith(b"rexecpf: error: "), err)
+        env = cli_env(self.daemon, None)
+        env.pop("REXECPF_URL", None)
+        out, err, status = yield self.cli(
+            "forward", "list", "c1", "--url", self.daemon.base, "--token", TOKENS["alice"], env=env
+        )
+        self.assertEqual((status, err), (0, b""))
+        self.assertEqual(out.decode().split(), ["ID", "PORT", "LOCAL", "NAME", "CREATED"])
+
+    @inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        answer = Data(b'{"not": "a list"}', "application/json")
+        answer.isLeaf = True  # the same answer at every path
+        site = Site(answer)
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(listening.stopListening)
+        self.not_rexecpf = f"http://127.0.0.1:{listening.getHost().port}"
 
 
 class TunnelCommandTests(DaemonMixin, TestCase):
