@@ -780,7 +780,9 @@ class Relay:
         self._pauser_a.detach()
         self._pauser_b.detach()
         stats = self.stats()
-        self._log.info(
+        # Debug only: whoever made the relay logs its one line from on_end
+        # (ForwardService.relay_ended), naming the forward and the user.
+        self._log.debug(
             "relay ended: {a_to_b} bytes a->b, {b_to_a} bytes b->a, "
             "{duration:.3f}s, close {code} {reason}",
             a_to_b=stats.bytes_a_to_b,
