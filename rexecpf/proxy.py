@@ -73,7 +73,8 @@ from zope.interface import implementer
 
 from rexecpf.api import PublicURLs, write_json
 from rexecpf.auth import Authenticator, bearer_token
-from rexecpf.forwards import ForwardService
+from rexecpf.forwards import CONTAINER_STOPPED, DELETED, GOING_AWAY, ForwardService
+from rexecpf.metrics import Metrics
 from rexecpf.model import (
     BAD_GATEWAY,
     FORWARD_NOT_FOUND,
@@ -83,9 +84,11 @@ from rexecpf.model import (
     UNAUTHORIZED,
     APIError,
     Container,
+    ErrorKind,
     PortForward,
     Principal,
 )
+from rexecpf.ops import TOKEN_REVOKED
 from rexecpf.relay import Relay, RelayStats, TCPEnd
 
 __all__ = [
@@ -440,6 +443,8 @@ class ProxyService(Service):
     :param response_timeout: seconds to wait for response headers (504 after).
     :param upgrade_rate: bytes/second each way on an upgraded connection.
     :param upgrade_idle: idle seconds before an upgraded connection closes.
+    :param metrics: where every answer is counted by status, and the bytes
+        of upgraded connections (``None``: not counted).
     """
 
     _log = Logger()
@@ -457,8 +462,10 @@ class ProxyService(Service):
         upgrade_rate: float | None = None,
         upgrade_idle: float | None = None,
         max_per_host: int = 128,
+        metrics: Metrics | None = None,
     ) -> None:
         self.reactor = reactor
+        self.metrics = metrics
         self.authenticator = authenticator
         self.forwards = forwards
         self.urls = urls
@@ -503,11 +510,19 @@ class ProxyService(Service):
                 work = fail()
         else:
             work = self.sessions.ready().addCallback(lambda _: self._authorize(request, forward_id, prefix))
+
+        def ended(result: object) -> None:
+            if request.startedWriting:
+                # Whatever wrote the head (the container's answer, or one of
+                # ours), including a response cut short afterwards.
+                self.answered(request.code)
+            elif work is not None and not work.called:
+                # A client that disconnects while we authenticate: stop there.
+                work.cancel()
+
+        request.notifyFinish().addBoth(ended)
         if work is None:
             return server.NOT_DONE_YET
-        if not work.called:
-            # A client that disconnects while we authenticate: stop there.
-            request.notifyFinish().addErrback(lambda _: work.cancel())
 
         def failed(failure: Failure) -> None:
             if failure.check(CancelledError):
@@ -520,6 +535,11 @@ class ProxyService(Service):
 
         work.addErrback(failed)
         return server.NOT_DONE_YET
+
+    def answered(self, code: int) -> None:
+        """Count one proxied request answered with ``code`` (by the container or by us)."""
+        if self.metrics is not None:
+            self.metrics.proxy_response(code)
 
     def _authorize(self, request: Any, forward_id: str, prefix: bytes) -> Deferred[None] | None:
         uri: bytes = request.uri
@@ -556,8 +576,9 @@ class ProxyService(Service):
             forward, container = found
             if request.finished or request._disconnected:
                 return None
+            assert principal is not None
             exchange_class = _Upgrade if request.requestHeaders.hasHeader(b"upgrade") else _Exchange
-            exchange = exchange_class(self, request, forward, container, prefix, strip_authorization)
+            exchange = exchange_class(self, request, principal, forward, container, prefix, strip_authorization)
             exchange.start()
             return None
 
@@ -725,6 +746,7 @@ class _Exchange:
         self,
         service: ProxyService,
         request: Any,
+        principal: Principal,
         forward: PortForward,
         container: Container,
         prefix: bytes,
@@ -732,6 +754,7 @@ class _Exchange:
     ) -> None:
         self.service = service
         self.request = request
+        self.principal = principal
         self.forward = forward
         self.container = container
         self.prefix = prefix
@@ -742,6 +765,8 @@ class _Exchange:
         self.body: _ResponseBody | None = None
         self.done = False
         self.untrack: Callable[[], None] = lambda: None
+        #: fired once done, for a graceful stop (:meth:`drain`)
+        self.drained: Deferred[None] | None = None
 
     def target(self) -> bytes:
         """:return: path and query for the container."""
@@ -754,7 +779,7 @@ class _Exchange:
 
     def start(self) -> None:
         service, request = self.service, self.request
-        self.untrack = service.forwards.track(self.forward.id, self)
+        self._track()
         request.notifyFinish().addBoth(self._client_done)
         headers = service.request_headers(request, self.forward.id, self.prefix, self.strip_authorization, False)
         body = _body_of(request, service.cooperator, self._sending_body)
@@ -762,6 +787,37 @@ class _Exchange:
         self._arm()
         self.pending = service.agent.request(request.method, url, headers, body)
         self.pending.addCallbacks(self._response, self._failed)
+
+    def _track(self) -> None:
+        self.untrack = self.service.forwards.track(
+            self.forward.id, self, user=self.principal.name, kind="proxy"
+        )
+
+    def _settle(self) -> None:
+        """Done, one way or another: no longer tracked; a graceful stop waits no more."""
+        self.done = True
+        self.untrack()
+        drained, self.drained = self.drained, None
+        if drained is not None:
+            drained.callback(None)
+
+    def drain(self) -> Deferred[None]:
+        """
+        A graceful stop: let the response finish, then close the client
+        connection rather than wait for its next request.
+
+        :return: a Deferred firing once this exchange is done.
+        """
+        channel = getattr(self.request, "channel", None)
+        if channel is not None:
+            if not self.request.startedWriting:
+                self.request.setHeader(b"connection", b"close")
+            channel.persistent = False
+        if self.done:
+            return succeed(None)
+        if self.drained is None:
+            self.drained = Deferred()
+        return self.drained
 
     # the response-header timer
 
@@ -831,8 +887,7 @@ class _Exchange:
     def _end(self, error: APIError | None) -> None:
         if self.done:
             return
-        self.done = True
-        self.untrack()
+        self._settle()
         if error is not None:
             _finish_with_error(self.request, error)
 
@@ -840,8 +895,7 @@ class _Exchange:
         """The whole body is delivered."""
         if self.done:
             return
-        self.done = True
-        self.untrack()
+        self._settle()
         request = self.request
         if request.producer is not None:
             request.unregisterProducer()
@@ -856,16 +910,14 @@ class _Exchange:
         """
         if self.done:
             return
-        self.done = True
-        self.untrack()
+        self._settle()
         self._log.info("proxied response of {forward_id} broken: {why}", forward_id=self.forward.id, why=why)
         _abort_client(self.request, None if at_once else self.service.reactor)
 
     def _client_done(self, result: Any) -> None:
         if isinstance(result, Failure) and not self.done:
             # The client went away: stop the backend.
-            self.done = True
-            self.untrack()
+            self._settle()
             self._disarm()
             if self.pending is not None:
                 self.pending.cancel()
@@ -873,11 +925,11 @@ class _Exchange:
                 self.body.stop()
 
     def shutdown(self, reason: str) -> None:
-        """The forward is gone: close now."""
+        """The forward is gone, its user's token was revoked, or rexecpf stops: close now."""
         if self.done:
             return
         if self.pending is not None:
-            self._end(FORWARD_NOT_FOUND(f"the port forward is gone: {reason}"))
+            self._end(_closed_error(reason))
             pending, self.pending = self.pending, None
             self._disarm()
             pending.cancel()
@@ -885,6 +937,28 @@ class _Exchange:
         if self.body is not None:
             self.body.stop()
         self.broken(reason, at_once=True)
+
+
+#: The answer to a request still waiting for its response headers when its
+#: server is stopping (after the grace period).
+SERVICE_UNAVAILABLE = ErrorKind(503, "Service unavailable")
+
+
+def _closed_error(reason: str) -> APIError:
+    """
+    :param reason: why :meth:`ForwardService` shut the exchange down.
+    :return: the answer to a request closed before its response headers came.
+    """
+    if reason in (DELETED, CONTAINER_STOPPED):
+        return FORWARD_NOT_FOUND(f"the port forward is gone: {reason}")
+    if reason == GOING_AWAY:
+        return SERVICE_UNAVAILABLE("rexecpf is stopping")
+    if reason == TOKEN_REVOKED:
+        return UNAUTHORIZED(
+            "the token of this session was revoked",
+            headers={"WWW-Authenticate": 'Bearer realm="rexecpf"'},
+        )
+    return BAD_GATEWAY(f"the proxied request was closed: {reason}")
 
 
 def _reason(failure: Failure) -> str:
@@ -1063,7 +1137,7 @@ class _Upgrade(_Exchange):
 
     def start(self) -> None:
         service, request = self.service, self.request
-        self.untrack = service.forwards.track(self.forward.id, self)
+        self._track()
         request.notifyFinish().addBoth(self._client_done)
         self.backend: _UpgradeBackend | None = None
         self.relay: Relay | None = None
@@ -1080,8 +1154,7 @@ class _Upgrade(_Exchange):
         if self.pending is not None:
             self.pending.cancel()
         elif self.backend is not None and not self.backend.head_done:
-            self.done = True
-            self.untrack()
+            self._settle()
             self.backend._t.abortConnection()
             _finish_with_error(self.request, GATEWAY_TIMEOUT(
                 f"no response headers within {self.service.response_timeout:g} s"))
@@ -1177,14 +1250,23 @@ class _Upgrade(_Exchange):
         self.relay = relay
         client.relay = relay
         backend.attach(relay)
+        self.service.answered(101)
         if buffered:
             relay.received(client, buffered)
         relay.start()
         self._log.info("upgraded connection to {forward_id} open", forward_id=self.forward.id)
 
     def _relay_ended(self, stats: RelayStats) -> None:
-        self.done = True
-        self.untrack()
+        self._settle()
+        if self.service.metrics is not None:
+            self.service.metrics.relay_ended("upgrade", stats)
+
+    def drain(self) -> Deferred[None]:
+        """A graceful stop: an upgraded connection is closed at once (as a tunnel is)."""
+        if self.relay is not None:
+            self.shutdown(GOING_AWAY)
+            return succeed(None)
+        return super().drain()
 
     def _plain(self, backend: _UpgradeBackend, code: int, phrase: bytes, headers: Headers, rest: bytes) -> None:
         request = self.request
@@ -1253,8 +1335,7 @@ class _Upgrade(_Exchange):
 
     def _client_done(self, result: Any) -> None:
         if isinstance(result, Failure) and not self.done:
-            self.done = True
-            self.untrack()
+            self._settle()
             self._disarm()
             if self.pending is not None:
                 self.pending.cancel()
@@ -1272,7 +1353,7 @@ class _Upgrade(_Exchange):
                 self.backend._t.abortConnection()
             pending, self.pending = self.pending, None
             self._disarm()
-            self._end(FORWARD_NOT_FOUND(f"the port forward is gone: {reason}"))
+            self._end(_closed_error(reason))
             if pending is not None:
                 pending.cancel()
             return
@@ -1320,6 +1401,7 @@ class _ForwardResource(Resource):
             request.setResponseCode(308)
             request.setHeader(b"location", parts[-1] + b"/" + (b"?" + query if query else b""))
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            self._service.answered(308)
             return b"moved to the trailing-slash URL\n"
         prefix = b"/".join(parts[:3])
         return self._service.handle(request, self._forward_id, prefix)
@@ -1328,11 +1410,13 @@ class _ForwardResource(Resource):
 class _NotFound(Resource):
     isLeaf = True
 
-    def __init__(self, error: APIError) -> None:
+    def __init__(self, service: ProxyService, error: APIError) -> None:
         super().__init__()
+        self._service = service
         self._error = error
 
     def render(self, request: Any) -> bytes:
+        self._service.answered(self._error.code)
         return error_body(request, self._error)
 
 
@@ -1349,10 +1433,11 @@ class ProxyResource(Resource):
         except UnicodeDecodeError:
             forward_id = ""
         if not forward_id:
-            return _NotFound(NOT_FOUND("a port forward id is required: /p/{id}/"))
+            return _NotFound(self._service, NOT_FOUND("a port forward id is required: /p/{id}/"))
         return _ForwardResource(self._service, forward_id, True)
 
     def render(self, request: Any) -> bytes:
+        self._service.answered(404)
         return error_body(request, NOT_FOUND("a port forward id is required: /p/{id}/"))
 
 
@@ -1383,5 +1468,5 @@ class HostRouter:
             return None
         label = host[: -len(self._suffix)]
         if not _FORWARD_LABEL.match(label):
-            return _NotFound(FORWARD_NOT_FOUND(f"no port forward at {host!r}"))
+            return _NotFound(self._service, FORWARD_NOT_FOUND(f"no port forward at {host!r}"))
         return _ForwardResource(self._service, label.replace("-", "_"), False)

@@ -295,6 +295,7 @@ def build(
         body_limit=config.limits.proxy_body_bytes,
         upgrade_rate=config.limits.tunnel_bytes_per_second,
         upgrade_idle=config.limits.tunnel_idle_seconds,
+        metrics=metrics,
     )
     proxy.setServiceParent(top)
     host_router = HostRouter(proxy, config.server.proxy_domain) if config.server.proxy_domain else None
