@@ -90,6 +90,7 @@ from rexecpf.model import (
 )
 from rexecpf.ops import TOKEN_REVOKED
 from rexecpf.relay import Relay, RelayStats, TCPEnd
+from rexecpf.web import release_from_http_channel
 
 __all__ = [
     "SESSION_COOKIE",
@@ -1235,8 +1236,7 @@ class _Upgrade(_Exchange):
         channel.dataReceived = client.dataReceived
         channel.connectionLost = client.connectionLost
         transport.pauseProducing()
-        if getattr(transport, "producer", None) is not None:
-            transport.unregisterProducer()
+        release_from_http_channel(transport)
         transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
         relay = Relay(
             self.service.reactor,
