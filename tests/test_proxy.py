@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionAborted, ConnectionRefusedError
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -24,6 +24,7 @@ from rexecpf.metrics import Metrics
 from rexecpf.model import PortForward, Principal
 from rexecpf.ops import TOKEN_REVOKED
 from rexecpf.proxy import (
+    POOLED_IDLE_SECONDS,
     ProxyResource,
     ProxyService,
     SessionCookies,
@@ -306,3 +307,128 @@ class ProxyServiceTests(SynchronousTestCase):
         self.successResultOf(forwards.delete(Principal("alice"), "cont_a", forward.id))
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 404 "))
         self.assertEqual(forwards.live_count(), 0)
+
+
+class ContainerClientTests(SynchronousTestCase):
+    """The proxy's own HTTP/1.1 client: framing, interim answers, the keep-alive pool, retries."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.service, self.forwards, self.forward = make_proxy(self.reactor)
+        self.root = Resource()
+        self.root.putChild(b"p", ProxyResource(self.service))
+
+    def send(self, head: bytes = b"GET /x HTTP/1.1\r\nHost: h\r\n", body: bytes = b"") -> StringTransport:
+        """Send one request (``head`` without its final empty line); :return: the client's transport."""
+        method, _, rest = head.partition(b" /")
+        channel, transport = channel_for(server.Site(self.root))
+        channel.dataReceived(
+            method + b" /p/" + self.forward.id.encode() + b"/" + rest.rstrip(b"\r\n")
+            + b"\r\nAuthorization: Bearer alice-token\r\n\r\n" + body
+        )
+        return transport
+
+    def container(self) -> tuple[Any, StringTransport]:
+        """Complete the newest connection to the container: :return: its protocol and transport."""
+        factory = self.reactor.tcpClients[-1][2]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_kept_alive_and_reused(self) -> None:
+        """A response read whole leaves its connection for the next request; one idle too long is not used."""
+        client = self.send()
+        protocol, container = self.container()
+        self.assertTrue(container.value().startswith(b"GET /x HTTP/1.1\r\n"))
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertTrue(client.value().endswith(b"hi"))
+        self.assertEqual(self.service.pool.idle_count(), 1)
+        container.clear()
+        client = self.send(b"GET /y HTTP/1.1\r\nHost: h\r\n")
+        self.assertEqual(len(self.reactor.tcpClients), 1)  # no new connection
+        self.assertTrue(container.value().startswith(b"GET /y HTTP/1.1\r\n"))
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 204 "))
+        self.reactor.advance(POOLED_IDLE_SECONDS + 1)
+        self.send()
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertTrue(container.disconnecting)
+
+    def test_not_kept(self) -> None:
+        """A response with Connection: close, or whose body ends with the connection, leaves it closed."""
+        self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertTrue(container.disconnecting)
+        self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.service.pool.idle_count(), 0)
+
+    def test_stale_connection_retried_for_get(self) -> None:
+        """A kept-alive connection found closed before any answer: a GET goes again on a new connection."""
+        self.send()
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        client = self.send()
+        protocol.connectionLost(Failure(ConnectionDone()))  # the server had closed it
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        retried, container = self.container()
+        self.assertTrue(container.value().startswith(b"GET /x HTTP/1.1\r\n"))
+        retried.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 200 "))
+
+    def test_stale_connection_not_retried_for_post(self) -> None:
+        """A POST is never sent twice: a kept-alive connection closed before any answer is a 502."""
+        self.send()
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        client = self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n", b"hi")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+
+    def test_interim_answer_skipped(self) -> None:
+        """A 100 Continue from the container is not passed on; the final answer is."""
+        client = self.send()
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 201 "))
+        self.assertNotIn(b"100 Continue", client.value())
+
+    def test_conflicting_content_lengths(self) -> None:
+        """Two different Content-Lengths: the framing is unknowable, 502."""
+        client = self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(container.disconnecting)
+
+    def test_unasked_switch(self) -> None:
+        """A 101 to a request that asked for no upgrade is a 502."""
+        client = self.send()
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+
+    def test_host_filled_in(self) -> None:
+        """An HTTP/1.0 request without Host reaches the container with the container's authority as Host."""
+        self.send(b"GET /x HTTP/1.0\r\n")
+        _, container = self.container()
+        self.assertIn(b"\r\nhost: 10.0.0.7:8080\r\n", container.value().lower())
+
+    def test_upload_paced_by_container(self) -> None:
+        """The request body is the container connection's producer: a slow container pauses it."""
+        self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n", b"hello")
+        _, container = self.container()
+        self.assertIsNotNone(container.producer)
+        container.producer.pauseProducing()
+        self.reactor.advance(0)
+        self.assertNotIn(b"hello", container.value())
+        container.producer.resumeProducing()
+        self.reactor.advance(0)
+        self.reactor.advance(0)
+        self.assertTrue(container.value().endswith(b"\r\n\r\nhello"))
+        self.assertIsNone(container.producer)
