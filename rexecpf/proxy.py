@@ -362,12 +362,6 @@ def _connection_names(headers: Headers) -> set[bytes]:
     return names
 
 
-def _end_to_end(headers: Headers, also_drop: Iterable[bytes] = ()) -> list[tuple[bytes, list[bytes]]]:
-    """:return: the headers without hop-by-hop ones, every value kept, in order."""
-    drop = set(HOP_BY_HOP) | _connection_names(headers) | set(also_drop)
-    return [(name, values) for name, values in headers.getAllRawHeaders() if name.lower() not in drop]
-
-
 def _client_ip(request: IRequest) -> bytes:
     address = request.getClientAddress()
     host = getattr(address, "host", None)
@@ -595,42 +589,59 @@ class ProxyService(Service):
 
     # --- the request sent to the container
 
-    def request_headers(
-        self, request: Any, forward_id: str, prefix: bytes, strip_authorization: bool, upgrade: bool
-    ) -> Headers:
+    def request_head(
+        self,
+        request: Any,
+        target: bytes,
+        prefix: bytes,
+        strip_authorization: bool,
+        upgrade: bool,
+        default_host: bytes,
+        content_length: int | None,
+    ) -> bytes:
         """
-        :return: the headers for the container: end-to-end ones only (every
-            value), rexecpf's credentials removed, ``X-Forwarded-*`` added.
+        :param target: the path and query for the container.
+        :param default_host: the ``Host`` when the client sent none (HTTP/1.0).
+        :param content_length: the length of the body sent, if any.
+        :return: the request head for the container: end-to-end headers only
+            (every value, in order), rexecpf's credentials removed,
+            ``X-Forwarded-*`` added.
         """
         incoming: Headers = request.requestHeaders
-        drop = set(_OWN_REQUEST_HEADERS)
-        if strip_authorization:
-            drop.add(b"authorization")
-        headers = Headers()
-        for name, values in _end_to_end(incoming, drop):
+        drop = _OWN_REQUEST_HEADERS | _connection_names(incoming)
+        lines = [request.method + b" " + target + b" HTTP/1.1"]
+        forwarded_for: list[bytes] = []
+        host: bytes | None = None
+        for name, values in incoming.getAllRawHeaders():
             lower = name.lower()
+            if lower in HOP_BY_HOP or lower in drop or (strip_authorization and lower == b"authorization"):
+                continue
             if lower == b"cookie":
-                values = _without_session_cookie(values)
-                if not values:
-                    continue
+                values = _without_session_cookie(list(values))
             elif lower == b"x-forwarded-for":
+                forwarded_for = list(values)
                 continue  # appended to below
-            headers.setRawHeaders(name, values)
+            elif lower == b"host" and values:
+                host = values[0]
+            lines.extend(name + b": " + value for value in values)
         if upgrade:
-            headers.setRawHeaders(b"connection", [b"upgrade"])
-            headers.setRawHeaders(b"upgrade", incoming.getRawHeaders(b"upgrade", []))
-        chain = incoming.getRawHeaders(b"x-forwarded-for", [])
-        chain = [b", ".join(chain + [_client_ip(request)])]
-        headers.setRawHeaders(b"x-forwarded-for", chain)
+            lines.append(b"Connection: upgrade")
+            lines.extend(b"Upgrade: " + value for value in incoming.getRawHeaders(b"upgrade", []))
+        forwarded_for.append(_client_ip(request))
+        lines.append(b"X-Forwarded-For: " + b", ".join(forwarded_for))
         # behind a TLS front end, the https of public_url is what the client used
         secure = self.secure_cookies or request.isSecure()
-        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if secure else b"http"])
-        host = incoming.getRawHeaders(b"host")
-        if host:
-            headers.setRawHeaders(b"x-forwarded-host", host[:1])
+        lines.append(b"X-Forwarded-Proto: https" if secure else b"X-Forwarded-Proto: http")
+        if host is None:
+            lines.append(b"Host: " + default_host)
+        else:
+            lines.append(b"X-Forwarded-Host: " + host)
         if prefix:
-            headers.setRawHeaders(b"x-forwarded-prefix", [prefix])
-        return headers
+            lines.append(b"X-Forwarded-Prefix: " + prefix)
+        if content_length is not None:
+            lines.append(b"Content-Length: %d" % content_length)
+        lines.append(b"\r\n")
+        return b"\r\n".join(lines)
 
     def response_headers(
         self,
@@ -1082,19 +1093,19 @@ class _Exchange:
             return
         self.connection = connection
         request = self.request
-        headers = self.service.request_headers(
-            request, self.forward.id, self.prefix, self.strip_authorization, self.upgrade
-        )
-        if not headers.hasHeader(b"host"):
-            headers.setRawHeaders(b"host", [_authority(self.container, self.forward.container_port)])
         body = _body_of(request, self.service.cooperator, self._sending_body)
-        if body is not None:
-            headers.setRawHeaders(b"content-length", [b"%d" % body.length])
-        lines = [request.method + b" " + self.target() + b" HTTP/1.1"]
-        for name, values in headers.getAllRawHeaders():
-            lines.extend(name + b": " + value for value in values)
         transport = connection._t
-        transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        transport.write(
+            self.service.request_head(
+                request,
+                self.target(),
+                self.prefix,
+                self.strip_authorization,
+                self.upgrade,
+                _authority(self.container, self.forward.container_port),
+                body.length if body is not None else None,
+            )
+        )
         if body is not None and body.length:
             # The container's socket paces the body: a slow container pauses it.
             self.sending = body
