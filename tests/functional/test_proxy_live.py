@@ -175,3 +175,11 @@ class LiveProxyTests(TestCase):
         protocol, factory = yield self.open_websocket()
         yield close_ws(protocol, factory)
         self.assertEqual(proxy_answers(self.rex), {"200": 1, "502": 1, "401": 1, "101": 1})
+
+
+class UpgradeLimitsTests(TestCase):
+    @inlineCallbacks
+    def test_upgrades_use_the_tunnel_limits(self) -> Any:
+        """Upgraded connections through /p/ are relayed with [limits] tunnel_bytes_per_second and tunnel_idle_seconds."""
+        rex = yield start_rexec(self, limits={"tunnel_bytes_per_second": 123456, "tunnel_idle_seconds": 42})
+        self.assertEqual((rex.proxy.upgrade_rate, rex.proxy.upgrade_idle), (123456, 42))
