@@ -949,6 +949,10 @@ class _ContainerConnection(TCPEnd):
             exchange.body_lost(reason)
 
 
+def _nothing() -> None:
+    pass
+
+
 class _Exchange:
     """
     One proxied request, from sending it to the container to the last body
@@ -989,7 +993,7 @@ class _Exchange:
         self.keep_alive = False
         self.body_bytes = 0
         self.done = False
-        self.untrack: Callable[[], None] = lambda: None
+        self.untrack: Callable[[], None] = _nothing
         #: fired once done, for a graceful stop (:meth:`drain`)
         self.drained: Deferred[None] | None = None
 
@@ -1029,7 +1033,9 @@ class _Exchange:
     def _settle(self) -> None:
         """Done, one way or another: no longer tracked; a graceful stop waits no more."""
         self.done = True
-        self.untrack()
+        # (dropped, not only called: it refers back to this exchange)
+        untrack, self.untrack = self.untrack, _nothing
+        untrack()
         drained, self.drained = self.drained, None
         if drained is not None:
             drained.callback(None)
@@ -1202,7 +1208,7 @@ class _Exchange:
         request.setResponseCode(code, phrase)
         self.service.response_headers(request, headers, self.prefix, keep=() if chunked else (b"content-length",))
         if no_body or length == 0:
-            self._body_end(rest if not no_body else b"")
+            self._body_end(rest)
             return
         if chunked:
             decoder: Any = http._ChunkedTransferDecoder(self._body_data, self._body_end)
