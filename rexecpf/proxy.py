@@ -50,7 +50,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
 )
 from twisted.internet.error import ConnectError, ConnectionDone, DNSLookupError
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -79,7 +79,7 @@ from rexecpf.model import (
     Principal,
 )
 from rexecpf.ops import TOKEN_REVOKED
-from rexecpf.relay import Relay, RelayStats, TCPEnd
+from rexecpf.relay import IRelayEnd, Relay, RelayStats, TCPEnd
 from rexecpf.web import release_from_http_channel
 
 __all__ = [
@@ -495,7 +495,7 @@ class ProxyService(Service):
         def failed(failure: Failure) -> None:
             if failure.check(CancelledError):
                 return
-            if failure.check(APIError):
+            if isinstance(failure.value, APIError):
                 _finish_with_error(request, failure.value)
                 return
             self._log.failure("proxy request failed", failure)
@@ -515,18 +515,21 @@ class ProxyService(Service):
         tokens, rest_query = _split_token(query)
         if tokens is not None:
             token = unquote_plus(tokens[-1].decode("ascii", "replace"))
-            principal = self.authenticator.authenticate(token)
-            if principal is None:
+            holder = self.authenticator.authenticate(token)
+            if holder is None:
                 raise UNAUTHORIZED("the token is not valid", headers={"WWW-Authenticate": 'Bearer realm="rexecpf"'})
-            return self.forwards.reach(principal, forward_id).addCallback(
-                lambda _: self._start_session(request, principal, forward_id, prefix, path, rest_query)
-            )
+
+            def start_session(_: object) -> None:
+                assert holder is not None
+                self._start_session(request, holder, forward_id, prefix, path, rest_query)
+
+            return self.forwards.reach(holder, forward_id).addCallback(start_session)
 
         strip_authorization = False
         principal: Principal | None = None
-        token = bearer_token(request.getHeader(b"authorization"))
-        if token is not None:
-            principal = self.authenticator.authenticate(token)
+        bearer = bearer_token(request.getHeader(b"authorization"))
+        if bearer is not None:
+            principal = self.authenticator.authenticate(bearer)
             strip_authorization = principal is not None
         if principal is None:
             for value in _session_values(request):
@@ -1350,7 +1353,7 @@ class _UntilClose:
 # --- Upgrade requests -----------------------------------------------------------
 
 
-@implementer(IPushProducer)
+@implementer(IRelayEnd)
 class _ClientEnd:
     """
     The client side of an upgraded connection, taken over from its
