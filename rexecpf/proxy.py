@@ -413,8 +413,9 @@ class ProxyService(Service):
     :param response_timeout: seconds to wait for response headers (504 after).
     :param upgrade_rate: bytes/second each way on an upgraded connection.
     :param upgrade_idle: idle seconds before an upgraded connection closes.
-    :param metrics: where every answer is counted by status, and the bytes
-        of upgraded connections (``None``: not counted).
+    :param metrics: where every answer is counted by status (``None``: not
+        counted); upgraded connections are counted as relays, through
+        :meth:`ForwardService.relay_ended`.
     """
 
     _log = Logger()
@@ -1448,8 +1449,7 @@ class _Upgrade(_Exchange):
 
     def _relay_ended(self, stats: RelayStats) -> None:
         self._settle()
-        if self.service.metrics is not None:
-            self.service.metrics.relay_ended("upgrade", stats)
+        self.service.forwards.relay_ended("upgrade", self.forward.id, self.principal.name, stats)
 
     def drain(self) -> Deferred[None]:
         """A graceful stop: an upgraded connection is closed at once (as a tunnel is)."""

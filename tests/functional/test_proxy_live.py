@@ -25,6 +25,7 @@ from tests.functional.proxyenv import (
     listen,
     raw_request,
     real_reactor,
+    sleep,
     split_response,
     start_rexec,
     ws_app_site,
@@ -175,6 +176,13 @@ class LiveProxyTests(TestCase):
         protocol, factory = yield self.open_websocket()
         yield close_ws(protocol, factory)
         self.assertEqual(proxy_answers(self.rex), {"200": 1, "502": 1, "401": 1, "101": 1})
+        # ... and the upgraded connection, once its relay has ended, as a relay
+        for _ in range(40):
+            if self.rex.forwards.live_count() == 0:
+                break
+            yield sleep(0.05)
+        text = self.rex.components.metrics.render().decode()
+        self.assertIn('rexecpf_relays_total{kind="upgrade"} 1.0', text)
 
 
 class UpgradeLimitsTests(TestCase):
