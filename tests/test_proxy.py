@@ -70,6 +70,15 @@ def _result(deferred: Deferred[Any]) -> Any:
     return results[0]
 
 
+def connect_container(reactor: MemoryReactorClock) -> tuple[Any, StringTransport]:
+    """Complete the proxy's newest connection to the container: :return: its protocol and transport."""
+    factory = reactor.tcpClients[-1][2]
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
 def channel_for(site: server.Site) -> tuple[Any, StringTransport]:
     site.timeOut = None  # no idle timer on the global reactor
     channel = site.buildProtocol(None)
@@ -179,12 +188,7 @@ class ProxyServiceTests(SynchronousTestCase):
         return transport, forwards
 
     def container(self) -> tuple[Any, StringTransport]:
-        """Complete the proxy's pending connection to the container: :return: its protocol and transport."""
-        factory = self.reactor.tcpClients[-1][2]
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        return protocol, transport
+        return connect_container(self.reactor)
 
     def counted(self) -> dict[str, float]:
         """:return: status code -> proxied requests counted."""
@@ -329,12 +333,7 @@ class ContainerClientTests(SynchronousTestCase):
         return transport
 
     def container(self) -> tuple[Any, StringTransport]:
-        """Complete the newest connection to the container: :return: its protocol and transport."""
-        factory = self.reactor.tcpClients[-1][2]
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        return protocol, transport
+        return connect_container(self.reactor)
 
     def test_kept_alive_and_reused(self) -> None:
         """A response read whole leaves its connection for the next request; one idle too long is not used."""
