@@ -1146,7 +1146,8 @@ class _Exchange:
             return
         self._stop_sending()
         self.connection = None
-        if connection.reused and not connection.head and not self.retried and self.request.method in IDEMPOTENT:
+        nothing_came = not connection.head_done and not connection.head
+        if connection.reused and nothing_came and not self.retried and self.request.method in IDEMPOTENT:
             # A kept-alive connection its server had closed: once more, on a new one.
             self.retried = True
             self._open(fresh=True)

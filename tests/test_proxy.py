@@ -431,3 +431,14 @@ class ContainerClientTests(SynchronousTestCase):
         self.reactor.advance(0)
         self.assertTrue(container.value().endswith(b"\r\n\r\nhello"))
         self.assertIsNone(container.producer)
+
+    def test_bad_answer_not_retried(self) -> None:
+        """A kept-alive connection that answers garbage is a 502 at once (no retry), and is closed."""
+        self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        client = self.send()
+        protocol.dataReceived(b"garbage\r\n\r\n")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(container.disconnecting)
