@@ -353,13 +353,29 @@ def _split_token(query: bytes) -> tuple[list[bytes] | None, bytes]:
 
 
 def _connection_names(headers: Headers) -> set[bytes]:
+    """:return: the (lower-case) names a ``Connection`` header lists."""
+    return _tokens(headers.getRawHeaders(b"connection", []))
+
+
+def _tokens(values: Iterable[bytes]) -> set[bytes]:
+    """:return: the lower-case tokens of comma-separated header values."""
     names = set()
-    for value in headers.getRawHeaders(b"connection", []):
+    for value in values:
         for token in value.split(b","):
             token = token.strip().lower()
             if token:
                 names.add(token)
     return names
+
+
+#: A response head's fields: lower-case name -> (the name as first sent, every value in order).
+Fields = dict[bytes, tuple[bytes, list[bytes]]]
+
+
+def _values(fields: Fields, lower_name: bytes) -> list[bytes]:
+    """:return: every value of a field (``[]`` when absent)."""
+    field = fields.get(lower_name)
+    return field[1] if field is not None else []
 
 
 def _client_ip(request: IRequest) -> bytes:
@@ -650,17 +666,16 @@ class ProxyService(Service):
     def response_headers(
         self,
         request: Any,
-        headers: Headers,
+        fields: Fields,
         prefix: bytes,
         keep: Iterable[bytes] = (),
     ) -> None:
-        """Copy the container's end-to-end response headers onto ``request``."""
+        """Copy the container's end-to-end response fields onto ``request``."""
         out: Headers = request.responseHeaders
         out.removeHeader(b"server")
         keep_set = set(keep)
-        drop = HOP_BY_HOP | _connection_names(headers)
-        for name, values in headers.getAllRawHeaders():
-            lower = name.lower()
+        drop = HOP_BY_HOP | _tokens(_values(fields, b"connection"))
+        for lower, (name, values) in fields.items():
             if lower in keep_set:
                 out.setRawHeaders(name, values)
                 continue
@@ -773,10 +788,12 @@ def _widen(transport: Any) -> None:
         transport.bufferSize = STREAM_BUFFER
 
 
-def _parse_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
+def _parse_head(head: bytes) -> tuple[bytes, int, bytes, Fields]:
     """
     :param head: a response head without its final empty line.
-    :return: the HTTP version, the status code, the reason phrase and the headers.
+    :return: the HTTP version, the status code, the reason phrase and the
+        fields (values are sanitized when they are copied to the client's
+        response).
     :raises ValueError: for anything that is not an HTTP/1.x response head.
     """
     status_line, *header_lines = head.split(b"\r\n")
@@ -785,13 +802,18 @@ def _parse_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
     code = int(code_bytes)
     if not version.startswith(b"HTTP/1.") or not 100 <= code <= 599:
         raise ValueError(status_line)
-    headers = Headers()
+    fields: Fields = {}
     for line in header_lines:
         name, sep, value = line.partition(b":")
         if not sep or not name or name != name.strip():
             raise ValueError(line)
-        headers.addRawHeader(name, value.strip(b" \t"))
-    return version, code, phrase, headers
+        lower = name.lower()
+        field = fields.get(lower)
+        if field is None:
+            fields[lower] = (name, [value.strip(b" \t")])
+        else:
+            field[1].append(value.strip(b" \t"))
+    return version, code, phrase, fields
 
 
 class _ConnectionPool:
@@ -1162,7 +1184,7 @@ class _Exchange:
             connection.abort()
             return
         try:
-            version, code, phrase, headers = _parse_head(head)
+            version, code, phrase, fields = _parse_head(head)
         except ValueError:
             self.head_failed(connection, "the container's response head is not HTTP/1.1")
             return
@@ -1174,28 +1196,28 @@ class _Exchange:
             return
         self._disarm()
         if code == 101:
-            self._switch(connection, phrase, headers, rest)
+            self._switch(connection, phrase, fields, rest)
             return
         self.keep_alive = (
             not self.upgrade
             and version == b"HTTP/1.1"
-            and b"close" not in _connection_names(headers)
+            and b"close" not in _tokens(_values(fields, b"connection"))
         )
-        self._respond(connection, code, phrase, headers, rest)
+        self._respond(connection, code, phrase, fields, rest)
 
-    def _switch(self, connection: _ContainerConnection, phrase: bytes, headers: Headers, rest: bytes) -> None:
+    def _switch(self, connection: _ContainerConnection, phrase: bytes, fields: Fields, rest: bytes) -> None:
         """A 101: only an :class:`_Upgrade` asks for one."""
         self.head_failed(connection, "the container switched protocols unasked")
 
     def _respond(
-        self, connection: _ContainerConnection, code: int, phrase: bytes, headers: Headers, rest: bytes
+        self, connection: _ContainerConnection, code: int, phrase: bytes, fields: Fields, rest: bytes
     ) -> None:
         request = self.request
         limit = self.service.body_limit
-        chunked = any(b"chunked" in v.lower() for v in headers.getRawHeaders(b"transfer-encoding", []))
+        chunked = any(b"chunked" in v.lower() for v in _values(fields, b"transfer-encoding"))
         length: int | None = None
         if not chunked:
-            lengths = {v.strip() for value in headers.getRawHeaders(b"content-length", []) for v in value.split(b",")}
+            lengths = {v.strip() for value in _values(fields, b"content-length") for v in value.split(b",")}
             if lengths:
                 try:
                     (only,) = lengths
@@ -1211,7 +1233,7 @@ class _Exchange:
             self.head_failed(connection, f"the response body ({length} bytes) is over the limit of {limit} bytes")
             return
         request.setResponseCode(code, phrase)
-        self.service.response_headers(request, headers, self.prefix, keep=() if chunked else (b"content-length",))
+        self.service.response_headers(request, fields, self.prefix, keep=() if chunked else (b"content-length",))
         if no_body or length == 0:
             self._body_end(rest)
             return
@@ -1402,14 +1424,14 @@ class _Upgrade(_Exchange):
     upgrade = True
     relay: Relay | None = None
 
-    def _switch(self, backend: _ContainerConnection, phrase: bytes, headers: Headers, rest: bytes) -> None:
+    def _switch(self, backend: _ContainerConnection, phrase: bytes, fields: Fields, rest: bytes) -> None:
         request = self.request
         channel = request.channel
         transport = channel.transport
         self._stop_sending()
         # 101: keep Upgrade and Connection: upgrade, drop other hop-by-hop.
         request.responseHeaders = Headers()
-        self.service.response_headers(request, headers, self.prefix, keep=(b"upgrade",))
+        self.service.response_headers(request, fields, self.prefix, keep=(b"upgrade",))
         request.responseHeaders.setRawHeaders(b"connection", [b"Upgrade"])
         lines = [b"HTTP/1.1 101 " + (phrase or b"Switching Protocols")]
         for name, values in request.responseHeaders.getAllRawHeaders():
