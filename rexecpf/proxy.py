@@ -157,18 +157,23 @@ def error_body(request: IRequest, error: APIError) -> bytes:
     ).encode("utf-8")
 
 
-def _finish_with_error(request: Any, error: APIError) -> None:
-    """Answer ``error`` if nothing was sent yet; else abort the connection."""
+def _finish_with_error(request: Any, error: APIError) -> bool:
+    """
+    Answer ``error`` if nothing was sent yet; else abort the connection.
+
+    :return: whether ``error`` was the answer.
+    """
     if getattr(request, "_disconnected", False) or request.finished:
-        return
+        return False
     if request.startedWriting:
         _abort_client(request)
-        return
+        return False
     request.responseHeaders = Headers()
     request.setHeader(b"server", server.version)
     request.setHeader(b"date", http.datetimeToString())
     request.write(error_body(request, error))
     request.finish()
+    return True
 
 
 #: Seconds a broken response may take to flush before its connection is aborted.
@@ -495,28 +500,21 @@ class ProxyService(Service):
                 work = fail()
         else:
             work = self.sessions.ready().addCallback(lambda _: self._authorize(request, forward_id, prefix))
-
-        def ended(result: object) -> None:
-            if request.startedWriting:
-                # Whatever wrote the head (the container's answer, or one of
-                # ours), including a response cut short afterwards.
-                self.answered(request.code)
-            elif work is not None and not work.called:
-                # A client that disconnects while we authenticate: stop there.
-                work.cancel()
-
-        request.notifyFinish().addBoth(ended)
         if work is None:
             return server.NOT_DONE_YET
+        if not work.called:
+            # A client that disconnects while we authenticate: stop there.
+            request.notifyFinish().addErrback(lambda _: work.cancel())
 
         def failed(failure: Failure) -> None:
             if failure.check(CancelledError):
                 return
-            if isinstance(failure.value, APIError):
-                _finish_with_error(request, failure.value)
-                return
-            self._log.failure("proxy request failed", failure)
-            _finish_with_error(request, INTERNAL_ERROR("the proxy failed"))
+            error = failure.value
+            if not isinstance(error, APIError):
+                self._log.failure("proxy request failed", failure)
+                error = INTERNAL_ERROR("the proxy failed")
+            if _finish_with_error(request, error):
+                self.answered(error.code)
 
         work.addErrback(failed)
         return server.NOT_DONE_YET
@@ -605,6 +603,7 @@ class ProxyService(Service):
             request.setHeader(b"content-type", b"text/html; charset=utf-8")
             request.write(b'<!DOCTYPE html>\n<p><a href="' + html.escape(location.decode("ascii", "replace")).encode("utf-8") + b'">continue</a></p>\n')
         request.finish()
+        self.answered(303)
         self._log.info("session started for {user} on {forward_id}", user=principal.name, forward_id=forward_id)
 
     # --- the request sent to the container
@@ -1334,6 +1333,10 @@ class _Exchange:
         _abort_client(self.request, None if at_once else self.service.reactor)
 
     def _client_done(self, result: Any) -> None:
+        if self.request.startedWriting:
+            # Whatever wrote the head (the container's answer, or one of
+            # ours), including a response cut short afterwards.
+            self.service.answered(self.request.code)
         if isinstance(result, Failure) and not self.done:
             # The client went away: stop the container.
             self._settle()

@@ -158,24 +158,29 @@ class LiveProxyTests(TestCase):
 
     @inlineCallbacks
     def test_answers_counted(self) -> Any:
-        """Each proxied answer is counted with its status: the container's 200, our 502 and 401, the 101 of an upgrade."""
+        """
+        Each proxied answer is counted with its status: the container's 200,
+        our 502, 401, 404 and 303 (a session), the 101 of an upgrade.
+        """
         app_port = yield listen(self, app_site())
         ok_fw = yield self.rex.forward(app_port)
         refused_fw = yield self.rex.forward(free_port())
         auth = f"Authorization: Bearer {TOKENS['alice']}\r\n"
-        for forward, headers, expected in (
-            (ok_fw, auth, 200),
-            (refused_fw, auth, 502),
-            (ok_fw, "", 401),
+        for path, headers, expected in (
+            (f"{ok_fw.id}/", auth, 200),
+            (f"{refused_fw.id}/", auth, 502),
+            (f"{ok_fw.id}/", "", 401),
+            ("pf_unknown/", auth, 404),
+            (f"{ok_fw.id}/?token={TOKENS['alice']}", "", 303),
         ):
             client = yield raw_request(
                 self.rex.port,
-                f"GET /p/{forward.id}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode(),
+                f"GET /p/{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode(),
             )
             self.assertEqual(split_response(client.data)[0], expected)
         protocol, factory = yield self.open_websocket()
         yield close_ws(protocol, factory)
-        self.assertEqual(proxy_answers(self.rex), {"200": 1, "502": 1, "401": 1, "101": 1})
+        self.assertEqual(proxy_answers(self.rex), {"200": 1, "502": 1, "401": 1, "404": 1, "303": 1, "101": 1})
         # ... and the upgraded connection, once its relay has ended, as a relay
         for _ in range(40):
             if self.rex.forwards.live_count() == 0:
