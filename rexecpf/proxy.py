@@ -668,12 +668,18 @@ class ProxyService(Service):
         fields: Fields,
         prefix: bytes,
         keep: Iterable[bytes] = (),
+        also_drop: Iterable[bytes] = (),
     ) -> None:
-        """Copy the container's end-to-end response fields onto ``request``."""
+        """
+        Copy the container's end-to-end response fields onto ``request``.
+
+        :param keep: hop-by-hop names kept all the same.
+        :param also_drop: end-to-end names dropped all the same.
+        """
         out: Headers = request.responseHeaders
         out.removeHeader(b"server")
         keep_set = set(keep)
-        drop = HOP_BY_HOP | _tokens(_values(fields, b"connection"))
+        drop = HOP_BY_HOP | _tokens(_values(fields, b"connection")) | set(also_drop)
         for lower, (name, values) in fields.items():
             if lower in keep_set:
                 out.setRawHeaders(name, values)
@@ -1232,7 +1238,9 @@ class _Exchange:
             self.head_failed(connection, f"the response body ({length} bytes) is over the limit of {limit} bytes")
             return
         request.setResponseCode(code, phrase)
-        self.service.response_headers(request, fields, self.prefix, keep=() if chunked else (b"content-length",))
+        # A chunked body's Content-Length, if any, means nothing (RFC 9112
+        # 6.3): the client gets the body re-framed by twisted.web.
+        self.service.response_headers(request, fields, self.prefix, also_drop=(b"content-length",) if chunked else ())
         if no_body or length == 0:
             self._body_end(rest)
             return

@@ -442,3 +442,15 @@ class ContainerClientTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 1)
         self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
         self.assertTrue(container.disconnecting)
+
+    def test_chunked_wins_over_content_length(self) -> None:
+        """A chunked answer that also names a Content-Length reaches the client re-framed, without that length."""
+        client = self.send()
+        protocol, _ = self.container()
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        head, _, body = client.value().partition(b"\r\n\r\n")
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertEqual(body, b"5\r\nhello\r\n0\r\n\r\n")
+        self.assertEqual(self.service.pool.idle_count(), 1)
