@@ -8,13 +8,15 @@ What it does, against the twelve faults of ``twisted.web.proxy``:
 - HTTP/1.1 over kept-alive connections to the container (a small pool per
   address and port, made through endpoints: IPv6 bracketed, no
   ``connectTCP``); the response head is read by the proxy itself and the
-  body decoded by its framing (Content-Length, chunked, or until close), so
-  a request costs no more than it must (``Agent`` was most of the time);
+  body decoded by its framing (Content-Length, chunked, or until close):
+  ``twisted.web.client.Agent``'s per-request machinery was most of a
+  proxied request's cost;
 - the response body streams with back-pressure: the backend transport is the
   request's streaming producer, so a slow client stops the container's reads;
 - the request body (already spooled by ``twisted.web``; over the limit it is
   refused with 413 while it arrives, see :class:`rexecpf.web.LimitedRequest`) is streamed
-  from ``request.content`` with a :class:`FileBodyProducer`, never copied;
+  from ``request.content`` with a :class:`FileBodyProducer`, never copied,
+  as the container connection's producer (a slow container pauses it);
 - hop-by-hop headers go both ways (plus every name ``Connection`` lists),
   every value of a repeated header is kept, ``Host`` is the client's, and
   ``X-Forwarded-For/-Proto/-Host/-Prefix`` are added;
@@ -434,6 +436,8 @@ class ProxyService(Service):
     :param response_timeout: seconds to wait for response headers (504 after).
     :param upgrade_rate: bytes/second each way on an upgraded connection.
     :param upgrade_idle: idle seconds before an upgraded connection closes.
+    :param max_per_host: idle kept-alive connections kept per container
+        address and port.
     :param metrics: where every answer is counted by status (``None``: not
         counted); upgraded connections are counted as relays, through
         :meth:`ForwardService.relay_ended`.
