@@ -476,9 +476,19 @@ class ProxyService(Service):
             scheduler=lambda work: reactor.callLater(0, work), started=True
         )
         self.secure_cookies = urls.public_url.startswith("https:")
+        self._pruning = task.LoopingCall(self.pool.prune)
+        self._pruning.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        # Connections left idle once traffic stops are closed by us, not
+        # kept until their server gives up on them.
+        self._pruning.start(POOLED_IDLE_SECONDS, now=False)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        if self._pruning.running:
+            self._pruning.stop()
         self.cooperator.stop()
         self.pool.close()
         return None
@@ -832,9 +842,9 @@ class _ConnectionPool:
     :param clock: the time source.
     :param max_idle: connections kept per address and port; more are closed.
     :param idle_seconds: a connection idle longer is not used again (closed
-        when it would be taken): shorter than the keep-alive timeout of
-        common servers, so that a request rarely meets a connection its
-        server is closing.
+        when it would be taken, or by :meth:`prune`): shorter than the
+        keep-alive timeout of common servers, so that a request rarely meets
+        a connection its server is closing.
     """
 
     def __init__(self, clock: IReactorTime, max_idle: int, idle_seconds: float) -> None:
@@ -862,6 +872,15 @@ class _ConnectionPool:
             return
         connection.idle_since = self._clock.seconds()
         idle.append(connection)
+
+    def prune(self) -> None:
+        """Close the connections idle longer than ``idle_seconds`` (the oldest are first)."""
+        now = self._clock.seconds()
+        for key, idle in list(self._idle.items()):
+            while idle and now - idle[0].idle_since > self.idle_seconds:
+                idle.pop(0)._t.loseConnection()
+            if not idle:
+                del self._idle[key]
 
     def forget(self, connection: _ContainerConnection) -> None:
         """``connection`` is closed: it is not idle any more."""

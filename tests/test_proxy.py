@@ -454,3 +454,17 @@ class ContainerClientTests(SynchronousTestCase):
         self.assertNotIn(b"content-length", head.lower())
         self.assertEqual(body, b"5\r\nhello\r\n0\r\n\r\n")
         self.assertEqual(self.service.pool.idle_count(), 1)
+
+    def test_idle_connections_pruned(self) -> None:
+        """Once traffic stops, a running proxy closes its idle kept-alive connections itself."""
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.service.pool.idle_count(), 1)
+        self.reactor.advance(POOLED_IDLE_SECONDS)
+        self.assertFalse(container.disconnecting)
+        self.reactor.advance(POOLED_IDLE_SECONDS)
+        self.assertTrue(container.disconnecting)
+        self.assertEqual(self.service.pool.idle_count(), 0)
