@@ -8,7 +8,8 @@ rexecpf's HTTP proxy beside its baselines, in one run, against one nginx.
   directly, through rexecpf (``/p/{id}/``) and through a plain
   ``twisted.web.proxy.ReverseProxyResource`` (bench/rpr_baseline.py):
   requests/s, p50, p99;
-- curl downloads the 100 MiB file through each: MiB/s;
+- curl downloads the 100 MiB file through each, three times: the median MiB/s
+  (one download lasts a fraction of a second: a single one is mostly noise);
 - curl downloads it at 25 MiB/s while each proxy's RSS is sampled: peak MiB.
 
 Ratios are printed at the end.  ``--profile`` also runs rexecpf under
@@ -24,6 +25,7 @@ import pstats
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -248,7 +250,7 @@ def main() -> None:
             for name, (base, headers, pid) in targets.items():
                 wrk(base + "1k", 2, headers)  # warm up
                 result = wrk(base + "1k", options.duration, headers)
-                result["download"] = download(base + "100m", headers)
+                result["download"] = statistics.median(download(base + "100m", headers) for _ in range(3))
                 if pid is not None:
                     before, peak = peak_rss_during(
                         pid, lambda base=base, headers=headers: download(base + "100m", headers, "25M")
