@@ -130,6 +130,9 @@ _ERROR_PAGE = (
 
 _FORWARD_LABEL = re.compile(r"pf-[a-z0-9]{1,64}\Z")
 
+#: A header field name (RFC 9110 5.1: a token).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
 
 # --- errors -----------------------------------------------------------------
 
@@ -824,7 +827,7 @@ def _parse_head(head: bytes) -> tuple[bytes, int, bytes, Fields]:
     fields: Fields = {}
     for line in header_lines:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
+        if not sep or not _TOKEN.match(name):
             raise ValueError(line)
         lower = name.lower()
         field = fields.get(lower)

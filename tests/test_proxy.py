@@ -468,3 +468,12 @@ class ContainerClientTests(SynchronousTestCase):
         self.reactor.advance(POOLED_IDLE_SECONDS)
         self.assertTrue(container.disconnecting)
         self.assertEqual(self.service.pool.idle_count(), 0)
+
+    def test_bad_field_name(self) -> None:
+        """A response field whose name is not a token (here with a bare LF in it) is a 502, never passed on."""
+        client = self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nX-A\nSet-Cookie: evil=1\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+        self.assertNotIn(b"evil", client.value())
+        self.assertTrue(container.disconnecting)
