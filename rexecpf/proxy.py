@@ -985,7 +985,11 @@ class _ContainerConnection(TCPEnd):
         head, rest = self.head[:end], self.head[end + 4:]
         self.head = b""
         self.head_done = True
-        exchange.got_head(self, head, rest)
+        try:
+            exchange.got_head(self, head, rest)
+        except Exception:
+            # A bug, not the container's fault: the request must not hang.
+            exchange.crashed(self)
 
     def readConnectionLost(self) -> None:
         if self.relaying:
@@ -1311,6 +1315,21 @@ class _Exchange:
             self.broken(f"the container's response ended early: {_reason(reason)}")
 
     # outcomes
+
+    def crashed(self, connection: _ContainerConnection) -> None:
+        """
+        Handling the container's answer raised (called from the ``except``
+        block): logged; the client gets a 500, or a cut response if it
+        already started.
+        """
+        self._log.failure("proxied response of {forward_id} failed", forward_id=self.forward.id)
+        connection.abort()
+        self._disarm()
+        if self.request.startedWriting:
+            self.broken("internal error", at_once=True)
+        else:
+            self.connection = None
+            self._end(INTERNAL_ERROR("the proxy failed"))
 
     def _failed(self, failure: Failure) -> None:
         """The connection to the container could not be made."""

@@ -28,6 +28,7 @@ from rexecpf.proxy import (
     ProxyResource,
     ProxyService,
     SessionCookies,
+    _Exchange,
     _rewrite_location,
     _split_token,
     _without_session_cookie,
@@ -477,3 +478,18 @@ class ContainerClientTests(SynchronousTestCase):
         self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
         self.assertNotIn(b"evil", client.value())
         self.assertTrue(container.disconnecting)
+
+    def test_bug_answers_500(self) -> None:
+        """A bug while handling the container's answer is logged and answered 500, not left hanging."""
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("a bug")
+
+        self.patch(_Exchange, "_respond", broken)
+        client = self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertTrue(container.disconnecting)
+        self.assertEqual(self.forwards.live_count(), 0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
