@@ -66,13 +66,34 @@ class Streamer(Protocol):
     lost = False
 
 
-class StallingClient(Protocol):
+class HeadThenBody(Protocol):
+    """Keeps an HTTP message's head (``head``), then hands each piece of its body to :meth:`body_received`."""
+
+    head = b""
+    in_body = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.in_body:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            self.in_body = True
+            self.head, _, data = self.head.partition(b"\r\n\r\n")
+            self.head_received()
+        self.body_received(data)
+
+    def head_received(self) -> None:
+        pass
+
+    def body_received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
+class StallingClient(HeadThenBody):
     """Sends one GET, stalls after the first bytes, reads everything once resumed."""
 
     def __init__(self, request: bytes) -> None:
         self.request = request
-        self.head = b""
-        self.in_body = False
         self.body = 0
         self.digest = hashlib.sha256()
         self.first: Deferred[None] = Deferred()
@@ -87,12 +108,9 @@ class StallingClient(Protocol):
         if not self.first.called:
             self.transport.pauseProducing()  # type: ignore[union-attr]
             self.first.callback(None)
-        if not self.in_body:
-            self.head += data
-            if b"\r\n\r\n" not in self.head:
-                return
-            self.in_body = True
-            self.head, _, data = self.head.partition(b"\r\n\r\n")
+        super().dataReceived(data)
+
+    def body_received(self, data: bytes) -> None:
         self.body += len(data)
         self.digest.update(data)
         if self.body >= TOTAL and not self.done.called:
@@ -177,29 +195,24 @@ class BackPressureTests(TestCase):
 UPLOAD = 64 * MiB
 
 
-class StallingContainer(Protocol):
+class StallingContainer(HeadThenBody):
     """
     The container of an upload: stops reading once the request head is in,
     reads the rest when resumed, then answers with the SHA-256 of the body.
     """
 
     def __init__(self) -> None:
-        self.head = b""
-        self.in_body = False
         self.received = 0
         self.digest = hashlib.sha256()
         self.stalled: Deferred[None] = Deferred()
 
-    def dataReceived(self, data: bytes) -> None:
+    def head_received(self) -> None:
         assert self.transport is not None
-        if not self.in_body:
-            self.head += data
-            if b"\r\n\r\n" not in self.head:
-                return
-            self.in_body = True
-            self.head, _, data = self.head.partition(b"\r\n\r\n")
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
-            self.stalled.callback(None)
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.stalled.callback(None)
+
+    def body_received(self, data: bytes) -> None:
+        assert self.transport is not None
         self.received += len(data)
         self.digest.update(data)
         if self.received >= UPLOAD:
