@@ -81,7 +81,7 @@ from rexecpf.model import (
     Principal,
 )
 from rexecpf.ops import TOKEN_REVOKED
-from rexecpf.relay import IRelayEnd, Relay, RelayStats, TCPEnd
+from rexecpf.relay import IRelayEnd, Relay, RelayStats, TCPEnd, widen_transport
 from rexecpf.web import release_from_http_channel
 
 __all__ = [
@@ -797,19 +797,6 @@ def _reason(failure: Failure) -> str:
     return failure.getErrorMessage()
 
 
-#: Read size from the container and write-buffer threshold towards the
-#: client while a body streams (Twisted's default is 64 KiB): fewer, larger
-#: reads and fewer pause/resume turns; memory stays bounded by about twice
-#: this per proxied request.
-STREAM_BUFFER = 256 * 1024
-
-
-def _widen(transport: Any) -> None:
-    """Raise a Twisted TCP transport's ``bufferSize`` (its read size and its producer-pause threshold)."""
-    if transport is not None and getattr(transport, "bufferSize", STREAM_BUFFER) < STREAM_BUFFER:
-        transport.bufferSize = STREAM_BUFFER
-
-
 def _parse_head(head: bytes) -> tuple[bytes, int, bytes, Fields]:
     """
     :param head: a response head without its final empty line.
@@ -929,7 +916,7 @@ class _ContainerConnection(TCPEnd):
         self.idle_since = 0.0
 
     def connectionMade(self) -> None:
-        _widen(self.transport)
+        widen_transport(self.transport)
         assert self.exchange is not None
         self.exchange.connected(self)
 
@@ -1282,7 +1269,9 @@ class _Exchange:
             self.keep_alive = False
             decoder = _UntilClose(self._body_data)
         connection.decoder = decoder
-        _widen(getattr(request.channel, "transport", None))
+        # Towards the client too: bigger sends, and a write buffer that may
+        # hold a whole read from the container before the container is paused.
+        widen_transport(getattr(request.channel, "transport", None))
         request.registerProducer(connection._t, True)
         if rest:
             connection.dataReceived(rest)
