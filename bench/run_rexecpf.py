@@ -11,11 +11,12 @@ from twisted.internet import reactor
 from twisted.logger import globalLogBeginner
 
 from rexecpf.config import load_config
-from rexecpf.tap import build
+from rexecpf.tap import build, freeze_startup_objects
 
 globalLogBeginner.beginLoggingTo([lambda event: None], redirectStandardIO=False)
 components = build(load_config(sys.argv[1]), reactor)
 components.site.log = lambda request: None  # no access log in the bench
+freeze_startup_objects()  # as makeService does
 components.service.privilegedStartService()
 components.service.startService()
 profile_out = sys.argv[2] if len(sys.argv) > 2 else None

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -457,11 +457,11 @@ class ForwardService(Service):
             raise CONTAINER_NOT_FOUND(f"no container {container_id!r}")
         return container
 
-    @inlineCallbacks
-    def reach(self, principal: Principal, forward_id: str) -> Any:
+    def reach(self, principal: Principal, forward_id: str) -> Deferred[tuple[PortForward, Container]]:
         """
         Resolve a forward for the proxy and the tunnel: the caller must still
-        own its container, and the container must be running.
+        own its container, and the container must be running.  (On every
+        proxied request: a plain callback, no generator.)
 
         :return: a Deferred firing with ``(forward, container)``; fails with
             404 Port forward not found (also for someone else's forward) or
@@ -469,13 +469,16 @@ class ForwardService(Service):
         """
         forward = self._forwards.get(forward_id)
         if forward is None:
-            raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r}")
-        container = yield self._backend.inspect(forward.container_id)
-        if container is None or not principal.may_use(container):
-            raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r}")
-        if not container.running or not container.address:
-            raise CONTAINER_NOT_RUNNING(container.detail or "the container is not running")
-        return (forward, container)
+            return fail(FORWARD_NOT_FOUND(f"no port forward {forward_id!r}"))
+
+        def usable(container: Container | None) -> tuple[PortForward, Container]:
+            if container is None or not principal.may_use(container):
+                raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r}")
+            if not container.running or not container.address:
+                raise CONTAINER_NOT_RUNNING(container.detail or "the container is not running")
+            return (forward, container)
+
+        return self._backend.inspect(forward.container_id).addCallback(usable)
 
     @inlineCallbacks
     def target(self, forward_id: str) -> Any:

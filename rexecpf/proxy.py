@@ -5,14 +5,18 @@ The HTTP reverse proxy: ``/p/{id}/...`` and, with ``[server] proxy_domain``,
 
 What it does, against the twelve faults of ``twisted.web.proxy``:
 
-- HTTP/1.1 through :class:`twisted.web.client.Agent` with a persistent
-  :class:`HTTPConnectionPool` and an endpoint factory (IPv6 bracketed, no
-  ``connectTCP``);
+- HTTP/1.1 over kept-alive connections to the container (a small pool per
+  address and port, made through endpoints: IPv6 bracketed, no
+  ``connectTCP``); the response head is read by the proxy itself and the
+  body decoded by its framing (Content-Length, chunked, or until close):
+  ``twisted.web.client.Agent``'s per-request machinery was most of a
+  proxied request's cost;
 - the response body streams with back-pressure: the backend transport is the
   request's streaming producer, so a slow client stops the container's reads;
 - the request body (already spooled by ``twisted.web``; over the limit it is
   refused with 413 while it arrives, see :class:`rexecpf.web.LimitedRequest`) is streamed
-  from ``request.content`` with a :class:`FileBodyProducer`, never copied;
+  from ``request.content`` with a :class:`FileBodyProducer`, never copied,
+  as the container connection's producer (a slow container pauses it);
 - hop-by-hop headers go both ways (plus every name ``Connection`` lists),
   every value of a repeated header is kept, ``Host`` is the client's, and
   ``X-Forwarded-For/-Proto/-Host/-Prefix`` are added;
@@ -20,7 +24,7 @@ What it does, against the twelve faults of ``twisted.web.proxy``:
   within ``response_timeout``; a backend that dies mid-body aborts the client
   connection (a short or unterminated response, never a complete-looking one);
 - a client that goes away stops the backend;
-- an ``Upgrade`` request is sent over a raw connection; a 101 takes the client
+- an ``Upgrade`` request is sent over a connection of its own; a 101 takes the client
   connection over from the ``HTTPChannel`` and splices both with
   :class:`rexecpf.relay.Relay`;
 - rexecpf's own credentials (its bearer header, its session cookie, the
@@ -48,32 +52,21 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
 )
 from twisted.internet.error import ConnectError, ConnectionDone, DNSLookupError
-from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.client import (
-    Agent,
-    FileBodyProducer,
-    HTTPConnectionPool,
-    PotentialDataLoss,
-    ResponseDone,
-    ResponseNeverReceived,
-)
+from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import (
-    UNKNOWN_LENGTH,
-    IAgentEndpointFactory,
-    IBodyProducer,
-    IRequest,
-)
+from twisted.web.iweb import IBodyProducer, IRequest
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from rexecpf.api import PublicURLs, write_json
 from rexecpf.auth import Authenticator, bearer_token
-from rexecpf.forwards import ForwardService
+from rexecpf.forwards import CONTAINER_STOPPED, DELETED, GOING_AWAY, ForwardService
+from rexecpf.metrics import Metrics
 from rexecpf.model import (
     BAD_GATEWAY,
     FORWARD_NOT_FOUND,
@@ -83,10 +76,13 @@ from rexecpf.model import (
     UNAUTHORIZED,
     APIError,
     Container,
+    ErrorKind,
     PortForward,
     Principal,
 )
-from rexecpf.relay import Relay, RelayStats, TCPEnd
+from rexecpf.ops import TOKEN_REVOKED
+from rexecpf.relay import IRelayEnd, Relay, RelayStats, TCPEnd, widen_transport
+from rexecpf.web import release_from_http_channel
 
 __all__ = [
     "SESSION_COOKIE",
@@ -120,8 +116,12 @@ _OWN_REQUEST_HEADERS = frozenset(
     {b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix", b"content-length", b"expect"}
 )
 
-#: Largest response head accepted from a container on an Upgrade request.
-MAX_UPGRADE_HEAD = 64 * 1024
+#: Largest response head accepted from a container.
+MAX_RESPONSE_HEAD = 64 * 1024
+
+#: Seconds a kept-alive connection to a container may stay idle and still
+#: be used: below the keep-alive timeout of common servers (2 s and more).
+POOLED_IDLE_SECONDS = 2.0
 
 _ERROR_PAGE = (
     "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{code} {message}</title></head>"
@@ -129,6 +129,9 @@ _ERROR_PAGE = (
 )
 
 _FORWARD_LABEL = re.compile(r"pf-[a-z0-9]{1,64}\Z")
+
+#: A header field name (RFC 9110 5.1: a token).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
 
 # --- errors -----------------------------------------------------------------
@@ -159,18 +162,23 @@ def error_body(request: IRequest, error: APIError) -> bytes:
     ).encode("utf-8")
 
 
-def _finish_with_error(request: Any, error: APIError) -> None:
-    """Answer ``error`` if nothing was sent yet; else abort the connection."""
+def _finish_with_error(request: Any, error: APIError) -> bool:
+    """
+    Answer ``error`` if nothing was sent yet; else abort the connection.
+
+    :return: whether ``error`` was the answer.
+    """
     if getattr(request, "_disconnected", False) or request.finished:
-        return
+        return False
     if request.startedWriting:
         _abort_client(request)
-        return
+        return False
     request.responseHeaders = Headers()
     request.setHeader(b"server", server.version)
     request.setHeader(b"date", http.datetimeToString())
     request.write(error_body(request, error))
     request.finish()
+    return True
 
 
 #: Seconds a broken response may take to flush before its connection is aborted.
@@ -355,8 +363,14 @@ def _split_token(query: bytes) -> tuple[list[bytes] | None, bytes]:
 
 
 def _connection_names(headers: Headers) -> set[bytes]:
+    """:return: the (lower-case) names a ``Connection`` header lists."""
+    return _tokens(headers.getRawHeaders(b"connection", []))
+
+
+def _tokens(values: Iterable[bytes]) -> set[bytes]:
+    """:return: the lower-case tokens of comma-separated header values."""
     names = set()
-    for value in headers.getRawHeaders(b"connection", []):
+    for value in values:
         for token in value.split(b","):
             token = token.strip().lower()
             if token:
@@ -364,25 +378,14 @@ def _connection_names(headers: Headers) -> set[bytes]:
     return names
 
 
-def _agent_connection_names(response: Any) -> set[bytes]:
-    """
-    :return: the names the container listed in its response ``Connection``
-        header.  ``Agent`` files ``Connection`` among its connection-control
-        headers, out of ``response.headers``; they are read from its parser
-        (private: tests.functional.test_proxy pins this down).
-    """
-    producer = getattr(getattr(response, "_transport", None), "_producer", None)
-    protocol = getattr(producer, "protocol", None)
-    protocol = getattr(protocol, "_wrappedProtocol", protocol)
-    parser = getattr(protocol, "_parser", None)
-    headers = getattr(parser, "connHeaders", None)
-    return _connection_names(headers) if headers is not None else set()
+#: A response head's fields: lower-case name -> (the name as first sent, every value in order).
+Fields = dict[bytes, tuple[bytes, list[bytes]]]
 
 
-def _end_to_end(headers: Headers, also_drop: Iterable[bytes] = ()) -> list[tuple[bytes, list[bytes]]]:
-    """:return: the headers without hop-by-hop ones, every value kept, in order."""
-    drop = set(HOP_BY_HOP) | _connection_names(headers) | set(also_drop)
-    return [(name, values) for name, values in headers.getAllRawHeaders() if name.lower() not in drop]
+def _values(fields: Fields, lower_name: bytes) -> list[bytes]:
+    """:return: every value of a field (``[]`` when absent)."""
+    field = fields.get(lower_name)
+    return field[1] if field is not None else []
 
 
 def _client_ip(request: IRequest) -> bytes:
@@ -391,16 +394,12 @@ def _client_ip(request: IRequest) -> bytes:
     return host.encode("ascii") if host else b"unknown"
 
 
-@implementer(IAgentEndpointFactory)
 class _ContainerEndpoints:
     """Endpoints to container ports: TCP4/TCP6 for addresses, names resolved."""
 
     def __init__(self, reactor: Any, timeout: float) -> None:
         self._reactor = reactor
         self._timeout = timeout
-
-    def endpointForURI(self, uri: Any) -> Any:
-        return self.endpoint(uri.host.decode("ascii"), uri.port)
 
     def endpoint(self, host: str, port: int) -> Any:
         """:return: a client endpoint for ``host`` (address or name) and ``port``."""
@@ -440,6 +439,11 @@ class ProxyService(Service):
     :param response_timeout: seconds to wait for response headers (504 after).
     :param upgrade_rate: bytes/second each way on an upgraded connection.
     :param upgrade_idle: idle seconds before an upgraded connection closes.
+    :param max_per_host: idle kept-alive connections kept per container
+        address and port.
+    :param metrics: where every answer is counted by status (``None``: not
+        counted); upgraded connections are counted as relays, through
+        :meth:`ForwardService.relay_ended`.
     """
 
     _log = Logger()
@@ -457,8 +461,10 @@ class ProxyService(Service):
         upgrade_rate: float | None = None,
         upgrade_idle: float | None = None,
         max_per_host: int = 128,
+        metrics: Metrics | None = None,
     ) -> None:
         self.reactor = reactor
+        self.metrics = metrics
         self.authenticator = authenticator
         self.forwards = forwards
         self.urls = urls
@@ -467,20 +473,28 @@ class ProxyService(Service):
         self.response_timeout = response_timeout
         self.upgrade_rate = upgrade_rate
         self.upgrade_idle = upgrade_idle
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = max_per_host
-        self.pool.retryAutomatically = True
+        self.pool = _ConnectionPool(reactor, max_per_host, POOLED_IDLE_SECONDS)
         self.endpoints = _ContainerEndpoints(reactor, response_timeout)
-        self.agent = Agent.usingEndpointFactory(reactor, self.endpoints, pool=self.pool)
         self.cooperator = task.Cooperator(
             scheduler=lambda work: reactor.callLater(0, work), started=True
         )
         self.secure_cookies = urls.public_url.startswith("https:")
+        self._pruning = task.LoopingCall(self.pool.prune)
+        self._pruning.clock = reactor
 
-    def stopService(self) -> Deferred[None]:
+    def startService(self) -> None:
+        super().startService()
+        # Connections left idle once traffic stops are closed by us, not
+        # kept until their server gives up on them.
+        self._pruning.start(POOLED_IDLE_SECONDS, now=False)
+
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        if self._pruning.running:
+            self._pruning.stop()
         self.cooperator.stop()
-        return self.pool.closeCachedConnections()  # type: ignore[no-any-return]
+        self.pool.close()
+        return None
 
     # --- entry point
 
@@ -512,14 +526,20 @@ class ProxyService(Service):
         def failed(failure: Failure) -> None:
             if failure.check(CancelledError):
                 return
-            if failure.check(APIError):
-                _finish_with_error(request, failure.value)
-                return
-            self._log.failure("proxy request failed", failure)
-            _finish_with_error(request, INTERNAL_ERROR("the proxy failed"))
+            error = failure.value
+            if not isinstance(error, APIError):
+                self._log.failure("proxy request failed", failure)
+                error = INTERNAL_ERROR("the proxy failed")
+            if _finish_with_error(request, error):
+                self.answered(error.code)
 
         work.addErrback(failed)
         return server.NOT_DONE_YET
+
+    def answered(self, code: int) -> None:
+        """Count one proxied request answered with ``code`` (by the container or by us)."""
+        if self.metrics is not None:
+            self.metrics.proxy_response(code)
 
     def _authorize(self, request: Any, forward_id: str, prefix: bytes) -> Deferred[None] | None:
         uri: bytes = request.uri
@@ -527,18 +547,21 @@ class ProxyService(Service):
         tokens, rest_query = _split_token(query)
         if tokens is not None:
             token = unquote_plus(tokens[-1].decode("ascii", "replace"))
-            principal = self.authenticator.authenticate(token)
-            if principal is None:
+            holder = self.authenticator.authenticate(token)
+            if holder is None:
                 raise UNAUTHORIZED("the token is not valid", headers={"WWW-Authenticate": 'Bearer realm="rexecpf"'})
-            return self.forwards.reach(principal, forward_id).addCallback(
-                lambda _: self._start_session(request, principal, forward_id, prefix, path, rest_query)
-            )
+
+            def start_session(_: object) -> None:
+                assert holder is not None
+                self._start_session(request, holder, forward_id, prefix, path, rest_query)
+
+            return self.forwards.reach(holder, forward_id).addCallback(start_session)
 
         strip_authorization = False
         principal: Principal | None = None
-        token = bearer_token(request.getHeader(b"authorization"))
-        if token is not None:
-            principal = self.authenticator.authenticate(token)
+        bearer = bearer_token(request.getHeader(b"authorization"))
+        if bearer is not None:
+            principal = self.authenticator.authenticate(bearer)
             strip_authorization = principal is not None
         if principal is None:
             for value in _session_values(request):
@@ -556,8 +579,9 @@ class ProxyService(Service):
             forward, container = found
             if request.finished or request._disconnected:
                 return None
+            assert principal is not None
             exchange_class = _Upgrade if request.requestHeaders.hasHeader(b"upgrade") else _Exchange
-            exchange = exchange_class(self, request, forward, container, prefix, strip_authorization)
+            exchange = exchange_class(self, request, principal, forward, container, prefix, strip_authorization)
             exchange.start()
             return None
 
@@ -596,62 +620,84 @@ class ProxyService(Service):
             request.setHeader(b"content-type", b"text/html; charset=utf-8")
             request.write(b'<!DOCTYPE html>\n<p><a href="' + html.escape(location.decode("ascii", "replace")).encode("utf-8") + b'">continue</a></p>\n')
         request.finish()
+        self.answered(303)
         self._log.info("session started for {user} on {forward_id}", user=principal.name, forward_id=forward_id)
 
     # --- the request sent to the container
 
-    def request_headers(
-        self, request: Any, forward_id: str, prefix: bytes, strip_authorization: bool, upgrade: bool
-    ) -> Headers:
+    def request_head(
+        self,
+        request: Any,
+        target: bytes,
+        prefix: bytes,
+        strip_authorization: bool,
+        upgrade: bool,
+        default_host: bytes,
+        content_length: int | None,
+    ) -> bytes:
         """
-        :return: the headers for the container: end-to-end ones only (every
-            value), rexecpf's credentials removed, ``X-Forwarded-*`` added.
+        :param target: the path and query for the container.
+        :param default_host: the ``Host`` when the client sent none (HTTP/1.0).
+        :param content_length: the length of the body sent, if any.
+        :return: the request head for the container: end-to-end headers only
+            (every value, in order), rexecpf's credentials removed,
+            ``X-Forwarded-*`` added.
         """
         incoming: Headers = request.requestHeaders
-        drop = set(_OWN_REQUEST_HEADERS)
-        if strip_authorization:
-            drop.add(b"authorization")
-        headers = Headers()
-        for name, values in _end_to_end(incoming, drop):
+        drop = _OWN_REQUEST_HEADERS | _connection_names(incoming)
+        lines = [request.method + b" " + target + b" HTTP/1.1"]
+        forwarded_for: list[bytes] = []
+        host: bytes | None = None
+        for name, values in incoming.getAllRawHeaders():
             lower = name.lower()
+            if lower in HOP_BY_HOP or lower in drop or (strip_authorization and lower == b"authorization"):
+                continue
             if lower == b"cookie":
-                values = _without_session_cookie(values)
-                if not values:
-                    continue
+                values = _without_session_cookie(list(values))
             elif lower == b"x-forwarded-for":
+                forwarded_for = list(values)
                 continue  # appended to below
-            headers.setRawHeaders(name, values)
+            elif lower == b"host" and values:
+                host = values[0]
+            lines.extend(name + b": " + value for value in values)
         if upgrade:
-            headers.setRawHeaders(b"connection", [b"upgrade"])
-            headers.setRawHeaders(b"upgrade", incoming.getRawHeaders(b"upgrade", []))
-        chain = incoming.getRawHeaders(b"x-forwarded-for", [])
-        chain = [b", ".join(chain + [_client_ip(request)])]
-        headers.setRawHeaders(b"x-forwarded-for", chain)
+            lines.append(b"Connection: upgrade")
+            lines.extend(b"Upgrade: " + value for value in incoming.getRawHeaders(b"upgrade", []))
+        forwarded_for.append(_client_ip(request))
+        lines.append(b"X-Forwarded-For: " + b", ".join(forwarded_for))
         # behind a TLS front end, the https of public_url is what the client used
         secure = self.secure_cookies or request.isSecure()
-        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if secure else b"http"])
-        host = incoming.getRawHeaders(b"host")
-        if host:
-            headers.setRawHeaders(b"x-forwarded-host", host[:1])
+        lines.append(b"X-Forwarded-Proto: https" if secure else b"X-Forwarded-Proto: http")
+        if host is None:
+            lines.append(b"Host: " + default_host)
+        else:
+            lines.append(b"X-Forwarded-Host: " + host)
         if prefix:
-            headers.setRawHeaders(b"x-forwarded-prefix", [prefix])
-        return headers
+            lines.append(b"X-Forwarded-Prefix: " + prefix)
+        if content_length is not None:
+            lines.append(b"Content-Length: %d" % content_length)
+        lines.append(b"\r\n")
+        return b"\r\n".join(lines)
 
     def response_headers(
         self,
         request: Any,
-        headers: Headers,
+        fields: Fields,
         prefix: bytes,
         keep: Iterable[bytes] = (),
-        connection_names: Iterable[bytes] = (),
+        also_drop: Iterable[bytes] = (),
     ) -> None:
-        """Copy the container's end-to-end response headers onto ``request``."""
+        """
+        Copy the container's end-to-end response fields onto ``request``.
+
+        :param keep: hop-by-hop names kept all the same.
+        :param also_drop: end-to-end names dropped all the same.
+        """
         out: Headers = request.responseHeaders
         out.removeHeader(b"server")
         keep_set = set(keep)
-        drop = HOP_BY_HOP | _connection_names(headers) | set(connection_names)
-        for name, values in headers.getAllRawHeaders():
-            lower = name.lower()
+        drop = HOP_BY_HOP | _tokens(_values(fields, b"connection")) | set(also_drop)
+        for lower, (name, values) in fields.items():
             if lower in keep_set:
                 out.setRawHeaders(name, values)
                 continue
@@ -716,15 +762,261 @@ def _body_of(request: Any, cooperator: Any, sending: Callable[[bool], None]) -> 
     return _RequestBody(request.content, cooperator, sending)
 
 
+#: Methods sent again, once, on a new connection when a kept-alive connection
+#: turns out to be closed before any byte of the answer (RFC 9110 9.2.2):
+#: the container cannot have acted on them twice.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+#: The answer to a request still waiting for its response headers when its
+#: server is stopping (after the grace period).
+SERVICE_UNAVAILABLE = ErrorKind(503, "Service unavailable")
+
+
+def _closed_error(reason: str) -> APIError:
+    """
+    :param reason: why :meth:`ForwardService` shut the exchange down.
+    :return: the answer to a request closed before its response headers came.
+    """
+    if reason in (DELETED, CONTAINER_STOPPED):
+        return FORWARD_NOT_FOUND(f"the port forward is gone: {reason}")
+    if reason == GOING_AWAY:
+        return SERVICE_UNAVAILABLE("rexecpf is stopping")
+    if reason == TOKEN_REVOKED:
+        return UNAUTHORIZED(
+            "the token of this session was revoked",
+            headers={"WWW-Authenticate": 'Bearer realm="rexecpf"'},
+        )
+    return BAD_GATEWAY(f"the proxied request was closed: {reason}")
+
+
+def _reason(failure: Failure) -> str:
+    value = failure.value
+    reasons = getattr(value, "reasons", None)
+    if reasons:
+        return "; ".join(r.getErrorMessage() for r in reasons)
+    return failure.getErrorMessage()
+
+
+def _parse_head(head: bytes) -> tuple[bytes, int, bytes, Fields]:
+    """
+    :param head: a response head without its final empty line.
+    :return: the HTTP version, the status code, the reason phrase and the
+        fields (values are sanitized when they are copied to the client's
+        response).
+    :raises ValueError: for anything that is not an HTTP/1.x response head.
+    """
+    status_line, *header_lines = head.split(b"\r\n")
+    version, _, status = status_line.partition(b" ")
+    code_bytes, _, phrase = status.partition(b" ")
+    code = int(code_bytes)
+    if not version.startswith(b"HTTP/1.") or not 100 <= code <= 599:
+        raise ValueError(status_line)
+    fields: Fields = {}
+    for line in header_lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.match(name):
+            raise ValueError(line)
+        lower = name.lower()
+        field = fields.get(lower)
+        if field is None:
+            fields[lower] = (name, [value.strip(b" \t")])
+        else:
+            field[1].append(value.strip(b" \t"))
+    return version, code, phrase, fields
+
+
+class _ConnectionPool:
+    """
+    Kept-alive connections to container ports, idle between two requests.
+
+    :param clock: the time source.
+    :param max_idle: connections kept per address and port; more are closed.
+    :param idle_seconds: a connection idle longer is not used again (closed
+        when it would be taken, or by :meth:`prune`): shorter than the
+        keep-alive timeout of common servers, so that a request rarely meets
+        a connection its server is closing.
+    """
+
+    def __init__(self, clock: IReactorTime, max_idle: int, idle_seconds: float) -> None:
+        self._clock = clock
+        self.max_idle = max_idle
+        self.idle_seconds = idle_seconds
+        self._idle: dict[tuple[str, int], list[_ContainerConnection]] = {}
+
+    def take(self, key: tuple[str, int]) -> _ContainerConnection | None:
+        """:return: an idle connection to ``key`` (address, port), or ``None``."""
+        idle = self._idle.get(key)
+        now = self._clock.seconds()
+        while idle:
+            connection = idle.pop()  # the most recently used first
+            if now - connection.idle_since <= self.idle_seconds:
+                return connection
+            connection._t.loseConnection()
+        return None
+
+    def put(self, connection: _ContainerConnection) -> None:
+        """Keep ``connection`` (a response was read from it whole) for the next request."""
+        idle = self._idle.setdefault(connection.key, [])
+        if len(idle) >= self.max_idle:
+            connection._t.loseConnection()
+            return
+        connection.idle_since = self._clock.seconds()
+        idle.append(connection)
+
+    def prune(self) -> None:
+        """Close the connections idle longer than ``idle_seconds`` (the oldest are first)."""
+        now = self._clock.seconds()
+        for key, idle in list(self._idle.items()):
+            while idle and now - idle[0].idle_since > self.idle_seconds:
+                idle.pop(0)._t.loseConnection()
+            if not idle:
+                del self._idle[key]
+
+    def forget(self, connection: _ContainerConnection) -> None:
+        """``connection`` is closed: it is not idle any more."""
+        idle = self._idle.get(connection.key)
+        if idle is not None and connection in idle:
+            idle.remove(connection)
+            if not idle:
+                del self._idle[connection.key]
+
+    def idle_count(self) -> int:
+        """:return: how many connections are idle in the pool."""
+        return sum(len(idle) for idle in self._idle.values())
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection._t.loseConnection()
+
+
+class _ContainerConnection(TCPEnd):
+    """
+    A connection to a container port.  For each exchange it carries the
+    request and reads the response head; the body is decoded by its framing
+    and handed to the exchange, with this connection's transport as the
+    client request's producer.  A response read whole from a connection that
+    may stay open leaves it in the pool for the next request; after a 101 it
+    is a relay end.
+    """
+
+    def __init__(self, exchange: _Exchange, key: tuple[str, int], pool: _ConnectionPool) -> None:
+        super().__init__()
+        self.exchange: _Exchange | None = exchange
+        self.key = key
+        self.pool = pool
+        self.head = b""
+        self.head_done = False
+        self.decoder: Any = None
+        self.relaying = False
+        #: whether it served an earlier exchange (kept alive in the pool)
+        self.reused = False
+        self.idle_since = 0.0
+
+    def connectionMade(self) -> None:
+        widen_transport(self.transport)
+        assert self.exchange is not None
+        self.exchange.connected(self)
+
+    def reuse(self, exchange: _Exchange) -> None:
+        """Serve ``exchange``: this connection was taken from the pool."""
+        self.exchange = exchange
+        self.reused = True
+
+    def release(self, keep: bool) -> None:
+        """
+        The exchange is over: back to the pool when ``keep`` (the response was
+        read whole and the connection may stay open), else closed.
+        """
+        self.exchange = None
+        self.head, self.head_done, self.decoder = b"", False, None
+        transport = self._t
+        if transport is None or not getattr(transport, "connected", True):
+            return
+        if keep:
+            # A slow client may have left it paused: an idle connection reads,
+            # so that its closing is noticed.
+            transport.resumeProducing()
+            self.pool.put(self)
+        else:
+            transport.loseConnection()
+
+    def abort(self) -> None:
+        self.exchange = None
+        if self.transport is not None:
+            self._t.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.relaying:
+            super().dataReceived(data)
+            return
+        exchange = self.exchange
+        if exchange is None:
+            # Idle, or closing: a server has nothing to say between answers.
+            self._t.abortConnection()
+            return
+        if self.head_done:
+            try:
+                self.decoder.dataReceived(data)
+            except http._MalformedChunkedDataError as error:
+                exchange.broken(f"bad response framing: {error}")
+            return
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.head) > MAX_RESPONSE_HEAD:
+                exchange.head_failed(self, "the response head is too large")
+            return
+        head, rest = self.head[:end], self.head[end + 4:]
+        self.head = b""
+        self.head_done = True
+        try:
+            exchange.got_head(self, head, rest)
+        except Exception:
+            # A bug, not the container's fault: the request must not hang.
+            exchange.crashed(self)
+
+    def readConnectionLost(self) -> None:
+        if self.relaying:
+            super().readConnectionLost()
+        else:
+            self._t.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.relaying:
+            super().connectionLost(reason)
+            return
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            self.pool.forget(self)
+        elif not self.head_done:
+            exchange.head_failed(self, "the container closed the connection before answering")
+        else:
+            exchange.body_lost(reason)
+
+
+def _nothing() -> None:
+    pass
+
+
 class _Exchange:
-    """One request through the Agent, from sending it to the last body byte."""
+    """
+    One proxied request, from sending it to the container to the last body
+    byte, over a pooled connection (:class:`_ContainerConnection`).
+    """
 
     _log = Logger()
+
+    #: whether the client asked for a protocol switch (:class:`_Upgrade`)
+    upgrade = False
 
     def __init__(
         self,
         service: ProxyService,
         request: Any,
+        principal: Principal,
         forward: PortForward,
         container: Container,
         prefix: bytes,
@@ -732,16 +1024,26 @@ class _Exchange:
     ) -> None:
         self.service = service
         self.request = request
+        self.principal = principal
         self.forward = forward
         self.container = container
         self.prefix = prefix
         self.strip_authorization = strip_authorization
+        #: the connection being made, until it is
         self.pending: Deferred[Any] | None = None
+        self.connection: _ContainerConnection | None = None
         self.timer: Any = None
         self.timed_out = False
-        self.body: _ResponseBody | None = None
+        self.retried = False
+        self.sending: _RequestBody | None = None
+        self.body_sent = True
+        #: whether the connection may carry another request after this one
+        self.keep_alive = False
+        self.body_bytes = 0
         self.done = False
-        self.untrack: Callable[[], None] = lambda: None
+        self.untrack: Callable[[], None] = _nothing
+        #: fired once done, for a graceful stop (:meth:`drain`)
+        self.drained: Deferred[None] | None = None
 
     def target(self) -> bytes:
         """:return: path and query for the container."""
@@ -753,15 +1055,56 @@ class _Exchange:
         return uri
 
     def start(self) -> None:
-        service, request = self.service, self.request
-        self.untrack = service.forwards.track(self.forward.id, self)
-        request.notifyFinish().addBoth(self._client_done)
-        headers = service.request_headers(request, self.forward.id, self.prefix, self.strip_authorization, False)
-        body = _body_of(request, service.cooperator, self._sending_body)
-        url = b"http://" + _authority(self.container, self.forward.container_port) + self.target()
+        self.untrack = self.service.forwards.track(
+            self.forward.id, self, user=self.principal.name, kind="proxy"
+        )
+        self.request.notifyFinish().addBoth(self._client_done)
         self._arm()
-        self.pending = service.agent.request(request.method, url, headers, body)
-        self.pending.addCallbacks(self._response, self._failed)
+        self._open(fresh=self.upgrade)
+
+    def _open(self, fresh: bool) -> None:
+        """Take an idle connection from the pool (unless ``fresh``), else connect."""
+        service = self.service
+        key = (self.container.address or "", self.forward.container_port)
+        if not fresh:
+            connection = service.pool.take(key)
+            if connection is not None:
+                connection.reuse(self)
+                self.connected(connection)
+                return
+        endpoint = service.endpoints.endpoint(*key)
+        self.pending = endpoint.connect(
+            Factory.forProtocol(lambda: _ContainerConnection(self, key, service.pool))
+        )
+        self.pending.addErrback(self._failed)
+
+    def _settle(self) -> None:
+        """Done, one way or another: no longer tracked; a graceful stop waits no more."""
+        self.done = True
+        # (dropped, not only called: it refers back to this exchange)
+        untrack, self.untrack = self.untrack, _nothing
+        untrack()
+        drained, self.drained = self.drained, None
+        if drained is not None:
+            drained.callback(None)
+
+    def drain(self) -> Deferred[None]:
+        """
+        A graceful stop: let the response finish, then close the client
+        connection rather than wait for its next request.
+
+        :return: a Deferred firing once this exchange is done.
+        """
+        channel = getattr(self.request, "channel", None)
+        if channel is not None:
+            if not self.request.startedWriting:
+                self.request.setHeader(b"connection", b"close")
+            channel.persistent = False
+        if self.done:
+            return succeed(None)
+        if self.drained is None:
+            self.drained = Deferred()
+        return self.drained
 
     # the response-header timer
 
@@ -775,7 +1118,8 @@ class _Exchange:
         self.timer = None
 
     def _sending_body(self, sending: bool) -> None:
-        if self.pending is None or self.pending.called:
+        connection = self.connection
+        if self.done or connection is None or connection.head_done:
             return
         if sending:
             self._disarm()
@@ -786,34 +1130,198 @@ class _Exchange:
         self.timer = None
         self.timed_out = True
         if self.pending is not None:
-            self.pending.cancel()
+            self.pending.cancel()  # -> _failed
+            return
+        connection, self.connection = self.connection, None
+        self._end(GATEWAY_TIMEOUT(f"no response headers within {self.service.response_timeout:g} s"))
+        if connection is not None:
+            connection.abort()
+
+    # the request
+
+    def connected(self, connection: _ContainerConnection) -> None:
+        """Send the request over ``connection``."""
+        self.pending = None
+        if self.done:
+            connection.abort()
+            return
+        self.connection = connection
+        request = self.request
+        body = _body_of(request, self.service.cooperator, self._sending_body)
+        transport = connection._t
+        transport.write(
+            self.service.request_head(
+                request,
+                self.target(),
+                self.prefix,
+                self.strip_authorization,
+                self.upgrade,
+                _authority(self.container, self.forward.container_port),
+                body.length if body is not None else None,
+            )
+        )
+        if body is not None and body.length:
+            # The container's socket paces the body: a slow container pauses it.
+            self.sending = body
+            self.body_sent = False
+            transport.registerProducer(body, True)
+            body.startProducing(transport).addCallbacks(self._body_sent, lambda failure: None)
+
+    def _body_sent(self, _: object) -> None:
+        self.body_sent = True
+        self._stop_sending()
+
+    def _stop_sending(self) -> None:
+        """The request body is sent, or will not be: stop it and let go of the connection's producer slot."""
+        body, self.sending = self.sending, None
+        if body is None:
+            return
+        if not self.body_sent:
+            body.stopProducing()
+        transport = self.connection._t if self.connection is not None else None
+        if transport is not None and getattr(transport, "producer", None) is body:
+            transport.unregisterProducer()
+
+    # the response
+
+    def head_failed(self, connection: _ContainerConnection, why: str) -> None:
+        """No (acceptable) response head came over ``connection``."""
+        if self.done:
+            return
+        self._stop_sending()
+        self.connection = None
+        nothing_came = not connection.head_done and not connection.head
+        if connection.reused and nothing_came and not self.retried and self.request.method in IDEMPOTENT:
+            # A kept-alive connection its server had closed: once more, on a new one.
+            self.retried = True
+            self._open(fresh=True)
+            return
+        self._disarm()
+        connection.abort()
+        self._end(BAD_GATEWAY(why))
+
+    def got_head(self, connection: _ContainerConnection, head: bytes, rest: bytes) -> None:
+        """The response head came: pass it on, then its body (or switch protocols)."""
+        if self.done:
+            connection.abort()
+            return
+        try:
+            version, code, phrase, fields = _parse_head(head)
+        except ValueError:
+            self.head_failed(connection, "the container's response head is not HTTP/1.1")
+            return
+        if 100 <= code < 200 and code != 101:
+            # Interim (100 Continue, 103 Early Hints): the answer follows.
+            connection.head_done = False
+            if rest:
+                connection.dataReceived(rest)
+            return
+        self._disarm()
+        if code == 101:
+            self._switch(connection, phrase, fields, rest)
+            return
+        self.keep_alive = (
+            not self.upgrade
+            and version == b"HTTP/1.1"
+            and b"close" not in _tokens(_values(fields, b"connection"))
+        )
+        self._respond(connection, code, phrase, fields, rest)
+
+    def _switch(self, connection: _ContainerConnection, phrase: bytes, fields: Fields, rest: bytes) -> None:
+        """A 101: only an :class:`_Upgrade` asks for one."""
+        self.head_failed(connection, "the container switched protocols unasked")
+
+    def _respond(
+        self, connection: _ContainerConnection, code: int, phrase: bytes, fields: Fields, rest: bytes
+    ) -> None:
+        request = self.request
+        limit = self.service.body_limit
+        chunked = any(b"chunked" in v.lower() for v in _values(fields, b"transfer-encoding"))
+        length: int | None = None
+        if not chunked:
+            lengths = {v.strip() for value in _values(fields, b"content-length") for v in value.split(b",")}
+            if lengths:
+                try:
+                    (only,) = lengths
+                    length = int(only)
+                    if length < 0:
+                        raise ValueError(only)
+                except ValueError:
+                    self.head_failed(connection, "bad Content-Length from the container")
+                    return
+        no_body = request.method == b"HEAD" or code in (204, 304)
+        if length is not None and length > limit and not no_body:
+            self.keep_alive = False
+            self.head_failed(connection, f"the response body ({length} bytes) is over the limit of {limit} bytes")
+            return
+        request.setResponseCode(code, phrase)
+        # A chunked body's Content-Length, if any, means nothing (RFC 9112
+        # 6.3): the client gets the body re-framed by twisted.web.
+        self.service.response_headers(request, fields, self.prefix, also_drop=(b"content-length",) if chunked else ())
+        if no_body or length == 0:
+            self._body_end(rest)
+            return
+        if chunked:
+            decoder: Any = http._ChunkedTransferDecoder(self._body_data, self._body_end)
+        elif length is not None:
+            decoder = http._IdentityTransferDecoder(length, self._body_data, self._body_end)
+        else:
+            self.keep_alive = False
+            decoder = _UntilClose(self._body_data)
+        connection.decoder = decoder
+        # Towards the client too: bigger sends, and a write buffer that may
+        # hold a whole read from the container before the container is paused.
+        widen_transport(getattr(request.channel, "transport", None))
+        request.registerProducer(connection._t, True)
+        if rest:
+            connection.dataReceived(rest)
+
+    def _body_data(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.body_bytes += len(data)
+        if self.body_bytes > self.service.body_limit:
+            self.broken("the response body grew past the limit")
+            return
+        self.request.write(data)
+
+    def _body_end(self, extra: bytes) -> None:
+        """The body came whole (``extra``: bytes after it, which no server should send)."""
+        connection, self.connection = self.connection, None
+        keep = self.keep_alive and self.body_sent and not extra and not self.done
+        self._stop_sending()
+        self.finish(connection, keep)
+
+    def body_lost(self, reason: Failure) -> None:
+        """The connection closed while the body came."""
+        connection = self.connection
+        if self.done or connection is None:
+            return
+        if isinstance(connection.decoder, _UntilClose):
+            self.connection = None
+            self.finish(None, False)
+        else:
+            self.broken(f"the container's response ended early: {_reason(reason)}")
 
     # outcomes
 
-    def _response(self, response: Any) -> None:
-        self.pending = None
+    def crashed(self, connection: _ContainerConnection) -> None:
+        """
+        Handling the container's answer raised (called from the ``except``
+        block): logged; the client gets a 500, or a cut response if it
+        already started.
+        """
+        self._log.failure("proxied response of {forward_id} failed", forward_id=self.forward.id)
+        connection.abort()
         self._disarm()
-        request = self.request
-        if self.done:
-            response.deliverBody(_Drop())
-            return
-        limit = self.service.body_limit
-        if response.length is not UNKNOWN_LENGTH and response.length > limit:
-            response.deliverBody(_Drop())
-            self._end(BAD_GATEWAY(f"the response body ({response.length} bytes) is over the limit of {limit} bytes"))
-            return
-        request.setResponseCode(response.code, response.phrase)
-        self.service.response_headers(
-            request, response.headers, self.prefix, connection_names=_agent_connection_names(response)
-        )
-        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
-            # Agent keeps Content-Length among its connection headers: pass
-            # it on, so that a body cut short is seen to be short.
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
-        self.body = _ResponseBody(self, limit)
-        response.deliverBody(self.body)
+        if self.request.startedWriting:
+            self.broken("internal error", at_once=True)
+        else:
+            self.connection = None
+            self._end(INTERNAL_ERROR("the proxy failed"))
 
     def _failed(self, failure: Failure) -> None:
+        """The connection to the container could not be made."""
         self.pending = None
         self._disarm()
         if self.done:
@@ -822,7 +1330,7 @@ class _Exchange:
             self._end(GATEWAY_TIMEOUT(f"no response headers within {self.service.response_timeout:g} s"))
         elif failure.check(CancelledError):
             self._end(None)
-        elif failure.check(ConnectError, DNSLookupError, ResponseNeverReceived):
+        elif failure.check(ConnectError, DNSLookupError):
             self._end(BAD_GATEWAY(f"the container port does not answer: {_reason(failure)}"))
         else:
             self._log.info("proxy to {forward_id} failed: {error}", forward_id=self.forward.id, error=_reason(failure))
@@ -831,20 +1339,22 @@ class _Exchange:
     def _end(self, error: APIError | None) -> None:
         if self.done:
             return
-        self.done = True
-        self.untrack()
+        self._settle()
         if error is not None:
             _finish_with_error(self.request, error)
 
-    def finish(self) -> None:
-        """The whole body is delivered."""
+    def finish(self, connection: _ContainerConnection | None, keep: bool) -> None:
+        """The whole body is delivered: ``connection`` goes back to the pool if ``keep``."""
         if self.done:
+            if connection is not None:
+                connection.abort()
             return
-        self.done = True
-        self.untrack()
+        self._settle()
         request = self.request
         if request.producer is not None:
             request.unregisterProducer()
+        if connection is not None:
+            connection.release(keep)
         if not request.finished and not request._disconnected:
             request.finish()
 
@@ -852,120 +1362,67 @@ class _Exchange:
         """
         The body cannot be delivered whole: end the client connection without
         finishing the response (what was written is flushed first, unless
-        ``at_once``).
+        ``at_once``), and the container connection.
         """
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.abort()
         if self.done:
             return
-        self.done = True
-        self.untrack()
+        self._settle()
+        self._stop_sending()
         self._log.info("proxied response of {forward_id} broken: {why}", forward_id=self.forward.id, why=why)
         _abort_client(self.request, None if at_once else self.service.reactor)
 
     def _client_done(self, result: Any) -> None:
+        if self.request.startedWriting:
+            # Whatever wrote the head (the container's answer, or one of
+            # ours), including a response cut short afterwards.
+            self.service.answered(self.request.code)
         if isinstance(result, Failure) and not self.done:
-            # The client went away: stop the backend.
-            self.done = True
-            self.untrack()
+            # The client went away: stop the container.
+            self._settle()
             self._disarm()
+            self._stop_sending()
             if self.pending is not None:
                 self.pending.cancel()
-            if self.body is not None:
-                self.body.stop()
+            connection, self.connection = self.connection, None
+            if connection is not None:
+                connection.abort()
 
     def shutdown(self, reason: str) -> None:
-        """The forward is gone: close now."""
+        """The forward is gone, its user's token was revoked, or rexecpf stops: close now."""
         if self.done:
             return
-        if self.pending is not None:
-            self._end(FORWARD_NOT_FOUND(f"the port forward is gone: {reason}"))
+        connection = self.connection
+        if connection is None or not connection.head_done:
             pending, self.pending = self.pending, None
+            self.connection = None
             self._disarm()
-            pending.cancel()
+            self._stop_sending()
+            self._end(_closed_error(reason))
+            if connection is not None:
+                connection.abort()
+            if pending is not None:
+                pending.cancel()
             return
-        if self.body is not None:
-            self.body.stop()
         self.broken(reason, at_once=True)
 
 
-def _reason(failure: Failure) -> str:
-    value = failure.value
-    reasons = getattr(value, "reasons", None)
-    if reasons:
-        return "; ".join(r.getErrorMessage() for r in reasons)
-    return failure.getErrorMessage()
+class _UntilClose:
+    """A body that ends when the connection closes."""
 
-
-#: Read size from the container and write-buffer threshold towards the
-#: client while a body streams (Twisted's default is 64 KiB): fewer, larger
-#: reads and fewer pause/resume turns; memory stays bounded by about twice
-#: this per proxied request.
-STREAM_BUFFER = 256 * 1024
-
-
-def _widen(transport: Any) -> None:
-    """Raise a Twisted TCP transport's ``bufferSize`` (its read size and its producer-pause threshold)."""
-    if transport is not None and getattr(transport, "bufferSize", STREAM_BUFFER) < STREAM_BUFFER:
-        transport.bufferSize = STREAM_BUFFER
-
-
-class _Drop(Protocol):
-    """Stops a response body that will not be read."""
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-
-class _ResponseBody(Protocol):
-    """
-    The container's response body, written to the client with the backend
-    transport as the request's streaming producer.
-    """
-
-    def __init__(self, exchange: _Exchange, limit: int) -> None:
-        self.exchange = exchange
-        self.limit = limit
-        self.received = 0
-        self.stopped = False
-
-    def connectionMade(self) -> None:
-        request = self.exchange.request
-        if self.exchange.done:
-            self.stop()
-            return
-        _widen(getattr(self.transport, "_producer", None))
-        _widen(getattr(request.channel, "transport", None))
-        request.registerProducer(self.transport, True)
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
 
     def dataReceived(self, data: bytes) -> None:
-        if self.exchange.done:
-            return
-        self.received += len(data)
-        if self.received > self.limit:
-            self.stop()
-            why = f"the response body grew past {self.limit} bytes"
-            if not self.exchange.request.startedWriting:
-                self.exchange._end(BAD_GATEWAY(why))
-            else:
-                self.exchange.broken(why)
-            return
-        self.exchange.request.write(data)
-
-    def stop(self) -> None:
-        if not self.stopped and self.transport is not None:
-            self.stopped = True
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.exchange.finish()
-        else:
-            self.exchange.broken(f"the container's response ended early: {_reason(reason)}")
+        self._write(data)
 
 
 # --- Upgrade requests -----------------------------------------------------------
 
 
-@implementer(IPushProducer)
+@implementer(IRelayEnd)
 class _ClientEnd:
     """
     The client side of an upgraded connection, taken over from its
@@ -1002,148 +1459,24 @@ class _ClientEnd:
         self.transport.abortConnection()
 
 
-class _UpgradeBackend(TCPEnd):
-    """
-    The container side of an Upgrade request: sends the request head (and
-    body), reads the response head; after a 101 it is a relay end, otherwise
-    it streams the response to the client.
-    """
-
-    def __init__(self, upgrade: _Upgrade) -> None:
-        super().__init__()
-        self.upgrade = upgrade
-        self.head = b""
-        self.head_done = False
-        self.decoder: Any = None
-
-    def connectionMade(self) -> None:
-        self.upgrade.connected(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.head_done:
-            if self.decoder is not None:
-                try:
-                    self.decoder.dataReceived(data)
-                except http._MalformedChunkedDataError as error:
-                    self.upgrade.broken(f"bad response framing: {error}")
-                    self._t.abortConnection()
-            else:
-                super().dataReceived(data)
-            return
-        self.head += data
-        end = self.head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.head) > MAX_UPGRADE_HEAD:
-                self.upgrade.head_failed("the response head is too large")
-                self._t.abortConnection()
-            return
-        head, rest = self.head[:end], self.head[end + 4:]
-        self.head = b""
-        self.head_done = True
-        self.upgrade.got_head(self, head, rest)
-
-    def readConnectionLost(self) -> None:
-        if self.decoder is not None or not self.head_done:
-            self._t.loseConnection()
-            return
-        super().readConnectionLost()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.head_done:
-            self.upgrade.head_failed("the container closed the connection before answering")
-            return
-        if self.decoder is not None:
-            self.upgrade.body_lost(reason)
-            return
-        super().connectionLost(reason)
-
-
 class _Upgrade(_Exchange):
-    """An ``Upgrade`` request: raw connection, then 101 -> relay, else a normal response."""
+    """
+    An ``Upgrade`` request: over a connection of its own, never pooled; a 101
+    takes the client connection over and splices both with a relay, any
+    other answer is passed on as a normal response.
+    """
 
-    def start(self) -> None:
-        service, request = self.service, self.request
-        self.untrack = service.forwards.track(self.forward.id, self)
-        request.notifyFinish().addBoth(self._client_done)
-        self.backend: _UpgradeBackend | None = None
-        self.relay: Relay | None = None
-        self.client: _ClientEnd | None = None
-        self.body_bytes = 0
-        endpoint = service.endpoints.endpoint(self.container.address or "", self.forward.container_port)
-        self._arm()
-        self.pending = endpoint.connect(Factory.forProtocol(lambda: _UpgradeBackend(self)))
-        self.pending.addErrback(self._failed)
+    upgrade = True
+    relay: Relay | None = None
 
-    def _time_out(self) -> None:
-        self.timer = None
-        self.timed_out = True
-        if self.pending is not None:
-            self.pending.cancel()
-        elif self.backend is not None and not self.backend.head_done:
-            self.done = True
-            self.untrack()
-            self.backend._t.abortConnection()
-            _finish_with_error(self.request, GATEWAY_TIMEOUT(
-                f"no response headers within {self.service.response_timeout:g} s"))
-
-    def connected(self, backend: _UpgradeBackend) -> None:
-        self.pending = None
-        self.backend = backend
-        if self.done:
-            backend._t.abortConnection()
-            return
-        request = self.request
-        headers = self.service.request_headers(request, self.forward.id, self.prefix, self.strip_authorization, True)
-        body = _body_of(request, self.service.cooperator, lambda sending: None)
-        if body is not None:
-            headers.setRawHeaders(b"content-length", [str(body.length).encode("ascii")])
-        lines = [request.method + b" " + self.target() + b" HTTP/1.1"]
-        for name, values in headers.getAllRawHeaders():
-            lines.extend(name + b": " + value for value in values)
-        backend._t.write(b"\r\n".join(lines) + b"\r\n\r\n")
-        if body is not None and body.length:
-            body.startProducing(backend._t)
-
-    def head_failed(self, why: str) -> None:
-        if self.done:
-            return
-        self._disarm()
-        self._end(BAD_GATEWAY(why))
-
-    def got_head(self, backend: _UpgradeBackend, head: bytes, rest: bytes) -> None:
-        self._disarm()
-        if self.done:
-            backend._t.abortConnection()
-            return
-        try:
-            status_line, *header_lines = head.split(b"\r\n")
-            version, _, status = status_line.partition(b" ")
-            code_bytes, _, phrase = status.partition(b" ")
-            code = int(code_bytes)
-            if not version.startswith(b"HTTP/1.") or not 100 <= code <= 599:
-                raise ValueError(status_line)
-            headers = Headers()
-            for line in header_lines:
-                name, sep, value = line.partition(b":")
-                if not sep or not name or name != name.strip():
-                    raise ValueError(line)
-                headers.addRawHeader(name, value.strip(b" \t"))
-        except ValueError:
-            backend._t.abortConnection()
-            self.head_failed("the container's response head is not HTTP/1.1")
-            return
-        if code == 101:
-            self._switch(backend, code, phrase, headers, rest)
-        else:
-            self._plain(backend, code, phrase, headers, rest)
-
-    def _switch(self, backend: _UpgradeBackend, code: int, phrase: bytes, headers: Headers, rest: bytes) -> None:
+    def _switch(self, backend: _ContainerConnection, phrase: bytes, fields: Fields, rest: bytes) -> None:
         request = self.request
         channel = request.channel
         transport = channel.transport
+        self._stop_sending()
         # 101: keep Upgrade and Connection: upgrade, drop other hop-by-hop.
         request.responseHeaders = Headers()
-        self.service.response_headers(request, headers, self.prefix, keep=(b"upgrade",))
+        self.service.response_headers(request, fields, self.prefix, keep=(b"upgrade",))
         request.responseHeaders.setRawHeaders(b"connection", [b"Upgrade"])
         lines = [b"HTTP/1.1 101 " + (phrase or b"Switching Protocols")]
         for name, values in request.responseHeaders.getAllRawHeaders():
@@ -1152,18 +1485,17 @@ class _Upgrade(_Exchange):
         # websocket support does): it stays the transport's protocol, but its
         # data and connection loss now go to our end; it stops being the
         # transport's producer so that the relay can register its own.
+        backend.relaying = True
         backend._t.pauseProducing()
         if rest:
             TCPEnd.dataReceived(backend, rest)
         client = _ClientEnd(transport)
-        self.client = client
         buffered = b"".join(channel._dataBuffer)
         channel._dataBuffer = []
         channel.dataReceived = client.dataReceived
         channel.connectionLost = client.connectionLost
         transport.pauseProducing()
-        if getattr(transport, "producer", None) is not None:
-            transport.unregisterProducer()
+        release_from_http_channel(transport)
         transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
         relay = Relay(
             self.service.reactor,
@@ -1177,121 +1509,28 @@ class _Upgrade(_Exchange):
         self.relay = relay
         client.relay = relay
         backend.attach(relay)
+        self.service.answered(101)
         if buffered:
             relay.received(client, buffered)
         relay.start()
         self._log.info("upgraded connection to {forward_id} open", forward_id=self.forward.id)
 
     def _relay_ended(self, stats: RelayStats) -> None:
-        self.done = True
-        self.untrack()
+        self._settle()
+        self.service.forwards.relay_ended("upgrade", self.forward.id, self.principal.name, stats)
 
-    def _plain(self, backend: _UpgradeBackend, code: int, phrase: bytes, headers: Headers, rest: bytes) -> None:
-        request = self.request
-        length_values = headers.getRawHeaders(b"content-length")
-        chunked = any(b"chunked" in v.lower() for v in headers.getRawHeaders(b"transfer-encoding", []))
-        limit = self.service.body_limit
-        request.setResponseCode(code, phrase)
-        no_body = request.method == b"HEAD" or code in (204, 304) or 100 <= code < 200
-        if no_body:
-            self.service.response_headers(request, headers, self.prefix, keep=(b"content-length",))
-            backend.decoder = _Sink()
-            backend._t.loseConnection()
-            self.finish()
-            return
-        if chunked:
-            decoder: Any = http._ChunkedTransferDecoder(self._body_data, self._body_end)
-        elif length_values:
-            try:
-                length = int(length_values[0])
-            except ValueError:
-                backend._t.abortConnection()
-                self.head_failed("bad Content-Length from the container")
-                return
-            if length > limit:
-                backend._t.abortConnection()
-                self.head_failed(f"the response body ({length} bytes) is over the limit of {limit} bytes")
-                return
-            decoder = http._IdentityTransferDecoder(length, self._body_data, self._body_end)
-        else:
-            decoder = _UntilClose(self._body_data)
-        self.service.response_headers(request, headers, self.prefix, keep=(b"content-length",) if not chunked else ())
-        backend.decoder = decoder
-        request.registerProducer(backend._t, True)
-        if rest:
-            backend.dataReceived(rest)
-
-    def _body_data(self, data: bytes) -> None:
-        if self.done:
-            return
-        self.body_bytes += len(data)
-        if self.body_bytes > self.service.body_limit:
-            if self.backend is not None:
-                self.backend._t.abortConnection()
-            self.broken("the response body grew past the limit")
-            return
-        self.request.write(data)
-
-    def _body_end(self, extra: bytes) -> None:
-        if self.backend is not None:
-            self.backend.decoder = _Sink()
-            self.backend._t.loseConnection()
-        self.finish()
-
-    def body_lost(self, reason: Failure) -> None:
-        if self.done:
-            return
-        if self.backend is not None and isinstance(self.backend.decoder, _UntilClose):
-            self.finish()
-        else:
-            self.broken("the container's response ended early")
-
-    def broken(self, why: str, at_once: bool = False) -> None:
-        if self.backend is not None and self.backend.transport is not None:
-            self.backend._t.abortConnection()
-        super().broken(why, at_once)
-
-    def _client_done(self, result: Any) -> None:
-        if isinstance(result, Failure) and not self.done:
-            self.done = True
-            self.untrack()
-            self._disarm()
-            if self.pending is not None:
-                self.pending.cancel()
-            if self.backend is not None and self.backend.transport is not None:
-                self.backend._t.abortConnection()
+    def drain(self) -> Deferred[None]:
+        """A graceful stop: an upgraded connection is closed at once (as a tunnel is)."""
+        if self.relay is not None:
+            self.shutdown(GOING_AWAY)
+            return succeed(None)
+        return super().drain()
 
     def shutdown(self, reason: str) -> None:
         if self.relay is not None:
             self.relay.abort()
             return
-        if self.done:
-            return
-        if self.backend is None or not self.backend.head_done:
-            if self.backend is not None:
-                self.backend._t.abortConnection()
-            pending, self.pending = self.pending, None
-            self._disarm()
-            self._end(FORWARD_NOT_FOUND(f"the port forward is gone: {reason}"))
-            if pending is not None:
-                pending.cancel()
-            return
-        self.broken(reason, at_once=True)
-
-
-class _Sink:
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-
-class _UntilClose:
-    """A body that ends when the connection closes."""
-
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self._write = write
-
-    def dataReceived(self, data: bytes) -> None:
-        self._write(data)
+        super().shutdown(reason)
 
 
 # --- resources -------------------------------------------------------------------
@@ -1320,6 +1559,7 @@ class _ForwardResource(Resource):
             request.setResponseCode(308)
             request.setHeader(b"location", parts[-1] + b"/" + (b"?" + query if query else b""))
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            self._service.answered(308)
             return b"moved to the trailing-slash URL\n"
         prefix = b"/".join(parts[:3])
         return self._service.handle(request, self._forward_id, prefix)
@@ -1328,11 +1568,13 @@ class _ForwardResource(Resource):
 class _NotFound(Resource):
     isLeaf = True
 
-    def __init__(self, error: APIError) -> None:
+    def __init__(self, service: ProxyService, error: APIError) -> None:
         super().__init__()
+        self._service = service
         self._error = error
 
     def render(self, request: Any) -> bytes:
+        self._service.answered(self._error.code)
         return error_body(request, self._error)
 
 
@@ -1349,10 +1591,11 @@ class ProxyResource(Resource):
         except UnicodeDecodeError:
             forward_id = ""
         if not forward_id:
-            return _NotFound(NOT_FOUND("a port forward id is required: /p/{id}/"))
+            return _NotFound(self._service, NOT_FOUND("a port forward id is required: /p/{id}/"))
         return _ForwardResource(self._service, forward_id, True)
 
     def render(self, request: Any) -> bytes:
+        self._service.answered(404)
         return error_body(request, NOT_FOUND("a port forward id is required: /p/{id}/"))
 
 
@@ -1383,5 +1626,5 @@ class HostRouter:
             return None
         label = host[: -len(self._suffix)]
         if not _FORWARD_LABEL.match(label):
-            return _NotFound(FORWARD_NOT_FOUND(f"no port forward at {host!r}"))
+            return _NotFound(self._service, FORWARD_NOT_FOUND(f"no port forward at {host!r}"))
         return _ForwardResource(self._service, label.replace("-", "_"), False)

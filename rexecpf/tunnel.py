@@ -56,6 +56,7 @@ from rexecpf.model import (
     ErrorKind,
 )
 from rexecpf.relay import CLOSE_GOING_AWAY, Relay, RelayStats, TCPEnd
+from rexecpf.web import release_from_http_channel
 from rexecpf.wsend import WebSocketEndMixin, protocol_options
 
 __all__ = [
@@ -135,12 +136,9 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
         self._gone = False
 
     def connectionMade(self) -> None:
-        # The transport was taken over from twisted.web: the HTTPChannel is
-        # still its registered producer.  It must not get pause/resume
-        # signals any more (its transport is None now), and the relay
-        # registers its own producer later.
-        if getattr(self.transport, "producer", None) is not None:
-            self.transport.unregisterProducer()
+        # WebSocketResource took the transport over from twisted.web; the
+        # relay registers its own producer later.
+        release_from_http_channel(self.transport)
         super().connectionMade()
 
     # -- handshake -------------------------------------------------------

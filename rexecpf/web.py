@@ -25,7 +25,22 @@ from rexecpf.backends import IContainerBackend
 from rexecpf.model import METHOD_NOT_ALLOWED, NOT_FOUND, REQUEST_TOO_LARGE, APIError
 from rexecpf.store import IForwardStore
 
-__all__ = ["Health", "LimitedRequest", "RexecSite", "Root"]
+__all__ = ["Health", "LimitedRequest", "RexecSite", "Root", "release_from_http_channel"]
+
+
+def release_from_http_channel(transport: Any) -> None:
+    """
+    Finish taking a connection over from ``twisted.web`` (a WebSocket tunnel,
+    a proxied upgrade): the ``HTTPChannel`` registered itself as the
+    transport's producer when it connected, and nothing unregisters it.  Left
+    there, it would get the transport's pause and resume signals, and the new
+    owner could not register its own producer (``FileDescriptor`` refuses a
+    second one; STYLE.md 2.3).
+
+    :param transport: the connection's transport.
+    """
+    if getattr(transport, "producer", None) is not None:
+        transport.unregisterProducer()
 
 
 class NotFoundResource(Resource):

@@ -6,54 +6,78 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import succeed
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from rexecpf.api import PublicURLs
 from rexecpf.auth import Authenticator
-from rexecpf.model import Container, PortForward
+from rexecpf.config import LimitsConfig
+from rexecpf.forwards import ForwardService
+from rexecpf.metrics import Metrics
+from rexecpf.model import PortForward, Principal
+from rexecpf.ops import TOKEN_REVOKED
 from rexecpf.proxy import (
+    POOLED_IDLE_SECONDS,
     ProxyResource,
     ProxyService,
     SessionCookies,
+    _Exchange,
     _rewrite_location,
     _split_token,
     _without_session_cookie,
 )
+from rexecpf.testing import FakeBackend, MemoryForwardStore
 from rexecpf.web import RexecSite
 
 
-class FakeForwards:
-    """Just enough of ForwardService: one forward of alice's to 10.0.0.7:8080."""
-
-    def __init__(self) -> None:
-        self.forward = PortForward("pf_abc", "cont_a", 8080, 20000, None, 0, "alice")
-        self.container = Container("cont_a", "alice", "10.0.0.7", True)
-        self.live: set[Any] = set()
-
-    def reach(self, principal: Any, forward_id: str) -> Any:
-        return succeed((self.forward, self.container))
-
-    def track(self, forward_id: str, connection: Any) -> Any:
-        self.live.add(connection)
-        return lambda: self.live.discard(connection)
-
-
-def make_proxy(reactor: Any, timeout: float = 60.0) -> tuple[ProxyService, FakeForwards]:
-    forwards = FakeForwards()
+def make_proxy(
+    reactor: Any, timeout: float = 60.0, metrics: Metrics | None = None
+) -> tuple[ProxyService, ForwardService, PortForward]:
+    """
+    :return: a proxy on the real :class:`ForwardService` (in memory: a fake
+        backend with alice's ``cont_a`` at 10.0.0.7) and alice's forward to
+        its port 8080.
+    """
+    backend = FakeBackend()
+    backend.add("cont_a", "alice", "10.0.0.7")
+    forwards = ForwardService(
+        reactor, MemoryForwardStore(), backend, LimitsConfig(), port_probe=lambda interface, port: True
+    )
+    forwards.startService()
+    forward = _result(forwards.create(Principal("alice"), "cont_a", b'{"container_port": 8080}'))
     service = ProxyService(
         reactor,
-        Authenticator({"alice": "alice-token"}),
-        forwards,  # type: ignore[arg-type]
+        Authenticator({"alice": "alice-token", "bob": "bob-token"}),
+        forwards,
         PublicURLs("http://127.0.0.1:8080"),
         session_key=lambda: succeed(b"k" * 32),
         response_timeout=timeout,
+        metrics=metrics,
     )
-    return service, forwards
+    return service, forwards, forward
+
+
+def _result(deferred: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    deferred.addBoth(results.append)
+    assert results and not isinstance(results[0], Failure), results
+    return results[0]
+
+
+def connect_container(reactor: MemoryReactorClock) -> tuple[Any, StringTransport]:
+    """Complete the proxy's newest connection to the container: :return: its protocol and transport."""
+    factory = reactor.tcpClients[-1][2]
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
 
 
 def channel_for(site: server.Site) -> tuple[Any, StringTransport]:
@@ -143,44 +167,329 @@ class SessionCookieTests(SynchronousTestCase):
 
 
 class ProxyServiceTests(SynchronousTestCase):
-    """The proxy against a memory reactor."""
+    """The proxy against a memory reactor and the real ForwardService."""
 
-    def request(self, reactor: Any, timeout: float = 60.0) -> tuple[StringTransport, FakeForwards]:
-        service, forwards = make_proxy(reactor, timeout)
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.metrics = Metrics()
+
+    def request(
+        self, timeout: float = 60.0, path: bytes = b"/x?y=1", token: bytes = b"alice-token"
+    ) -> tuple[StringTransport, ForwardService]:
+        """Send one proxied GET; :return: the client's transport and the forwards."""
+        service, forwards, forward = make_proxy(self.reactor, timeout, self.metrics)
         root = Resource()
         root.putChild(b"p", ProxyResource(service))
         channel, transport = channel_for(server.Site(root))
         channel.dataReceived(
-            b"GET /p/pf_abc/x?y=1 HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer alice-token\r\n\r\n"
+            b"GET /p/" + forward.id.encode() + path + b" HTTP/1.1\r\nHost: h\r\n"
+            b"Authorization: Bearer " + token + b"\r\n\r\n"
         )
+        self.channel = channel
         return transport, forwards
+
+    def container(self) -> tuple[Any, StringTransport]:
+        return connect_container(self.reactor)
+
+    def counted(self) -> dict[str, float]:
+        """:return: status code -> proxied requests counted."""
+        text = self.metrics.render().decode()
+        return {
+            sample.labels["code"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "rexecpf_proxy_requests_total"
+        }
 
     def test_connects_to_container(self) -> None:
         """The container's address and port are connected to (IPv4 endpoint)."""
-        reactor = MemoryReactorClock()
-        self.request(reactor)
-        host, port = reactor.tcpClients[0][:2]
+        self.request()
+        host, port = self.reactor.tcpClients[0][:2]
         self.assertEqual((host, port), ("10.0.0.7", 8080))
 
     def test_gateway_timeout(self) -> None:
         """No response headers within the timeout: 504, and the request is no longer tracked."""
-        reactor = MemoryReactorClock()
-        transport, forwards = self.request(reactor, timeout=5)
-        self.assertEqual(len(forwards.live), 1)
-        reactor.advance(4.9)
+        transport, forwards = self.request(timeout=5)
+        self.assertEqual(forwards.live_count(), 1)
+        self.reactor.advance(4.9)
         self.assertEqual(transport.value(), b"")
-        reactor.advance(0.2)
+        self.reactor.advance(0.2)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 504 "))
-        self.assertEqual(forwards.live, set())
+        self.assertEqual(forwards.live_count(), 0)
+        self.assertEqual(self.counted(), {"504": 1})
 
     def test_unauthenticated(self) -> None:
-        """Without credentials: 401 with WWW-Authenticate, nothing connected."""
-        reactor = MemoryReactorClock()
-        service, _ = make_proxy(reactor)
+        """Without credentials: 401 with WWW-Authenticate, nothing connected, the 401 counted."""
+        service, _, forward = make_proxy(self.reactor, metrics=self.metrics)
         root = Resource()
         root.putChild(b"p", ProxyResource(service))
         channel, transport = channel_for(server.Site(root))
-        channel.dataReceived(b"GET /p/pf_abc/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        channel.dataReceived(b"GET /p/" + forward.id.encode() + b"/ HTTP/1.1\r\nHost: h\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 "))
         self.assertIn(b"WWW-Authenticate: Bearer", transport.value())
-        self.assertEqual(reactor.tcpClients, [])
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.counted(), {"401": 1})
+
+    def test_tracked_as_proxy_of_its_user(self) -> None:
+        """A proxied request is tracked under its forward, as kind "proxy", for the user it serves."""
+        _, forwards = self.request()
+        self.assertEqual(forwards.live_counts(), {"proxy": 1})
+        self.assertEqual(forwards.shutdown_user("bob", TOKEN_REVOKED), 0)
+        self.assertEqual(forwards.shutdown_user("alice", TOKEN_REVOKED), 1)
+
+    def test_revoked_while_waiting(self) -> None:
+        """Revoking the user's token while the container has not answered: 401, the container connection closed."""
+        transport, forwards = self.request()
+        _, container = self.container()
+        forwards.shutdown_user("alice", TOKEN_REVOKED)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 "))
+        self.assertIn(b"revoked", transport.value())
+        self.assertTrue(container.disconnecting)
+        self.assertEqual(forwards.live_count(), 0)
+        self.assertEqual(self.counted(), {"401": 1})
+
+    def test_revoked_mid_body(self) -> None:
+        """
+        Revoking the user's token mid-body aborts the client connection (the
+        response cannot look complete) and stops the container's response.
+        """
+        transport, forwards = self.request()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
+        self.assertIn(b"Content-Length: 1000", transport.value())
+        forwards.shutdown_user("alice", TOKEN_REVOKED)
+        self.assertTrue(transport.disconnected)  # aborted, not closed after a complete response
+        self.assertTrue(container.disconnected)  # the container connection aborted too
+        self.assertEqual(forwards.live_count(), 0)
+        self.channel.connectionLost(Failure(ConnectionAborted()))  # what the abort leads to
+        self.assertEqual(self.counted(), {"200": 1})
+
+    def test_response_counted(self) -> None:
+        """A container's answer is counted once, with its status, when it is done; so is a refused connection (502)."""
+        transport, forwards = self.request()
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nhi"))
+        self.assertEqual(self.counted(), {"200": 1})
+        refused, _ = self.request()
+        self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertTrue(refused.value().startswith(b"HTTP/1.1 502 "))
+        self.assertEqual(self.counted(), {"200": 1, "502": 1})
+
+    def test_drain_lets_the_response_finish(self) -> None:
+        """
+        On a graceful stop a request in flight is waited for; it finishes
+        whole, then its connection closes instead of waiting for another request.
+        """
+        transport, forwards = self.request()
+        protocol, _ = self.container()
+        drained = forwards.drain(30)
+        self.assertNoResult(drained)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        self.successResultOf(drained)
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.value().endswith(b"hi"))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(forwards.live_count(), 0)
+
+    def test_drain_grace_period_ends(self) -> None:
+        """A request whose container has not answered when the grace period ends gets a 503."""
+        transport, forwards = self.request()
+        self.container()
+        drained = forwards.drain(30)
+        self.reactor.advance(29)
+        self.assertNoResult(drained)
+        self.reactor.advance(1)
+        self.successResultOf(drained)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 "))
+        self.assertEqual(forwards.live_count(), 0)
+
+    def test_delete_closes(self) -> None:
+        """Deleting the forward answers a waiting request 404 and stops tracking it."""
+        transport, forwards = self.request()
+        forward = forwards.forwards()[0]
+        self.successResultOf(forwards.delete(Principal("alice"), "cont_a", forward.id))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 404 "))
+        self.assertEqual(forwards.live_count(), 0)
+
+
+class ContainerClientTests(SynchronousTestCase):
+    """The proxy's own HTTP/1.1 client: framing, interim answers, the keep-alive pool, retries."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.service, self.forwards, self.forward = make_proxy(self.reactor)
+        self.root = Resource()
+        self.root.putChild(b"p", ProxyResource(self.service))
+
+    def send(self, head: bytes = b"GET /x HTTP/1.1\r\nHost: h\r\n", body: bytes = b"") -> StringTransport:
+        """Send one request (``head`` without its final empty line); :return: the client's transport."""
+        method, _, rest = head.partition(b" /")
+        channel, transport = channel_for(server.Site(self.root))
+        channel.dataReceived(
+            method + b" /p/" + self.forward.id.encode() + b"/" + rest.rstrip(b"\r\n")
+            + b"\r\nAuthorization: Bearer alice-token\r\n\r\n" + body
+        )
+        return transport
+
+    def container(self) -> tuple[Any, StringTransport]:
+        return connect_container(self.reactor)
+
+    def test_kept_alive_and_reused(self) -> None:
+        """A response read whole leaves its connection for the next request; one idle too long is not used."""
+        client = self.send()
+        protocol, container = self.container()
+        self.assertTrue(container.value().startswith(b"GET /x HTTP/1.1\r\n"))
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertTrue(client.value().endswith(b"hi"))
+        self.assertEqual(self.service.pool.idle_count(), 1)
+        container.clear()
+        client = self.send(b"GET /y HTTP/1.1\r\nHost: h\r\n")
+        self.assertEqual(len(self.reactor.tcpClients), 1)  # no new connection
+        self.assertTrue(container.value().startswith(b"GET /y HTTP/1.1\r\n"))
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 204 "))
+        self.reactor.advance(POOLED_IDLE_SECONDS + 1)
+        self.send()
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertTrue(container.disconnecting)
+
+    def test_not_kept(self) -> None:
+        """A response with Connection: close, or whose body ends with the connection, leaves it closed."""
+        self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertTrue(container.disconnecting)
+        self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.service.pool.idle_count(), 0)
+
+    def test_stale_connection_retried_for_get(self) -> None:
+        """A kept-alive connection found closed before any answer: a GET goes again on a new connection."""
+        self.send()
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        client = self.send()
+        protocol.connectionLost(Failure(ConnectionDone()))  # the server had closed it
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        retried, container = self.container()
+        self.assertTrue(container.value().startswith(b"GET /x HTTP/1.1\r\n"))
+        retried.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 200 "))
+
+    def test_stale_connection_not_retried_for_post(self) -> None:
+        """A POST is never sent twice: a kept-alive connection closed before any answer is a 502."""
+        self.send()
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        client = self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n", b"hi")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+
+    def test_interim_answer_skipped(self) -> None:
+        """A 100 Continue from the container is not passed on; the final answer is."""
+        client = self.send()
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 201 "))
+        self.assertNotIn(b"100 Continue", client.value())
+
+    def test_conflicting_content_lengths(self) -> None:
+        """Two different Content-Lengths: the framing is unknowable, 502."""
+        client = self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(container.disconnecting)
+
+    def test_unasked_switch(self) -> None:
+        """A 101 to a request that asked for no upgrade is a 502."""
+        client = self.send()
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+
+    def test_host_filled_in(self) -> None:
+        """An HTTP/1.0 request without Host reaches the container with the container's authority as Host."""
+        self.send(b"GET /x HTTP/1.0\r\n")
+        _, container = self.container()
+        self.assertIn(b"\r\nhost: 10.0.0.7:8080\r\n", container.value().lower())
+
+    def test_upload_paced_by_container(self) -> None:
+        """The request body is the container connection's producer: a slow container pauses it."""
+        self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n", b"hello")
+        _, container = self.container()
+        self.assertIsNotNone(container.producer)
+        container.producer.pauseProducing()
+        self.reactor.advance(0)
+        self.assertNotIn(b"hello", container.value())
+        container.producer.resumeProducing()
+        self.reactor.advance(0)
+        self.reactor.advance(0)
+        self.assertTrue(container.value().endswith(b"\r\n\r\nhello"))
+        self.assertIsNone(container.producer)
+
+    def test_bad_answer_not_retried(self) -> None:
+        """A kept-alive connection that answers garbage is a 502 at once (no retry), and is closed."""
+        self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        client = self.send()
+        protocol.dataReceived(b"garbage\r\n\r\n")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(container.disconnecting)
+
+    def test_chunked_wins_over_content_length(self) -> None:
+        """A chunked answer that also names a Content-Length reaches the client re-framed, without that length."""
+        client = self.send()
+        protocol, _ = self.container()
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        head, _, body = client.value().partition(b"\r\n\r\n")
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertEqual(body, b"5\r\nhello\r\n0\r\n\r\n")
+        self.assertEqual(self.service.pool.idle_count(), 1)
+
+    def test_idle_connections_pruned(self) -> None:
+        """Once traffic stops, a running proxy closes its idle kept-alive connections itself."""
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.service.pool.idle_count(), 1)
+        self.reactor.advance(POOLED_IDLE_SECONDS)
+        self.assertFalse(container.disconnecting)
+        self.reactor.advance(POOLED_IDLE_SECONDS)
+        self.assertTrue(container.disconnecting)
+        self.assertEqual(self.service.pool.idle_count(), 0)
+
+    def test_bad_field_name(self) -> None:
+        """A response field whose name is not a token (here with a bare LF in it) is a 502, never passed on."""
+        client = self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nX-A\nSet-Cookie: evil=1\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+        self.assertNotIn(b"evil", client.value())
+        self.assertTrue(container.disconnecting)
+
+    def test_bug_answers_500(self) -> None:
+        """A bug while handling the container's answer is logged and answered 500, not left hanging."""
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("a bug")
+
+        self.patch(_Exchange, "_respond", broken)
+        client = self.send()
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertTrue(container.disconnecting)
+        self.assertEqual(self.forwards.live_count(), 0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

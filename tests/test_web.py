@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from rexecpf.api import MAX_BODY_BYTES
-from rexecpf.web import IDLE_TIMEOUT_SECONDS, LimitedRequest, RexecSite
+from rexecpf.web import IDLE_TIMEOUT_SECONDS, LimitedRequest, RexecSite, release_from_http_channel
 
 
 class Echo(Resource):
@@ -145,3 +145,21 @@ class LineLengthTests(SiteCase):
         )
         self.assertNotIn(b"100 Continue", transport.value())
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+
+
+class TakeoverTests(SynchronousTestCase):
+    def test_channel_released_as_producer(self) -> None:
+        """
+        A connection taken over from twisted.web no longer has the HTTPChannel
+        as its producer, so the new owner can register its own.
+        """
+        site = RexecSite(Resource())
+        site.timeOut = None
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIsNotNone(transport.producer)
+        release_from_http_channel(transport)
+        self.assertIsNone(transport.producer)
+        release_from_http_channel(transport)  # nothing registered: nothing to do
+        transport.registerProducer(object(), True)

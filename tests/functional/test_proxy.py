@@ -218,7 +218,7 @@ class ResponseRulesTests(ProxyTestsMixin, TestCase):
         pool = self.rex.proxy.pool
         for _ in range(5):
             yield self.echo("/")
-        self.assertEqual(sum(len(v) for v in pool._connections.values()), 1)
+        self.assertEqual(pool.idle_count(), 1)
 
 
 class ErrorTests(ProxyTestsMixin, TestCase):
