@@ -206,6 +206,11 @@ class ForwardService(Service):
         #: how many times :meth:`reconcile` ran (for the metrics)
         self.reconcile_runs = 0
         self._observers: list[ForwardObserver] = []
+        #: creates in flight; while there are any, stop notifications are
+        #: numbered (container id -> number of its last one)
+        self._creating = 0
+        self._stops = 0
+        self._stopped_at: dict[str, int] = {}
         #: called with (kind, stats) as each relay ends (:meth:`relay_ended`)
         self.relay_observers: list[Callable[[str, RelayStats], None]] = []
         #: containers whose forwards are being reaped after a stopped event
@@ -500,13 +505,25 @@ class ForwardService(Service):
 
     # --- the API's operations
 
-    @inlineCallbacks
-    def create(self, principal: Principal, container_id: str, body: bytes) -> Any:
+    def create(self, principal: Principal, container_id: str, body: bytes) -> Deferred[PortForward]:
         """
         Create a forward; errors come in the contract's order.
 
         :return: a Deferred firing with the new :class:`PortForward`.
         """
+        self._creating += 1
+
+        def done(result: Any) -> Any:
+            self._creating -= 1
+            if not self._creating:
+                self._stopped_at.clear()
+            return result
+
+        return self._create(principal, container_id, body).addBoth(done)
+
+    @inlineCallbacks
+    def _create(self, principal: Principal, container_id: str, body: bytes) -> Any:
+        stops_before = self._stops
         container: Container = yield self.container_for(principal, container_id)
         request = parse_create_request(body)
         if not container.running:
@@ -535,6 +552,11 @@ class ForwardService(Service):
             yield self._store.add(forward, limit)
         finally:
             self._reserved_ports.discard(local_port)
+        if self._stopped_at.get(container.id, -1) >= stops_before:
+            # It stopped while this create was in flight: the reap that the
+            # stop started could not see this forward.  Take it back.
+            yield self._store.remove(forward.id)
+            raise CONTAINER_NOT_RUNNING("the container stopped while the forward was being created")
         self._forwards[forward.id] = forward
         self._notify_added(forward)
         return forward
@@ -602,6 +624,10 @@ class ForwardService(Service):
         return removed
 
     def _container_stopped(self, container_id: str) -> None:
+        if self._creating:
+            # Numbered, so that a create in flight can tell it happened meanwhile.
+            self._stopped_at[container_id] = self._stops
+            self._stops += 1
         if not any(f.container_id == container_id for f in self._forwards.values()):
             return
         if container_id in self._reaping:

@@ -13,6 +13,7 @@ import jsonschema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
@@ -22,6 +23,7 @@ from rexecpf.api import API, PublicURLs
 from rexecpf.auth import Authenticator
 from rexecpf.config import LimitsConfig
 from rexecpf.forwards import ForwardService
+from rexecpf.model import APIError
 from rexecpf.openapi import openapi_document
 from rexecpf.testing import FakeBackend, MemoryForwardStore
 from rexecpf.web import Health, Root
@@ -363,6 +365,30 @@ class ReadDeleteTests(APITestCase):
             [f["id"] for f in self.request("GET", "/api/containers/c2/port-forwards", ALICE)[1]],
             [kept["id"]],
         )
+
+    def test_stop_while_creating(self) -> None:
+        """
+        A container that stops while a create is being written (its reap
+        cannot see the new forward yet) answers 409 and leaves no forward.
+        """
+        from rexecpf.model import Principal
+
+        writing: Deferred[Any] = Deferred()
+        add = self.store.add
+
+        def slow_add(forward: Any, limit: int) -> Any:
+            return writing.addCallback(lambda _: add(forward, limit))
+
+        self.store.add = slow_add  # type: ignore[method-assign]
+        creating = self.forwards.create(Principal("alice"), "c1", b'{"container_port": 8080}')
+        self.backend.stop("c1")
+        writing.callback(None)
+        failure = self.failureResultOf(creating, APIError)
+        self.assertEqual((failure.value.code, failure.value.message), (409, "Container not running"))
+        self.assertEqual(self.successResultOf(self.store.list_forwards("c1")), [])
+        self.assertEqual(self.forwards.live_count("c1"), 0)
+        # Nothing is remembered once no create is in flight.
+        self.assertEqual(self.forwards._stopped_at, {})
 
 
 class MiscTests(APITestCase):
