@@ -31,12 +31,9 @@ from twisted.python.failure import Failure
 from rexecpf.config import LimitsConfig
 from rexecpf.forwards import ForwardService
 from rexecpf.model import APIError, PortForward
-from rexecpf.relay import CLOSE_GOING_AWAY, Relay, RelayStats, TCPEnd, splice_to_endpoint
+from rexecpf.relay import CLOSE_GOING_AWAY, CONNECT_TIMEOUT, Relay, RelayStats, TCPEnd, splice_to_endpoint
 
 __all__ = ["LocalListeners", "LocalConnection"]
-
-CONNECT_TIMEOUT = 10.0
-
 
 class LocalConnection(TCPEnd):
     """One accepted connection: paused until spliced to the container."""

@@ -81,7 +81,7 @@ from rexecpf.model import (
     Principal,
 )
 from rexecpf.ops import TOKEN_REVOKED
-from rexecpf.relay import IRelayEnd, Relay, RelayStats, TCPEnd, widen_transport
+from rexecpf.relay import CONNECT_TIMEOUT, IRelayEnd, Relay, RelayStats, TCPEnd, widen_transport
 from rexecpf.web import release_from_http_channel
 
 __all__ = [
@@ -474,7 +474,7 @@ class ProxyService(Service):
         self.upgrade_rate = upgrade_rate
         self.upgrade_idle = upgrade_idle
         self.pool = _ConnectionPool(reactor, max_per_host, POOLED_IDLE_SECONDS)
-        self.endpoints = _ContainerEndpoints(reactor, response_timeout)
+        self.endpoints = _ContainerEndpoints(reactor, CONNECT_TIMEOUT)
         self.cooperator = task.Cooperator(
             scheduler=lambda work: reactor.callLater(0, work), started=True
         )

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 __all__ = [
+    "CONNECT_TIMEOUT",
     "CLOSE_ABORTED",
     "CLOSE_GOING_AWAY",
     "CLOSE_NORMAL",
@@ -60,6 +61,11 @@ __all__ = [
     "splice_to_endpoint",
     "widen_transport",
 ]
+
+#: Seconds to wait for a container port to accept a connection, for every
+#: kind of connection (tunnel, local_port, proxy): then it counts as not
+#: answering (502 for the tunnel and the proxy).
+CONNECT_TIMEOUT = 10.0
 
 #: Normal closure: peer closed, idle timeout.
 CLOSE_NORMAL = 1000
@@ -993,7 +999,7 @@ def splice_to_endpoint(
     clock: IReactorTime,
     endpoint: IStreamClientEndpoint,
     accepted: TCPEnd,
-    connect_timeout: float | None = 30.0,
+    connect_timeout: float | None = CONNECT_TIMEOUT,
     **relay_kwargs: Any,
 ) -> Deferred[Relay]:
     """

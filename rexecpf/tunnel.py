@@ -55,12 +55,11 @@ from rexecpf.model import (
     APIError,
     ErrorKind,
 )
-from rexecpf.relay import CLOSE_GOING_AWAY, Relay, RelayStats, TCPEnd
+from rexecpf.relay import CLOSE_GOING_AWAY, CONNECT_TIMEOUT, Relay, RelayStats, TCPEnd
 from rexecpf.web import release_from_http_channel
 from rexecpf.wsend import WebSocketEndMixin, protocol_options
 
 __all__ = [
-    "CONNECT_TIMEOUT",
     "TunnelFactory",
     "TunnelProtocol",
     "TunnelResource",
@@ -68,7 +67,6 @@ __all__ = [
 ]
 
 #: Seconds to wait for the container port to accept the connection.
-CONNECT_TIMEOUT = 10.0
 
 BEARER = "Bearer"
 HOSTED_PREFIX = "rexec.token."

@@ -33,6 +33,7 @@ from rexecpf.proxy import (
     _split_token,
     _without_session_cookie,
 )
+from rexecpf.relay import CONNECT_TIMEOUT
 from rexecpf.testing import FakeBackend, MemoryForwardStore
 from rexecpf.web import RexecSite
 
@@ -202,10 +203,13 @@ class ProxyServiceTests(SynchronousTestCase):
         }
 
     def test_connects_to_container(self) -> None:
-        """The container's address and port are connected to (IPv4 endpoint)."""
+        """
+        The container's address and port are connected to (IPv4 endpoint),
+        given CONNECT_TIMEOUT like a tunnel's, not the 60 s for a response.
+        """
         self.request()
-        host, port = self.reactor.tcpClients[0][:2]
-        self.assertEqual((host, port), ("10.0.0.7", 8080))
+        host, port, _factory, timeout, _bind = self.reactor.tcpClients[0]
+        self.assertEqual((host, port, timeout), ("10.0.0.7", 8080, CONNECT_TIMEOUT))
 
     def test_gateway_timeout(self) -> None:
         """No response headers within the timeout: 504, and the request is no longer tracked."""
