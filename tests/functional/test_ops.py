@@ -28,7 +28,6 @@ from tests.functional.daemon import REPO, Daemon, http_request, subprocess_env, 
 from tests.functional.peers import free_port
 from tests.functional.test_daemon import wait_until
 
-HARNESS = Path(__file__).with_name("ops_harness.tac")
 UNITS = REPO / "contrib" / "systemd"
 
 
@@ -171,29 +170,70 @@ class ReadinessTests(OpsTestCase):
         notify.wait_for("STOPPING=1", 5)
 
 
-class HarnessTestCase(OpsTestCase):
-    """The service tree of ``twistd rexecpf`` with a slow drainable request and a relay listener."""
+class SlowServer(socketserver.ThreadingTCPServer):
+    """
+    A "container" web app: ``GET /slow/{seconds}`` answers ``started``, then
+    ``finished`` that many seconds later (one body, Content-Length known).
+    """
 
-    def start_harness(self, daemon: Daemon, echo: EchoServer) -> int:
-        relay_port = free_port()
-        env = subprocess_env() | {
-            "HARNESS_CONFIG": str(daemon.config),
-            "HARNESS_RELAY_PORT": str(relay_port),
-            "HARNESS_TARGET_PORT": str(echo.port),
-        }
-        argv = twistd_argv()
-        argv = argv[: argv.index("rexecpf")] + ["-y", str(HARNESS)]
-        self.spawn(daemon, argv, env)
-        wait_until(lambda: _healthy(daemon), 30)
-        return relay_port
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                line = self.rfile.readline().decode()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                seconds = float(line.split()[1].rsplit("/", 1)[-1])
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\nConnection: close\r\n\r\nstarted\n")
+                self.wfile.flush()
+                time.sleep(seconds)  # the app is slow, not the test
+                try:
+                    self.wfile.write(b"finished\n")
+                except OSError:
+                    pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class LiveConnectionsTestCase(OpsTestCase):
+    """
+    A real ``twistd rexecpf`` with a forward to an echo server (used through
+    its ``local_port``) and forwards to a slow web app (used through the
+    proxy), for alice on c1 and bob on c2.
+    """
+
+    def start_daemon(self, server: str = "") -> Daemon:
+        """:param server: more keys of the ``[server]`` table."""
+        self.echo_server = EchoServer()
+        self.addCleanup(self.echo_server.shutdown)
+        self.slow_server = SlowServer()
+        self.addCleanup(self.slow_server.shutdown)
+        daemon = self.make_daemon(containers=[{"id": "c1", "owner": "alice"}, {"id": "c2", "owner": "bob"}])
+        daemon.config.write_text(
+            daemon.config.read_text().replace('state = "state.sqlite3"', 'state = "state.sqlite3"\n' + server)
+        )
+        daemon.start()
+        code, self.echo_forward = daemon.create("c1", self.echo_server.port)
+        self.assertEqual(code, 201)
+        self.slow_forwards = {}
+        for user, container in (("alice", "c1"), ("bob", "c2")):
+            code, forward = daemon.create(container, self.slow_server.port, user=user)
+            self.assertEqual(code, 201, forward)
+            self.slow_forwards[user] = forward
+        return daemon
 
     def slow_request(self, daemon: Daemon, seconds: float, user: str) -> dict[str, Any]:
-        """Start GET /slow/{seconds} in a thread; :return: what it got, filled in later."""
+        """Start a proxied GET /slow/{seconds} in a thread; :return: what it got, filled in later."""
         result: dict[str, Any] = {}
+        path = f"/p/{self.slow_forwards[user]['id']}/slow/{seconds}"
 
         def run() -> None:
             try:
-                result["response"] = http_request(daemon.port, "GET", f"/slow/{seconds}?user={user}")
+                result["response"] = http_request(daemon.port, "GET", path, token=daemon.users[user])
             except Exception as error:  # the connection was cut
                 result["error"] = error
             result["ended"] = time.monotonic()
@@ -211,6 +251,14 @@ class HarnessTestCase(OpsTestCase):
         self.assertEqual(received, data)
 
 
+def _live(metrics_port: int, kind: str) -> float | None:
+    return _samples(_scrape(metrics_port)).get(("rexecpf_live_connections", (("kind", kind),)))
+
+
+def _with_metrics(port: int, grace: float) -> str:
+    return f'metrics_listen = "tcp:{port}:interface=127.0.0.1"\nshutdown_grace_seconds = {grace}\n'
+
+
 def _healthy(daemon: Daemon) -> bool:
     try:
         return daemon.request("GET", "/healthz", user=None, timeout=2)[0] == 200
@@ -218,39 +266,29 @@ def _healthy(daemon: Daemon) -> bool:
         return False
 
 
-class GracefulStopTests(HarnessTestCase):
+class GracefulStopTests(LiveConnectionsTestCase):
     def test_sigterm_drains_requests_and_closes_relays(self) -> None:
         """
-        On SIGTERM the port stops accepting, an open relay is closed at once,
-        a request in flight finishes, the process exits 0, and the forwards
-        are there after a restart.  The relay's bytes reach the metrics and
-        its end is one log line.
+        On SIGTERM the port stops accepting, an open local_port connection is
+        closed at once, a proxied request in flight finishes, the process
+        exits 0, and the forwards are there after a restart.  The relay's
+        bytes reach the metrics and its end is one log line.
         """
-        echo = EchoServer()
-        self.addCleanup(echo.shutdown)
         metrics_port = free_port()
-        daemon = self.make_daemon()
-        daemon.config.write_text(daemon.config.read_text().replace(
-            'state = "state.sqlite3"',
-            f'state = "state.sqlite3"\nmetrics_listen = "tcp:{metrics_port}:interface=127.0.0.1"\n'
-            "shutdown_grace_seconds = 20",
-        ))
-        relay_port = self.start_harness(daemon, echo)
-        code, forward = daemon.create("c1", 8080)
-        self.assertEqual(code, 201)
-
-        with socket.create_connection(("127.0.0.1", relay_port), timeout=10) as first:
+        daemon = self.start_daemon(_with_metrics(metrics_port, 20))
+        local_port = self.echo_forward["local_port"]
+        with socket.create_connection(("127.0.0.1", local_port), timeout=10) as first:
             self.echo(first, b"x" * 1000)
-        wait_until(lambda: b"rexecpf_relays_total" in _scrape(metrics_port), 10)
+        wait_until(lambda: b'rexecpf_relays_total{kind="listener"}' in _scrape(metrics_port), 10)
         values = _samples(_scrape(metrics_port))
         self.assertEqual(values[("rexecpf_relayed_bytes_total", (("direction", "upstream"), ("kind", "listener")))], 1000)
-        self.assertEqual(values[("rexecpf_forwards", ())], 1)
+        self.assertEqual(values[("rexecpf_forwards", ())], 3)
 
-        relay = socket.create_connection(("127.0.0.1", relay_port), timeout=10)
+        relay = socket.create_connection(("127.0.0.1", local_port), timeout=10)
         self.addCleanup(relay.close)
         self.echo(relay, b"hello")
         slow = self.slow_request(daemon, 2.0, "alice")
-        wait_until(lambda: _samples(_scrape(metrics_port)).get(("rexecpf_live_connections", (("kind", "proxy"),))) == 1, 10)
+        wait_until(lambda: _live(metrics_port, "proxy") == 1, 10)
         signalled = time.monotonic()
         assert daemon.process is not None
         daemon.process.send_signal(signal.SIGTERM)
@@ -264,46 +302,38 @@ class GracefulStopTests(HarnessTestCase):
         code, body, _ = slow["response"]
         self.assertEqual((code, body), (200, b"started\nfinished\n"))
         self.assertGreater(slow["ended"] - signalled, 1.0)
-        log = daemon.log()
-        self.assertIn(f"listener {forward['id']} of alice closed: 5 bytes in, 5 bytes out", log)
+        self.assertIn(f"listener {self.echo_forward['id']} of - closed: 5 bytes in, 5 bytes out", daemon.log())
         daemon.kill()
         daemon.start()
-        self.assertEqual([f["id"] for f in daemon.list("c1")], [forward["id"]])
+        self.assertEqual([f["id"] for f in daemon.list("c1")], [self.echo_forward["id"], self.slow_forwards["alice"]["id"]])
 
     def test_grace_period_ends(self) -> None:
-        """A request still running after shutdown_grace_seconds is cut; the exit status is still 0."""
-        echo = EchoServer()
-        self.addCleanup(echo.shutdown)
-        daemon = self.make_daemon()
-        daemon.config.write_text(daemon.config.read_text().replace(
-            'state = "state.sqlite3"', 'state = "state.sqlite3"\nshutdown_grace_seconds = 1'))
-        self.start_harness(daemon, echo)
-        daemon.create("c1", 8080)
+        """A proxied request still running after shutdown_grace_seconds is cut; the exit status is still 0."""
+        metrics_port = free_port()
+        daemon = self.start_daemon(_with_metrics(metrics_port, 1))
         slow = self.slow_request(daemon, 60, "alice")
-        time.sleep(0.5)
+        wait_until(lambda: _live(metrics_port, "proxy") == 1, 10)
         signalled = time.monotonic()
         self.assertEqual(self.sigterm(daemon), 0, daemon.log())
         self.assertLess(time.monotonic() - signalled, 10)
         slow["thread"].join(10)
+        # the answer had started: it is cut short, never complete-looking
         self.assertIn("error", slow)
 
 
-class ReloadTests(HarnessTestCase):
+class ReloadTests(LiveConnectionsTestCase):
     def test_sighup(self) -> None:
         """
         SIGHUP re-reads the file: a new token works at once, a removed one is
-        401 and its user's connections are closed while others stay; a broken
-        file is one log line and changes nothing.
+        401 and its user's connections (a proxied request here) are closed
+        while others stay; a broken file is one log line and changes nothing.
         """
-        echo = EchoServer()
-        self.addCleanup(echo.shutdown)
-        daemon = self.make_daemon(containers=[{"id": "c1", "owner": "alice"}, {"id": "c2", "owner": "bob"}])
-        self.start_harness(daemon, echo)
+        metrics_port = free_port()
+        daemon = self.start_daemon(_with_metrics(metrics_port, 10))
         assert daemon.process is not None
-        daemon.create("c1", 8080)
         bobs = self.slow_request(daemon, 30, "bob")
         alices = self.slow_request(daemon, 3, "alice")
-        time.sleep(0.5)
+        wait_until(lambda: _live(metrics_port, "proxy") == 2, 10)
         config = daemon.config.read_text()
         daemon.config.write_text(config.replace('bob = "bob-token"', 'carol = "carol-token"'))
         daemon.process.send_signal(signal.SIGHUP)
@@ -322,7 +352,6 @@ class ReloadTests(HarnessTestCase):
         daemon.config.write_text("[auth\nusers = ")
         daemon.process.send_signal(signal.SIGHUP)
         wait_until(lambda: "reload failed" in daemon.log(), 10)
-        time.sleep(0.3)
         self.assertEqual(daemon.log().count("reload failed"), before + 1)
         lines = [line for line in daemon.log().splitlines() if "reload failed" in line]
         self.assertEqual(len(lines), 1)
