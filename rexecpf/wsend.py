@@ -118,6 +118,24 @@ else:
     _AutobahnProtocol = object
 
 
+def _close_frame_fault(code: int | None, reason: bytes | None) -> tuple[int, str] | None:
+    """
+    :return: the close code and reason that answer a peer's close frame
+        with a reserved code (RFC 6455 7.4) or a reason that is not UTF-8,
+        or ``None`` for a good one.
+    """
+    if code is not None and not (
+        code in WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED or 3000 <= code <= 4999
+    ):
+        return WebSocketProtocol.CLOSE_STATUS_CODE_PROTOCOL_ERROR, f"invalid close code {code}"
+    if reason:
+        try:
+            reason.decode("utf-8")
+        except UnicodeDecodeError:
+            return WebSocketProtocol.CLOSE_STATUS_CODE_INVALID_PAYLOAD, "close reason is not UTF-8"
+    return None
+
+
 class WebSocketEndMixin(_AutobahnProtocol):
     """
     Mixed in before an Autobahn Twisted protocol class: the protocol is then
@@ -231,6 +249,16 @@ class WebSocketEndMixin(_AutobahnProtocol):
             self.relay.activity()
 
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> Any:
+        fault = _close_frame_fault(code, reasonRaw)
+        if fault is not None and self.state == WebSocketProtocol.STATE_OPEN:
+            # Autobahn would queue its 1002/1007 answer, then take the bad
+            # frame for the reply to it and abort the connection, discarding
+            # the answer (the peer saw a reset).  Answer, and close once the
+            # answer is written.
+            self.sendCloseFrame(code=fault[0], reasonUtf8=fault[1].encode())
+            self.wasClean = False
+            self.dropConnection(abort=False)
+            return True
         # Autobahn annotates int and bytes, but passes None for a close frame
         # without a code or reason.
         result = super().onCloseFrame(code, reasonRaw)  # type: ignore[arg-type]

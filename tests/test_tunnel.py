@@ -152,9 +152,17 @@ class _SocketTransport(StringTransport):
     producer registered: Autobahn's ``dropConnection`` does that.
     """
 
+    aborted = False
+
     def unregisterProducer(self) -> None:
         if self.producer is not None:
             super().unregisterProducer()
+
+    def abortConnection(self) -> None:
+        """Like a socket's: what was written and not yet sent is lost."""
+        self.aborted = True
+        self.clear()
+        self.loseConnection()
 
 
 class _HTTPChannelStandIn:
@@ -369,6 +377,22 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.ws.dataReceived(client_frame(struct.pack("!H", 1000), opcode=8))
         self.assertTrue(self.container_transport.disconnecting)
         self.assertEqual(close_frame_of(self.sent_frames()[0])[0], 1000)
+
+    def assert_close_answered(self, payload: bytes, code: int) -> None:
+        """The client's close frame ``payload`` is answered ``code``; the connection closes after it."""
+        self.open()
+        self.ws.dataReceived(client_frame(payload, opcode=8))
+        self.assertEqual(close_frame_of(self.sent_frames()[-1])[0], code)
+        self.assertTrue(self.ws_transport.disconnecting)
+        self.assertFalse(self.ws_transport.aborted)
+
+    def test_reserved_close_code_answered(self) -> None:
+        """A close frame with a reserved code is answered 1002, written before the close (not a reset)."""
+        self.assert_close_answered(struct.pack("!H", 999), 1002)
+
+    def test_close_reason_not_utf8_answered(self) -> None:
+        """A close reason that is not UTF-8 is answered 1007."""
+        self.assert_close_answered(struct.pack("!H", 1000) + b"\xff", 1007)
 
     def test_token_revoked(self) -> None:
         """Revoking the user's token closes their tunnel with 1001."""
