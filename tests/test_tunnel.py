@@ -20,8 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from rexecpf.auth import Authenticator
 from rexecpf.config import LimitsConfig
 from rexecpf.forwards import ForwardService
-from rexecpf.testing import FakeBackend, MemoryForwardStore
 from rexecpf.relay import CONNECT_TIMEOUT
+from rexecpf.testing import FakeBackend, MemoryForwardStore
 from rexecpf.tunnel import TunnelFactory, choose_credentials
 from rexecpf.wsend import AUTO_FRAGMENT_SIZE, MAX_FRAME_PAYLOAD, protocol_options, xor_masker_name
 
