@@ -22,7 +22,7 @@ from twisted.web.resource import IResource, Resource
 
 from rexecpf.api import MAX_BODY_BYTES, write_error, write_json
 from rexecpf.backends import IContainerBackend
-from rexecpf.model import METHOD_NOT_ALLOWED, NOT_FOUND, REQUEST_TOO_LARGE, APIError
+from rexecpf.model import INVALID_REQUEST, METHOD_NOT_ALLOWED, NOT_FOUND, REQUEST_TOO_LARGE, APIError
 from rexecpf.store import IForwardStore
 
 __all__ = ["Health", "LimitedRequest", "RexecSite", "Root"]
@@ -237,6 +237,22 @@ def _line_too_long(channel: Any) -> None:
     channel.transport.loseConnection()
 
 
+def _bad_request(channel: Any) -> None:
+    """
+    A request Twisted cannot parse (smuggling framing, control bytes in a
+    header, a garbled request line): answer a JSON 400 and close, where
+    Twisted writes a bare ``400 Bad Request`` with no body.
+    """
+    body = json.dumps(
+        INVALID_REQUEST("the request is not well-formed HTTP/1.1").body()
+    ).encode("utf-8") + b"\n"
+    channel.transport.write(
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    channel.loseConnection()
+
+
 class RexecSite(server.Site):
     """
     A Site that logs without query strings, shows no tracebacks, refuses
@@ -262,6 +278,8 @@ class RexecSite(server.Site):
         channel = getattr(protocol, "_channel", protocol)
         if hasattr(channel, "lineLengthExceeded"):
             channel.lineLengthExceeded = lambda line: _line_too_long(channel)
+        if hasattr(channel, "_respondToBadRequestAndDisconnect"):
+            channel._respondToBadRequestAndDisconnect = lambda: _bad_request(channel)
         return protocol
 
     def max_body_for(self, path: bytes) -> int | None:
