@@ -12,6 +12,7 @@ serving ``/healthz`` with no traceback in its log and no token in it either.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import tempfile
@@ -128,8 +129,12 @@ class HostileTestCase(unittest.TestCase):
         ws.send_frame(OP_CLOSE, struct.pack("!H", code))
         self.assertTrue(ws.wait_closed(10), "the server kept the TCP connection open")
 
-    def exchange(self, raw: bytes, timeout: float = 5.0) -> bytes:
-        """Send ``raw`` on a new connection; :return: everything until the server closes."""
+    def exchange(self, raw: bytes, timeout: float = 5.0, until_response: bool = False) -> bytes:
+        """
+        Send ``raw`` on a new connection; :return: everything until the
+        server closes (or, with ``until_response``, until one whole response
+        with a Content-Length has come).
+        """
         with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=timeout) as connection:
             connection.sendall(raw)
             received = b""
@@ -142,6 +147,8 @@ class HostileTestCase(unittest.TestCase):
                 if not chunk:
                     break
                 received += chunk
+                if until_response and _whole_response(received):
+                    break
             return received
 
     def nothing_reached_containers(self) -> None:
@@ -500,6 +507,31 @@ class ProxyTests(HostileTestCase):
                 self.assertJSONError(400, responses[0].body, 400)
         self.nothing_reached_containers()
 
+    def test_upgrades_pass_through_without_credentials(self) -> None:
+        """
+        Upgrade requests (a broken WebSocket one, h2c, a POST with a body) are
+        the container's to judge: passed on without rexecpf's credentials or
+        the hop-by-hop headers, and its plain answer comes back.
+        """
+        for head, body in (
+            ("GET /p/{id}/ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Key: bad\r\n", b""),
+            ("GET /p/{id}/ws HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+             "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n", b""),
+            ("POST /p/{id}/ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Content-Length: 5\r\n", b"hello"),
+        ):
+            with self.subTest(head=head.split("\r\n")[1]):
+                before = len(self.app.received)
+                raw = (head.format(id=self.proxy_id) + f"Host: x\r\nAuthorization: Bearer {ALICE}\r\n\r\n").encode()
+                response, = parse_responses(self.exchange(raw + body, until_response=True))
+                self.assertEqual((response.status, response.body), (200, b"container"))
+                sent = self.app.received[before:]
+                self.assertTrue(sent.endswith(b"\r\n\r\n" + body), sent)
+                self.assertIn(b"upgrade: ", sent.lower())
+                self.assertNotIn(b"authorization", sent.lower())
+                self.assertNotIn(b"http2-settings", sent.lower())
+
     def test_token_in_the_query_is_never_passed_on_nor_logged(self) -> None:
         """
         ``?token=`` sets the session cookie and redirects without the token;
@@ -518,6 +550,12 @@ class ProxyTests(HostileTestCase):
         # a wrong token in the query is a 401 and is not logged either
         response = self.get(f"/p/{self.proxy_id}/?token={BOB}", headers="")
         self.assertIn(response.status, (401, 404))
+
+
+def _whole_response(data: bytes) -> bool:
+    head, separator, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return bool(separator and length and len(body) >= int(length.group(1)))
 
 
 if __name__ == "__main__":
