@@ -344,11 +344,12 @@ class LoadTests(TestCase):
                         f"and {CHURN_REQUESTS} requests: per-connection state is kept")
         # Bound 2, it comes back.  glibc and pymalloc keep a fragmented
         # heap's high-water mark, and how high the load takes it depends on
-        # how much was in flight at its peak (on this 2-core machine the
-        # figure after the load was 4-33% above the warm one, run to run).
-        # What must not happen is memory that scales with the 8 GiB moved or
-        # the 200 connections held: allow half the warm RSS, no more.
-        self.assertLess(after_load, warm * 1.5,
+        # how much was in flight at its peak: on this 2-core machine RSS
+        # after the load was 2 to 26 MiB above the warm figure (4-34%), run
+        # to run.  What must not happen is memory that scales with the 8 GiB
+        # moved or stays with the 200 big tunnels (their buffers alone are
+        # hundreds of KiB each): allow 48 MiB, about twice the worst seen.
+        self.assertLess(after_load - warm, 48 * MiB,
                         f"RSS after the load {after_load / MiB:.1f} MiB vs warm {warm / MiB:.1f} MiB")
 
 
