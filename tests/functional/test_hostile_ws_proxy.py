@@ -376,6 +376,22 @@ class FrameTests(HostileTestCase):
                 self.assertIn(code, (None, PROTOCOL_ERROR, INVALID_PAYLOAD))
                 self.assertTrue(ws.wait_closed(10))
 
+    @unittest.expectedFailure
+    def test_close_with_a_reserved_code_is_answered_1002(self) -> None:
+        """
+        A close frame with a reserved code (999) is answered with a close
+        frame 1002 before the TCP connection ends (RFC 6455 7.1.7, 7.4.1).
+
+        Known bug (Autobahn with ``failByDrop=False``, rexecpf.wsend):
+        ``onCloseFrame`` fails the connection, which queues the 1002 frame
+        and sets the state to CLOSING, then goes on to treat the bad frame as
+        the reply to that close and calls ``dropConnection(abort=True)``:
+        the queued frame is discarded and the client gets a reset.
+        """
+        ws = self.tunnel()
+        ws.send_frame(OP_CLOSE, struct.pack("!H", 999))
+        self.assertEqual(ws.read_close()[0], PROTOCOL_ERROR)
+
     def test_close_handshake_abuse(self) -> None:
         """
         Data and a second close after the client's close are ignored; a
