@@ -136,6 +136,26 @@ class LineLengthTests(SiteCase):
         )
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value()[:80])
 
+    def test_unparseable_request_is_json_400(self) -> None:
+        """
+        What Twisted refuses while parsing (a bare CR in a header value,
+        Content-Length with Transfer-Encoding) is a JSON 400, then a close;
+        the resource never sees it.
+        """
+        for raw in (
+            b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-Bad: a\rb\r\n\r\n",
+            b"POST /p/x/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ):
+            with self.subTest(raw=raw):
+                channel, transport = self.connect()
+                channel.dataReceived(raw)  # type: ignore[attr-defined]
+                head, _, body = transport.value().partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+                self.assertIn(b"Content-Type: application/json", head)
+                self.assertEqual(json.loads(body)["error"]["message"], "Invalid request")
+                self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.resource.bodies, [])
+
     def test_no_100_continue_after_413(self) -> None:
         """Expect: 100-continue with a too-large length: the 413 only, no 100 after it."""
         channel, transport = self.connect()
