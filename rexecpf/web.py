@@ -11,6 +11,7 @@ identifies itself only as ``rexecpf``.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -174,7 +175,7 @@ class LimitedRequest(server.Request):
             # closing now does not reset the connection under the client.
             self._close()
             return
-        super().requestReceived(command, path, version)
+        super().requestReceived(command, _origin_form(path, self.requestHeaders), version)
 
     def _refuse(self) -> None:
         self._refused = True
@@ -217,6 +218,27 @@ class LimitedRequest(server.Request):
     def connectionLost(self, reason: Any) -> None:
         self._cancel_abort()
         super().connectionLost(reason)
+
+
+_ABSOLUTE_FORM = re.compile(rb"^https?://([^/?#]*)([^#]*)", re.IGNORECASE)
+
+
+def _origin_form(target: bytes, headers: Any) -> bytes:
+    """
+    An absolute-form target (``GET http://host/path``) names its host itself,
+    and that host wins over any ``Host`` header (RFC 9112 3.2.2): make it the
+    ``Host`` and serve the path.  Routing (``/api``, ``/p/``, a forward's own
+    host under ``proxy_domain``) and what reaches a container then agree on
+    one host; the two can never point at different forwards.
+
+    :return: the origin-form target (``/path?query``).
+    """
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        return target
+    authority, rest = match.groups()
+    headers.setRawHeaders(b"host", [authority])
+    return rest if rest.startswith(b"/") else b"/" + rest
 
 
 def _line_too_long(channel: Any) -> None:

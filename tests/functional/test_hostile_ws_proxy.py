@@ -55,13 +55,18 @@ class HostileTestCase(unittest.TestCase):
     daemon: Daemon
     echo: RecordingServer
     app: RecordingServer
+    #: TOML lines added to the daemon's ``[server]`` section.
+    server_extra = ""
 
     @classmethod
     def setUpClass(cls) -> None:
         cls.echo = RecordingServer(echo=True)
         cls.app = RecordingServer(echo=False)
         cls.daemon = Daemon(tempfile.mkdtemp(prefix="rexecpf-hostile-ws-"),
-                            containers=[{"id": "c1", "owner": "alice"}]).start()
+                            containers=[{"id": "c1", "owner": "alice"}, {"id": "c2", "owner": "bob"}])
+        cls.daemon.config.write_text(cls.daemon.config.read_text().replace(
+            'state = "state.sqlite3"', f'state = "state.sqlite3"\n{cls.server_extra}'))
+        cls.daemon.start()
         code, forward = cls.daemon.create("c1", cls.echo.port)
         assert code == 201, forward
         cls.tunnel_id = forward["id"]
@@ -566,6 +571,90 @@ class ProxyTests(HostileTestCase):
         # a wrong token in the query is a 401 and is not logged either
         response = self.get(f"/p/{self.proxy_id}/?token={BOB}", headers="")
         self.assertIn(response.status, (401, 404))
+
+
+class HostRoutingTests(HostileTestCase):
+    """
+    With ``proxy_domain``, a forward is served at the root of its own host:
+    Host headers and absolute-form targets that name someone else's forward,
+    or disagree with each other, never reach a container they should not.
+    """
+
+    server_extra = 'proxy_domain = "preview.test"'
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        code, forward = cls.daemon.create("c2", cls.app.port, user="bob")
+        assert code == 201, forward
+        cls.bob_id = forward["id"]
+
+    @staticmethod
+    def host_of(forward_id: str) -> str:
+        return forward_id.replace("_", "-") + ".preview.test"
+
+    def get(self, target: str, host: str, token: str | None = ALICE) -> Any:
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        responses = parse_responses(self.exchange(
+            f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n".encode()))
+        self.assertEqual(len(responses), 1, responses)
+        return responses[0]
+
+    def test_someone_elses_forward_by_host(self) -> None:
+        """Alice's token at Bob's forward's host, or Bob's at Alice's: 404, nothing proxied; no token: 401."""
+        response = self.get("/", self.host_of(self.bob_id))
+        self.assertJSONError(response.status, response.body, 404, "Port forward not found")
+        response = self.get("/", self.host_of(self.proxy_id), token=BOB)
+        self.assertJSONError(response.status, response.body, 404, "Port forward not found")
+        response = self.get("/", self.host_of(self.proxy_id), token=None)
+        self.assertJSONError(response.status, response.body, 401)
+        self.nothing_reached_containers()
+
+    def test_look_alike_hosts(self) -> None:
+        """A prefixed label, ``_`` for ``-``, or the domain under another: never a forward."""
+        for host in ("x-" + self.host_of(self.proxy_id), self.proxy_id + ".preview.test",
+                     "preview.test", self.host_of(self.proxy_id) + ".evil.example"):
+            with self.subTest(host):
+                response = self.get("/api/containers/c1/port-forwards", host)
+                if host.endswith(".evil.example"):  # not under proxy_domain: rexecpf's own site
+                    self.assertEqual(response.status, 200)
+                    self.assertIsInstance(json.loads(response.body), list)
+                else:
+                    self.assertJSONError(response.status, response.body, 404)
+        self.nothing_reached_containers()
+
+    def test_host_spellings_name_the_same_forward(self) -> None:
+        """Upper case, a trailing dot or a port: the same forward, for its owner only."""
+        for host in (self.host_of(self.proxy_id).upper(), self.host_of(self.proxy_id) + ".",
+                     self.host_of(self.proxy_id) + ":8443"):
+            with self.subTest(host):
+                self.assertEqual(self.get("/", host).body, b"container")
+                response = self.get("/", host, token=BOB)
+                self.assertJSONError(response.status, response.body, 404)
+
+    def test_absolute_form_target_wins_over_host(self) -> None:
+        """
+        ``GET http://{bob's host}/`` with ``Host: {alice's host}`` is Bob's
+        forward (RFC 9112 3.2.2: the target's host wins), so 404 for Alice;
+        ``GET http://{alice's host}/x`` with any Host reaches Alice's
+        container as ``GET /x`` with her host: one host, never two.
+        """
+        response = self.get(f"http://{self.host_of(self.bob_id)}/", self.host_of(self.proxy_id))
+        self.assertJSONError(response.status, response.body, 404, "Port forward not found")
+        self.nothing_reached_containers()
+        response = self.get(f"http://{self.host_of(self.proxy_id)}/x?q=1", "127.0.0.1")
+        self.assertEqual(response.body, b"container")
+        sent = self.app.received[self.received_before[1]:]
+        self.assertTrue(sent.startswith(b"GET /x?q=1 HTTP/1.1\r\n"), sent)
+        self.assertIn(f"\r\nHost: {self.host_of(self.proxy_id)}\r\n".encode(), sent)
+
+    def test_prefix_paths_stay_in_the_hosts_forward(self) -> None:
+        """``/p/{bob's id}/`` and ``/api/...`` on Alice's host are paths of Alice's container."""
+        for target in (f"/p/{self.bob_id}/", "/api/containers/c2/port-forwards"):
+            with self.subTest(target):
+                before = len(self.app.received)
+                self.assertEqual(self.get(target, self.host_of(self.proxy_id)).body, b"container")
+                self.assertTrue(self.app.received[before:].startswith(f"GET {target} ".encode()))
 
 
 def _whole_response(data: bytes) -> bool:
