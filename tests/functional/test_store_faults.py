@@ -168,7 +168,7 @@ class ReadOnlyStoreTests(TestCase):
         self.addCleanup(inprocess.close_ws, tunnel, tunnel_factory)
 
         yield self.daemon.components.store.refuse_writes(True)
-        wanted_local_port = 41500
+        wanted_local_port = _unused_port(41000, 41999, {f["local_port"] for f in acknowledged.values()})
         self.assertUnavailable((yield self.call(
             "POST", "/api/containers/c1/port-forwards", {"container_port": 7, "local_port": wanted_local_port})))
         self.assertUnavailable((yield self.call(
@@ -220,3 +220,17 @@ class ReadOnlyStoreTests(TestCase):
             return {key: {k: v for k, v in f.items() if not k.endswith("_url")} for key, f in forwards.items()}
 
         self.assertEqual(durable(stored), durable(acknowledged))
+
+
+def _unused_port(low: int, high: int, exclude: set[int]) -> int:
+    """:return: a port in ``low``-``high`` that nothing listens on now (a test must not guess one)."""
+    for port in range(low, high + 1):
+        if port in exclude:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {low}-{high}")
