@@ -426,11 +426,25 @@ class FrameTests(HostileTestCase):
         self.assertEqual(ws.read_data(5), b"after")
 
     def test_flood_of_tiny_frames(self) -> None:
-        """50,000 one-byte frames in one burst: every byte reaches the container, in order, and comes back."""
+        """
+        200,000 one-byte frames in one burst: every byte reaches the
+        container, in order, and comes back; the daemon's memory stays
+        bounded (each frame is a separate write towards the container).
+        """
         ws = self.tunnel()
-        payload = bytes(i % 251 for i in range(50_000))
-        ws.send(b"".join(frame(OP_BINARY, payload[i:i + 1]) for i in range(len(payload))))
+        payload = bytes(i % 251 for i in range(200_000))
+        burst = b"".join(frame(OP_BINARY, payload[i:i + 1]) for i in range(len(payload)))
+        before = self.daemon.rss()
+        # Sent from a thread while this one reads: back-pressure may hold the sender.
+        sender = threading.Thread(target=ws.send, args=(burst,), daemon=True)
+        sender.start()
         self.assertEqual(ws.read_data(len(payload)), payload)
+        sender.join(timeout=10)
+        growth = self.daemon.rss() - before
+        print(f"\nflood: 200,000 one-byte frames ({len(burst) / 1e6:.1f} MB) relayed; daemon RSS +{growth / 2**20:.1f} MiB")
+        # The container-side write buffer pauses the WebSocket's reads at 64 KiB
+        # of payload, i.e. 64 Ki one-byte writes (~100 bytes each in Python): ~6 MiB.
+        self.assertLess(growth, 16 * 2**20)
 
     def test_client_vanishes_mid_frame(self) -> None:
         """A client gone in the middle of a frame: the container connection is closed."""

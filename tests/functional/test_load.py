@@ -62,15 +62,6 @@ _RANDOM = os.urandom(4 * MiB)
 TOKEN = "alice-token"
 
 
-def rss(pid: int) -> int:
-    """:return: the resident set size of process ``pid`` in bytes (``VmRSS``)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 def stream_chunk(tunnel: int, index: int) -> bytes:
     """:return: chunk ``index`` of tunnel ``tunnel``'s stream (the same on every call)."""
     offset = (index * 7919 + tunnel * 104_729) * 61 % (len(_RANDOM) - CHUNK)
@@ -311,7 +302,6 @@ class LoadTests(TestCase):
         self.assertEqual(code, 201, proxy_forward)
         url = f"ws://127.0.0.1:{self.daemon.port}/ws/port-forward/{tunnel_forward['id']}"
         base = f"http://127.0.0.1:{self.daemon.port}/p/{proxy_forward['id']}/"
-        pid = self.daemon.process.pid
 
         # Warm-up of the same shape (200 tunnels at once, a pass over every
         # request size, some short tunnels), so the allocator's arenas and
@@ -320,10 +310,10 @@ class LoadTests(TestCase):
         yield self.requests(base, 2 * len(REQUEST_SIZES))
         yield self.churn(url, CHURN_CONCURRENCY * 4)
         yield self.settle(echo_factory)
-        warm = rss(pid)
+        warm = self.daemon.rss()
 
         peak = [warm]
-        sampler = LoopingCall(lambda: peak.append(rss(pid)))
+        sampler = LoopingCall(lambda: peak.append(self.daemon.rss()))
         sampler.start(0.2)
         echoed_before = echo_factory.received
         echo_factory.peak = 0
@@ -338,14 +328,14 @@ class LoadTests(TestCase):
         request_seconds = time.monotonic() - started
         sampler.stop()
         yield self.settle(echo_factory)
-        after_load = rss(pid)
+        after_load = self.daemon.rss()
 
         started = time.monotonic()
         yield self.churn(url, CHURN)
         yield self.requests(base, CHURN_REQUESTS, sizes=[(0, 1024), (1024, 0)])
         churn_seconds = time.monotonic() - started
         yield self.settle(echo_factory)
-        after_churn = rss(pid)
+        after_churn = self.daemon.rss()
         print(f"\nload: {TUNNELS} tunnels x {TUNNEL_BYTES // MiB} MiB each way in {tunnel_seconds:.1f} s "
               f"({2 * TUNNELS * TUNNEL_BYTES / MiB / tunnel_seconds:.0f} MiB/s through the daemon), "
               f"{echo_factory.peak} open at once; "
