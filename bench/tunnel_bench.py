@@ -1,7 +1,7 @@
 """
 Tunnel benchmark: rexecpf beside its baselines, in one run.
 
-    python bench/tunnel_bench.py [--mib 256] [--parallel-mib 40] [--idle 1000]
+    python bench/tunnel_bench.py [--mib 256] [--rounds 5] [--parallel-mib 40] [--idle 1000]
 
 Everything runs on 127.0.0.1 in separate processes:
 
@@ -13,11 +13,14 @@ Everything runs on 127.0.0.1 in separate processes:
   websocat (``ws-l: -> tcp:``);
 - the load client (``_client``): raw sockets, 64 KiB binary messages, an
   all-zero mask (valid, and free for the client: the server still unmasks),
-  so its CPU is not the bottleneck (its CPU seconds are printed).
+  so its CPU is not the bottleneck.
 
-Printed: upload and download MiB/s through each bridge and raw TCP, with
-ratios to raw TCP; 10 parallel tunnels at 10 MiB/s each; rexecpf's RSS growth
-while a reader stalls for 10 s; rexecpf's RSS per idle tunnel with N open.
+Printed: upload and download MiB/s through each bridge and raw TCP, the
+median of ``--rounds`` rounds in which the bridges take turns, with ratios
+to raw TCP and rexecpf / websockify, and the CPU seconds each bridge spent
+(the machine's load moves the rates; it moves the CPU seconds much less);
+10 parallel tunnels at 10 MiB/s each; rexecpf's RSS growth while a reader
+stalls for 10 s; rexecpf's RSS per idle tunnel with N open.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import resource
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -68,6 +72,33 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_seconds(pid: int) -> float:
+    """:return: CPU seconds of ``pid`` and of its children it has reaped."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    # utime, stime, cutime, cstime (fields 14-17 of proc(5)).
+    return sum(int(tick) for tick in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def bridge_cpu(pid: int, spec: dict) -> tuple[dict, float]:
+    """
+    Run a client through the bridge ``pid`` (websockify serves each
+    connection in a child it reaps once the connection ends).
+
+    :return: the client's result and the bridge's CPU seconds meanwhile.
+    """
+    before = cpu_seconds(pid)
+    out = run_client(spec)
+    after = cpu_seconds(pid)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        settled, after = after, cpu_seconds(pid)
+        if settled == after:
+            break
+    return out, after - before
 
 
 def rss_kib(pid: int) -> int:
@@ -369,6 +400,7 @@ def main() -> None:
     parser.add_argument("--parallel-mib", type=int, default=40, help="MiB per tunnel in the parallel run")
     parser.add_argument("--idle", type=int, default=1000, help="idle tunnels to open")
     parser.add_argument("--stall-seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=5, help="single-tunnel rounds (median; default 5)")
     args = parser.parse_args()
     raise_nofile()
     size = args.mib * MIB
@@ -382,13 +414,17 @@ def main() -> None:
         fast = Rexecpf(directory, 1 << 40, [sink, source, idle])
         procs.append(fast.proc)
         bridges: dict[str, tuple[int, str, str | None, int, int]] = {}
+        #: bridge -> (pid serving uploads, pid serving downloads)
+        pids: dict[str, tuple[int, int]] = {}
         protocols = f"Bearer, {TOKEN}"
         bridges["rexecpf"] = (fast.port, "", protocols, 0, 0)
+        pids["rexecpf"] = (fast.proc.pid, fast.proc.pid)
         websockify = os.path.join(BIN, "websockify")
         if os.path.exists(websockify):
             wsk_up, wsk_down = free_port(), free_port()
             procs.append(spawn([websockify, f"127.0.0.1:{wsk_up}", f"127.0.0.1:{sink}"]))
             procs.append(spawn([websockify, f"127.0.0.1:{wsk_down}", f"127.0.0.1:{source}"]))
+            pids["websockify"] = (procs[-2].pid, procs[-1].pid)
             wait_port(wsk_up), wait_port(wsk_down)
             bridges["websockify"] = (0, "/", "binary", wsk_up, wsk_down)
         websocat = shutil.which("websocat") or os.path.join(BIN, "websocat")
@@ -396,13 +432,15 @@ def main() -> None:
             wsc_up, wsc_down = free_port(), free_port()
             procs.append(spawn([websocat, "-b", "-E", f"ws-l:127.0.0.1:{wsc_up}", f"tcp:127.0.0.1:{sink}"]))
             procs.append(spawn([websocat, "-b", "-E", f"ws-l:127.0.0.1:{wsc_down}", f"tcp:127.0.0.1:{source}"]))
+            pids["websocat"] = (procs[-2].pid, procs[-1].pid)
             wait_port(wsc_up), wait_port(wsc_down)
             bridges["websocat"] = (0, "/", None, wsc_up, wsc_down)
 
-        print(f"one tunnel, {args.mib} MiB each way, 64 KiB messages (MiB/s; ratio to raw TCP)")
-        raw_up = run_client({"kind": "upload", "port": sink, "path": "", "size": size, "raw": True})
-        raw_down = run_client({"kind": "download", "port": source, "path": "", "size": size, "raw": True})
-        print(f"  {'raw TCP':12s} upload {raw_up['mib_s']:8.1f}           download {raw_down['mib_s']:8.1f}")
+        print(
+            f"one tunnel, {args.mib} MiB each way, 64 KiB messages: median of {args.rounds} rounds,"
+            " the bridges taking turns (MiB/s; ratio to raw TCP; bridge CPU seconds)"
+        )
+        specs: dict[str, tuple[dict, dict]] = {}
         for name, (port, _, protos, up_port, down_port) in bridges.items():
             if name == "rexecpf":
                 up_spec = {"port": port, "path": fast.path(sink)}
@@ -410,13 +448,38 @@ def main() -> None:
             else:
                 up_spec = {"port": up_port, "path": "/"}
                 down_spec = {"port": down_port, "path": "/"}
-            up = run_client({"kind": "upload", "size": size, "raw": False, "protocols": protos, **up_spec})
-            down = run_client({"kind": "download", "size": size, "raw": False, "protocols": protos, **down_spec})
+            common = {"size": size, "raw": False, "protocols": protos}
+            specs[name] = ({"kind": "upload", **common, **up_spec}, {"kind": "download", **common, **down_spec})
+        #: name -> [(upload MiB/s, download MiB/s, upload CPU s, download CPU s)] a round
+        rounds: dict[str, list[tuple[float, float, float, float]]] = {"raw TCP": []}
+        rounds.update((name, []) for name in bridges)
+        for _ in range(args.rounds):
+            raw_up = run_client({"kind": "upload", "port": sink, "path": "", "size": size, "raw": True})
+            raw_down = run_client({"kind": "download", "port": source, "path": "", "size": size, "raw": True})
+            rounds["raw TCP"].append((raw_up["mib_s"], raw_down["mib_s"], 0.0, 0.0))
+            for name, (up_spec, down_spec) in specs.items():
+                up_pid, down_pid = pids[name]
+                up, up_cpu = bridge_cpu(up_pid, up_spec)
+                down, down_cpu = bridge_cpu(down_pid, down_spec)
+                rounds[name].append((up["mib_s"], down["mib_s"], up_cpu, down_cpu))
+        median = {name: [statistics.median(column) for column in zip(*runs, strict=True)] for name, runs in rounds.items()}
+        raw_up_m, raw_down_m = median["raw TCP"][:2]
+        print(f"  {'raw TCP':12s} upload {raw_up_m:8.1f}           download {raw_down_m:8.1f}")
+        for name in bridges:
+            up_m, down_m, up_cpu_m, down_cpu_m = median[name]
+            spread_up = ", ".join(f"{run[0]:.0f}" for run in rounds[name])
+            spread_down = ", ".join(f"{run[1]:.0f}" for run in rounds[name])
             print(
-                f"  {name:12s} upload {up['mib_s']:8.1f} ({up['mib_s'] / raw_up['mib_s']:.2f})"
-                f"    download {down['mib_s']:8.1f} ({down['mib_s'] / raw_down['mib_s']:.2f})"
-                f"    client CPU {up['client_cpu_s']:.1f}s/{down['client_cpu_s']:.1f}s"
-                f" of {up['wall_s']:.1f}s/{down['wall_s']:.1f}s"
+                f"  {name:12s} upload {up_m:8.1f} ({up_m / raw_up_m:.2f})"
+                f"    download {down_m:8.1f} ({down_m / raw_down_m:.2f})"
+                f"    bridge CPU {up_cpu_m:.2f}s/{down_cpu_m:.2f}s"
+                f"    rounds: up {spread_up}; down {spread_down}"
+            )
+        if "websockify" in bridges:
+            print(
+                "  rexecpf / websockify: upload "
+                f"{median['rexecpf'][0] / median['websockify'][0]:.2f}, download "
+                f"{median['rexecpf'][1] / median['websockify'][1]:.2f}"
             )
         fast.stop()
         procs.remove(fast.proc)

@@ -86,6 +86,17 @@ class Authenticator:
             return Principal(name=name, admin=name in self._admins)
         return None
 
+    def credential(self, name: str) -> bytes | None:
+        """
+        :return: the SHA-256 digest of the user's current token (what a
+            session cookie is bound to, so that a new token ends the
+            sessions opened with the old one), or ``None`` for no such user.
+        """
+        for digest, user in self._digests:
+            if user == name:
+                return digest
+        return None
+
     def require(self, token: str | None) -> Principal:
         """
         :return: the user the token belongs to.

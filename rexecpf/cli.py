@@ -31,6 +31,7 @@ status 1 (2 for a usage error).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -80,7 +81,9 @@ async def _request(reactor: Any, args: argparse.Namespace, method: str, path: st
 
     client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
     url = args.url.rstrip("/") + path
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    headers: dict[bytes | str, bytes | str] = {}
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
     data = json.dumps(body).encode() if body is not None else None
     if data is not None:
         headers["Content-Type"] = "application/json"
@@ -147,9 +150,12 @@ async def _forward(reactor: Any, args: argparse.Namespace) -> int:
 
 
 class TunnelClientProtocol(WebSocketEndMixin, WebSocketClientProtocol):
-    """The client's WebSocket: the server end of a local relay."""
-
-    factory: TunnelClientFactory
+    """
+    The client's WebSocket: the server end of a local relay.  Its
+    ``factory`` is a :class:`TunnelClientFactory` (typed ``Any`` by
+    :class:`WebSocketEndMixin`: Twisted's ``Factory[P]`` cannot name the
+    protocol of Autobahn's factories, which are not generic).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -245,7 +251,7 @@ async def open_websocket(reactor: Any, url: str, token: str | None) -> TunnelCli
 
 
 def _splice(reactor: Any, local: TCPEnd, ws: TunnelClientProtocol, on_end: Any) -> Relay:
-    relay = Relay(reactor, local, ws, on_end=on_end)  # type: ignore[arg-type]
+    relay = Relay(reactor, local, ws, on_end=on_end)
     local.attach(relay)
     ws.attach_relay(relay)
     relay.start()
@@ -280,11 +286,19 @@ async def _tunnel_stdio(reactor: Any, url: str, token: str | None) -> int:
 
 
 class _Accepted(TCPEnd):
-    """One connection accepted by ``--listen``: gets its own WebSocket."""
+    """
+    One connection accepted by ``--listen``: gets its own WebSocket.
+
+    :param options: ``reactor``, ``url`` and ``token`` of the tunnel.
+    """
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        super().__init__()
+        self.options = options
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        options = self.factory.options
+        options = self.options
         ensureDeferred(open_websocket(options.reactor, options.url, options.token)).addCallbacks(
             self._opened, self._failed
         )
@@ -293,7 +307,7 @@ class _Accepted(TCPEnd):
         if self._pending_lost is not None:
             ws.sendClose(1000)
             return
-        _splice(self.factory.options.reactor, self, ws, lambda stats: self._ended(ws))
+        _splice(self.options.reactor, self, ws, lambda stats: self._ended(ws))
 
     def _ended(self, ws: TunnelClientProtocol) -> None:
         message = _end_message(ws)
@@ -315,8 +329,8 @@ async def _tunnel_listen(reactor: Any, url: str, token: str | None, listen: str,
     except ValueError:
         raise CLIError(f"--listen: not a port: {listen!r}") from None
     server = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
-    factory = Factory.forProtocol(_Accepted)
-    factory.options = argparse.Namespace(reactor=reactor, url=url, token=token)
+    options = argparse.Namespace(reactor=reactor, url=url, token=token)
+    factory = Factory.forProtocol(functools.partial(_Accepted, options))
     try:
         listening = await server(reactor, port, interface=host).listen(factory)
     except Exception as error:  # noqa: BLE001

@@ -39,7 +39,11 @@ from rexecpf.model import (
     Principal,
     new_forward_id,
 )
+from rexecpf.relay import RelayStats
 from rexecpf.store import IForwardStore
+
+#: the one line each relay logs when it ends (its namespace names the subject)
+_relay_log = Logger(namespace="rexecpf.relay")
 
 __all__ = [
     "CreateRequest",
@@ -100,6 +104,8 @@ def parse_create_request(body: bytes) -> CreateRequest:
         data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except ValueError as error:
         raise INVALID_REQUEST(f"the body is not JSON: {error}") from None
+    except RecursionError:
+        raise INVALID_REQUEST("the body is not JSON that can be read: nested too deeply") from None
     if not isinstance(data, dict):
         raise INVALID_REQUEST("the body must be a JSON object")
     unknown = sorted(set(data) - _FIELDS)
@@ -200,6 +206,8 @@ class ForwardService(Service):
         #: how many times :meth:`reconcile` ran (for the metrics)
         self.reconcile_runs = 0
         self._observers: list[ForwardObserver] = []
+        #: called with (kind, stats) as each relay ends (:meth:`relay_ended`)
+        self.relay_observers: list[Callable[[str, RelayStats], None]] = []
         #: containers whose forwards are being reaped after a stopped event
         self._reaping: set[str] = set()
         #: fires once the stored forwards are loaded and reconciled
@@ -304,6 +312,32 @@ class ForwardService(Service):
         return reaped
 
     # --- observers and live connections
+
+    def relay_ended(self, kind: str, forward_id: str, user: str | None, stats: RelayStats) -> None:
+        """
+        A tunnel, listener or upgraded connection of ``forward_id`` ended: its
+        one log line, then the observers (:attr:`relay_observers`, e.g. the
+        metrics).  The relay's ``a`` end is the client, ``b`` the container.
+
+        :param kind: ``"tunnel"``, ``"listener"`` or ``"upgrade"``.
+        :param user: the user it was opened for (``None``: not known, as for
+            a ``local_port`` connection).
+        """
+        _relay_log.info(
+            "{kind} {forward_id} of {user} closed: {bytes_in} bytes in, {bytes_out} bytes out, "
+            "{duration:.3f}s, close {close_code} {close_reason}",
+            kind=kind,
+            forward_id=forward_id,
+            user=user or "-",
+            bytes_in=stats.bytes_a_to_b,
+            bytes_out=stats.bytes_b_to_a,
+            duration=stats.duration,
+            close_code=stats.close_code,
+            close_reason=stats.close_reason or "",
+            throttled=stats.throttled_a_to_b + stats.throttled_b_to_a,
+        )
+        for observer in self.relay_observers:
+            observer(kind, stats)
 
     def observe(self, observer: ForwardObserver) -> None:
         """Tell ``observer`` of every forward added or removed from now on."""

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from rexecpf.config import LimitsConfig
 from rexecpf.forwards import ForwardService
 from rexecpf.model import APIError, PortForward
-from rexecpf.relay import CLOSE_GOING_AWAY, Relay, TCPEnd, splice_to_endpoint
+from rexecpf.relay import CLOSE_GOING_AWAY, Relay, RelayStats, TCPEnd, splice_to_endpoint
 
 __all__ = ["LocalListeners", "LocalConnection"]
 
@@ -42,6 +42,7 @@ class LocalConnection(TCPEnd):
     """One accepted connection: paused until spliced to the container."""
 
     _log = Logger()
+    kind = "listener"
     listeners: LocalListeners
     forward_id: str
 
@@ -65,10 +66,13 @@ class LocalConnection(TCPEnd):
         else:
             self.abort()
 
-    def ended(self, _: Any = None) -> None:
+    def ended(self, stats: RelayStats | None = None) -> None:
+        """The connection is over: untrack it; a relay's end is logged and counted."""
         if self._untrack is not None:
             self._untrack()
             self._untrack = None
+        if stats is not None:
+            self.listeners.forwards.relay_ended(self.kind, self.forward_id, None, stats)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -77,6 +81,8 @@ class LocalConnection(TCPEnd):
 
 
 class _ConnectionFactory(Factory):
+    noisy = False  # each connection logs its own closing line; no start/stop lines
+
     def __init__(self, listeners: LocalListeners, forward_id: str) -> None:
         self.listeners = listeners
         self.forward_id = forward_id
@@ -185,7 +191,7 @@ class LocalListeners(Service):
 
         def failed(failure: Failure) -> None:
             connection.splice = None
-            if failure.check(APIError):
+            if isinstance(failure.value, APIError):
                 self._log.info(
                     "forward {forward_id}: connection refused: {error}",
                     forward_id=connection.forward_id,

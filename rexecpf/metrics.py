@@ -85,8 +85,9 @@ class Metrics:
                                        registry=self.registry)
 
     def observe_forwards(self, forwards: ForwardService) -> None:
-        """Report the forwards, live connections and reconcile runs of ``forwards``."""
+        """Report the forwards, live connections, reconcile runs and ended relays of ``forwards``."""
         self.registry.register(_ForwardsCollector(forwards))
+        forwards.relay_observers.append(self.relay_ended)
 
     def relay_ended(self, kind: str, stats: RelayStats) -> None:
         """

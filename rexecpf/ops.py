@@ -27,7 +27,6 @@ from rexecpf.auth import Authenticator
 from rexecpf.backends.static import StaticBackend, read_inventory
 from rexecpf.config import ConfigError, load_config
 from rexecpf.forwards import ForwardService
-from rexecpf.relay import RelayStats
 
 __all__ = [
     "GracefulService",
@@ -36,7 +35,6 @@ __all__ = [
     "Reloader",
     "forget_exit_signal",
     "json_log_observer",
-    "log_relay_end",
     "notifier_from_environ",
 ]
 
@@ -349,28 +347,3 @@ def _json_line(event: LogEvent) -> str:
     document = json.loads(eventAsJSON(event))
     document["text"] = formatEvent(event)
     return json.dumps(document) + "\n"
-
-
-_relay_log = Logger(namespace="rexecpf.relay")
-
-
-def log_relay_end(kind: str, forward_id: str, user: str | None, stats: RelayStats) -> None:
-    """
-    The one log line of a tunnel or listener connection, at its end.  The
-    relay's ``a`` end is the client, ``b`` the container.
-
-    :param kind: ``"tunnel"`` or ``"listener"``.
-    """
-    _relay_log.info(
-        "{kind} {forward_id} of {user} closed: {bytes_in} bytes in, {bytes_out} bytes out, "
-        "{duration:.3f}s, close {close_code} {close_reason}",
-        kind=kind,
-        forward_id=forward_id,
-        user=user or "-",
-        bytes_in=stats.bytes_a_to_b,
-        bytes_out=stats.bytes_b_to_a,
-        duration=stats.duration,
-        close_code=stats.close_code,
-        close_reason=stats.close_reason or "",
-        throttled=stats.throttled_a_to_b + stats.throttled_b_to_a,
-    )

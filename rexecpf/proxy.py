@@ -224,9 +224,20 @@ class SessionCookies:
         with the signing key (``store.secret("session")``).
     :param clock: the time source for expiry.
     :param lifetime: seconds a session lasts.
+    :param credential: user -> the digest of their current token
+        (:meth:`rexecpf.auth.Authenticator.credential`), signed into the MAC
+        and not into the cookie: a user given a new token (or removed) loses
+        the sessions of the old one.
     """
 
-    def __init__(self, key_source: Callable[[], Deferred[bytes]], clock: IReactorTime, lifetime: float) -> None:
+    def __init__(
+        self,
+        key_source: Callable[[], Deferred[bytes]],
+        clock: IReactorTime,
+        lifetime: float,
+        credential: Callable[[str], bytes | None] = lambda user: b"",
+    ) -> None:
+        self._credential = credential
         self._key: bytes | None = None
         self._source = key_source
         self._waiters: list[Deferred[None]] = []
@@ -260,15 +271,16 @@ class SessionCookies:
         for waiting in waiters:
             waiting.errback(failure)
 
-    def _mac(self, payload: str) -> str:
+    def _mac(self, payload: str, credential: bytes) -> str:
         assert self._key is not None
-        return _b64(hmac.new(self._key, payload.encode("ascii"), hashlib.sha256).digest()[:24])
+        signed = payload.encode("ascii") + b"." + credential
+        return _b64(hmac.new(self._key, signed, hashlib.sha256).digest()[:24])
 
     def make(self, user: str, forward_id: str) -> str:
         """:return: a cookie value naming ``user`` for ``forward_id`` until it expires."""
         expires = int(self._clock.seconds() + self.lifetime)
         payload = f"v1.{_b64(user.encode('utf-8'))}.{forward_id}.{expires}"
-        return f"{payload}.{self._mac(payload)}"
+        return f"{payload}.{self._mac(payload, self._credential(user) or b'')}"
 
     def check(self, value: bytes, forward_id: str) -> str | None:
         """:return: the user a valid, unexpired cookie for ``forward_id`` names, else ``None``."""
@@ -276,13 +288,17 @@ class SessionCookies:
             return None
         try:
             text = value.decode("ascii")
-            version, user, forward, expires, mac = text.split(".")
-            payload = f"{version}.{user}.{forward}.{expires}"
-            if version != "v1" or not hmac.compare_digest(mac, self._mac(payload)):
+            version, encoded_user, forward, expires, mac = text.split(".")
+            payload = f"{version}.{encoded_user}.{forward}.{expires}"
+            user = _unb64(encoded_user).decode("utf-8")
+            credential = self._credential(user)
+            if version != "v1" or credential is None:
+                return None
+            if not hmac.compare_digest(mac, self._mac(payload, credential)):
                 return None
             if forward != forward_id or int(expires) <= self._clock.seconds():
                 return None
-            return _unb64(user).decode("utf-8")
+            return user
         except (ValueError, UnicodeError):
             return None
 
@@ -446,7 +462,7 @@ class ProxyService(Service):
         self.authenticator = authenticator
         self.forwards = forwards
         self.urls = urls
-        self.sessions = SessionCookies(session_key, reactor, session_seconds)
+        self.sessions = SessionCookies(session_key, reactor, session_seconds, authenticator.credential)
         self.body_limit = body_limit
         self.response_timeout = response_timeout
         self.upgrade_rate = upgrade_rate
@@ -513,7 +529,7 @@ class ProxyService(Service):
             token = unquote_plus(tokens[-1].decode("ascii", "replace"))
             principal = self.authenticator.authenticate(token)
             if principal is None:
-                raise UNAUTHORIZED("the token is not valid")
+                raise UNAUTHORIZED("the token is not valid", headers={"WWW-Authenticate": 'Bearer realm="rexecpf"'})
             return self.forwards.reach(principal, forward_id).addCallback(
                 lambda _: self._start_session(request, principal, forward_id, prefix, path, rest_query)
             )
@@ -611,7 +627,9 @@ class ProxyService(Service):
         chain = incoming.getRawHeaders(b"x-forwarded-for", [])
         chain = [b", ".join(chain + [_client_ip(request)])]
         headers.setRawHeaders(b"x-forwarded-for", chain)
-        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
+        # behind a TLS front end, the https of public_url is what the client used
+        secure = self.secure_cookies or request.isSecure()
+        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if secure else b"http"])
         host = incoming.getRawHeaders(b"host")
         if host:
             headers.setRawHeaders(b"x-forwarded-host", host[:1])
@@ -1359,9 +1377,11 @@ class HostRouter:
             return None
         host = host.rsplit(":", 1)[0] if ":" in host else host
         host = host.rstrip(".")
-        if not host.endswith(self._suffix) and host != self._suffix[1:]:
+        if not host.endswith(self._suffix):
+            # other hosts, the bare proxy_domain too: it may well be the
+            # public host of the API itself
             return None
-        label = host[: -len(self._suffix)] if host.endswith(self._suffix) else ""
+        label = host[: -len(self._suffix)]
         if not _FORWARD_LABEL.match(label):
             return _NotFound(FORWARD_NOT_FOUND(f"no port forward at {host!r}"))
         return _ForwardResource(self._service, label.replace("-", "_"), False)

@@ -11,6 +11,7 @@ and a non-zero status, never a traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -27,7 +28,15 @@ from rexecpf.api import API, PublicURLs
 from rexecpf.auth import Authenticator
 from rexecpf.backends.docker import DockerBackend, DockerRuntime
 from rexecpf.backends.static import StaticBackend, read_inventory
-from rexecpf.config import DEMO_CONTAINER, DEMO_TOKEN, Config, ConfigError, demo_config, load_config
+from rexecpf.config import (
+    DEMO_CONTAINER,
+    DEMO_TOKEN,
+    Config,
+    ConfigError,
+    ServerConfig,
+    demo_config,
+    load_config,
+)
 from rexecpf.forwards import ForwardService
 from rexecpf.listeners import LocalListeners
 from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
@@ -104,6 +113,33 @@ class Options(usage.Options):
             parent["logger"] = self.json_logger
 
 
+def _url_of(endpoint: str) -> str | None:
+    """
+    :return: the ``http://`` URL a plain ``tcp:``/``tcp6:`` server endpoint
+        string is reached at (the loopback address when it listens on every
+        address), or ``None`` for any other kind of endpoint.
+    """
+    kind, _, rest = endpoint.partition(":")
+    if kind not in ("tcp", "tcp6"):
+        return None
+    port = None
+    interface = ""
+    for part in re.split(r"(?<!\\):", rest):
+        name, equals, value = part.replace("\\:", ":").partition("=")
+        if not equals:
+            port = port or name
+        elif name == "port":
+            port = value
+        elif name == "interface":
+            interface = value
+    if port is None or not port.isdigit():
+        return None
+    if interface in ("", "0.0.0.0", "::"):
+        interface = "127.0.0.1" if kind == "tcp" else "::1"
+    host = f"[{interface}]" if ":" in interface else interface
+    return f"http://{host}:{port}"
+
+
 def apply_overrides(config: Config, options: Any) -> Config:
     """
     :return: ``config`` with ``--listen``, ``--public-url`` and ``--state`` applied.
@@ -116,6 +152,12 @@ def apply_overrides(config: Config, options: Any) -> Config:
         server["listen"] = list(options["listen"])
     if options["public-url"]:
         server["public_url"] = options["public-url"]
+    elif options["listen"] and config.server.public_url == ServerConfig().public_url:
+        # Left at its default, the public URL follows --listen, so that the
+        # demo's curl line and the proxy_url/websocket_url it hands out work.
+        derived = _url_of(options["listen"][0])
+        if derived is not None:
+            server["public_url"] = derived
     if options["state"]:
         server["state"] = options["state"]
     if not server:

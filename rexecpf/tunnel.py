@@ -33,11 +33,13 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
@@ -113,16 +115,22 @@ class _Tracked:
 
 
 class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
-    """One tunnel: the handshake, then one end of a relay."""
+    """
+    One tunnel: the handshake, then one end of a relay.  Its ``factory`` is
+    a :class:`TunnelFactory` (typed ``Any`` by :class:`WebSocketEndMixin`:
+    Twisted's ``Factory[P]`` cannot name the protocol of Autobahn's
+    factories, which are not generic).
+    """
 
     _log = Logger()
-    factory: TunnelFactory
 
     def __init__(self) -> None:
         super().__init__()
         self.relay: Relay | None = None
         self.backend: TCPEnd | None = None
         self.forward_id: str | None = None
+        #: the user the tunnel was opened for
+        self.user: str | None = None
         self._deny: APIError | None = None
         self._connecting: Deferred[Any] | None = None
         self._untrack: Callable[[], None] | None = None
@@ -139,7 +147,9 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
 
     # -- handshake -------------------------------------------------------
 
-    def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:
+    def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:  # type: ignore[override]
+        # Autobahn waits for a Deferred returned here (its annotation leaves
+        # that out): the handshake answers once the container port is reached.
         return self._handshake(request)
 
     @inlineCallbacks
@@ -152,6 +162,7 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
                 list(request.protocols), request.headers.get("authorization")
             )
             principal = self.factory.authenticator.require(token)
+            self.user = principal.name
             if forward_id is None:
                 raise FORWARD_NOT_FOUND("no port forward here")
             forward, container = yield self.factory.forwards.reach(principal, forward_id)
@@ -161,9 +172,10 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
             self._connecting.addTimeout(CONNECT_TIMEOUT, self.factory.clock)
             try:
                 self.backend = yield self._connecting
-            except CancelledError:
+            except (CancelledError, DeferredTimeoutError):
+                # addTimeout turns its cancellation into a TimeoutError.
                 if self._gone:
-                    raise
+                    raise CancelledError() from None
                 raise BAD_GATEWAY(
                     f"container port {forward.container_port} did not answer"
                 ) from None
@@ -221,7 +233,7 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
         limits = self.factory.limits
         relay = Relay(
             self.factory.clock,
-            self,  # type: ignore[arg-type]
+            self,
             backend,
             on_end=self._ended,
             rate_a_to_b=limits.tunnel_bytes_per_second,
@@ -230,7 +242,9 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
         )
         self.attach_relay(relay)
         backend.attach(relay)
-        self._untrack = self.factory.forwards.track(self.forward_id, _Tracked(self))
+        self._untrack = self.factory.forwards.track(
+            self.forward_id, _Tracked(self), user=self.user, kind="tunnel"
+        )
         relay.start()
 
     def shutdown(self, reason: str) -> None:
@@ -244,16 +258,10 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
         if self._untrack is not None:
             self._untrack()
             self._untrack = None
-        self._log.info(
-            "tunnel {forward_id} closed {code} {reason}: {up} bytes up, {down} bytes down",
-            forward_id=self.forward_id,
-            code=stats.close_code,
-            reason=stats.close_reason,
-            up=stats.bytes_a_to_b,
-            down=stats.bytes_b_to_a,
-        )
+        assert self.forward_id is not None
+        self.factory.forwards.relay_ended("tunnel", self.forward_id, self.user, stats)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         if self._connecting is not None:
             self._connecting.cancel()

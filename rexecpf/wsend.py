@@ -12,26 +12,33 @@ tunnel`` client.
 - incoming message data is streamed to the relay frame chunk by frame chunk,
   as Autobahn unmasks it: a message is never assembled in memory, binary and
   text alike (a text message's UTF-8 bytes are passed as they are);
-- ``write`` sends one binary message per chunk; with ``autoFragmentSize`` a
-  large chunk goes out as 64 KiB frames;
+- ``write`` sends a chunk as binary messages of at most 64 KiB each; a
+  server writes those frames to the socket itself (:func:`binary_frames`),
+  a client has Autobahn mask them;
+- its transport keeps Twisted's 64 KiB read size (Autobahn's parser costs
+  time quadratic in the size of one read) but sends up to
+  :data:`rexecpf.relay.TRANSPORT_BUFFER` at once;
 - a ping or pong counts as activity for the relay's idle timer.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import struct
+from typing import TYPE_CHECKING, Any
 
 from autobahn.util import encode_truncate
+from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.logger import Logger
 
-from rexecpf.relay import Relay
+from rexecpf.relay import Relay, widen_transport
 
 __all__ = [
     "AUTO_FRAGMENT_SIZE",
     "MAX_FRAME_PAYLOAD",
     "MAX_MESSAGE_PAYLOAD",
     "WebSocketEndMixin",
+    "binary_frames",
     "protocol_options",
     "xor_masker_name",
 ]
@@ -43,6 +50,11 @@ MAX_FRAME_PAYLOAD = 1024 * 1024
 MAX_MESSAGE_PAYLOAD = 4 * 1024 * 1024
 #: Frames written to a peer are at most this big.
 AUTO_FRAGMENT_SIZE = 64 * 1024
+
+_FIN_BINARY = 0x80 | 0x02
+_HEADER_7 = struct.Struct("!BB")
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
 
 
 def protocol_options() -> dict[str, Any]:
@@ -63,6 +75,30 @@ def protocol_options() -> dict[str, Any]:
     }
 
 
+def binary_frames(data: bytes, frame_size: int = AUTO_FRAGMENT_SIZE) -> bytes:
+    """
+    Encode ``data`` as unmasked binary WebSocket messages, one frame each
+    (RFC 6455 5.2), ready for the socket: what a server sends.
+
+    :param data: the payload.
+    :param frame_size: the largest payload of one frame.
+    :return: the frames, in one ``bytes`` (one copy of ``data``).
+    """
+    view = memoryview(data)
+    parts: list[bytes | memoryview] = []
+    for start in range(0, len(view), frame_size):
+        payload = view[start : start + frame_size]
+        length = len(payload)
+        if length < 126:
+            parts.append(_HEADER_7.pack(_FIN_BINARY, length))
+        elif length < 1 << 16:
+            parts.append(_HEADER_16.pack(_FIN_BINARY, 126, length))
+        else:
+            parts.append(_HEADER_64.pack(_FIN_BINARY, 127, length))
+        parts.append(payload)
+    return b"".join(parts)
+
+
 def xor_masker_name() -> str:
     """
     :return: the class name of the XOR masker Autobahn uses for large
@@ -75,7 +111,14 @@ def xor_masker_name() -> str:
     return f"{type(masker).__module__}.{type(masker).__name__}"
 
 
-class WebSocketEndMixin:
+if TYPE_CHECKING:
+    # What the mixin is mixed into, as the type checker sees it.
+    _AutobahnProtocol = WebSocketProtocol
+else:
+    _AutobahnProtocol = object
+
+
+class WebSocketEndMixin(_AutobahnProtocol):
     """
     Mixed in before an Autobahn Twisted protocol class: the protocol is then
     an ``IRelayEnd`` once :meth:`attach_relay` is called.
@@ -83,8 +126,17 @@ class WebSocketEndMixin:
 
     _log = Logger()
     relay: Relay | None = None
+    # Set on the protocol at run time, and not declared by Autobahn's
+    # framework-independent WebSocketProtocol: the raw transport (by
+    # Twisted), the factory and, on a server, the frame-masking option.
     transport: Any
-    state: int
+    factory: Any
+    maskServerFrames: bool
+    # Autobahn's Twisted adapter and its WebSocketProtocol declare these two
+    # differently (``str | None`` / ``str``, ``TransportDetails`` /
+    # ``TransportDetails | None``): one declaration that fits both.
+    peer: Any
+    _transport_details: TransportDetails
 
     # -- IRelayEnd ---------------------------------------------------------
 
@@ -100,18 +152,37 @@ class WebSocketEndMixin:
 
     def write(self, data: bytes) -> None:
         """
-        Send ``data`` as one binary message (in 64 KiB frames); dropped once
-        the WebSocket is closing.
+        Send ``data`` as binary messages of at most 64 KiB; dropped once the
+        WebSocket is closing.
+
+        A server's frames are unmasked and uncompressed (rexecpf refuses
+        per-message compression), so they are written to the socket as they
+        are: Autobahn's ``sendMessage`` costs more per frame than the
+        transport does.  A client's frames must be masked: Autobahn does it.
         """
-        if self.state == WebSocketProtocol.STATE_OPEN:
-            self.sendMessage(data, isBinary=True)  # type: ignore[attr-defined]
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        if self._sends_plain_frames():
+            self.transport.write(binary_frames(data))
+        else:
+            self.sendMessage(data, isBinary=True)
+
+    def _sends_plain_frames(self) -> bool:
+        # Autobahn's send queue holds delayed writes (it is empty unless a
+        # "sync" or "chopsize" write was asked for): never overtake them.
+        return (
+            self.factory.isServer
+            and not self.maskServerFrames
+            and self._perMessageCompress is None
+            and not self.send_queue
+        )
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame with ``code`` and ``reason`` after the data."""
         if self.state == WebSocketProtocol.STATE_OPEN:
             # sendClose() refuses the 1001 and 1011 a relay needs: send the
             # close frame directly (any code valid on the wire is allowed).
-            self.sendCloseFrame(  # type: ignore[attr-defined]
+            self.sendCloseFrame(
                 code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False
             )
         elif self.state == WebSocketProtocol.STATE_CONNECTING and self.transport is not None:
@@ -128,33 +199,41 @@ class WebSocketEndMixin:
     def attach_relay(self, relay: Relay) -> None:
         """Report to ``relay`` from now on."""
         self.relay = relay
+        widen_transport(self.transport, reads=False)
 
-    def onMessageBegin(self, isBinary: bool) -> None:
-        super().onMessageBegin(isBinary)  # type: ignore[misc]
+    def dataReceived(self, data: bytes) -> None:
+        # Autobahn's Twisted adapter only logs (formatting the log fields even
+        # when debug is off) before handing the bytes to its parser.
+        self._dataReceived(data)
 
     def onMessageFrameData(self, payload: bytes) -> None:
-        # Stream: hand each chunk to the relay as it is unmasked.
-        if self.relay is not None and not self.failedByMe:  # type: ignore[attr-defined]
-            self.relay.received(self, payload)  # type: ignore[arg-type]
+        # Stream: hand each chunk to the relay as it is unmasked (Autobahn's
+        # own would keep it for the whole message).
+        if self.relay is not None and not self.failedByMe:
+            self.relay.received(self, payload)
 
     def onMessageFrameEnd(self) -> None:
-        self.frame_data = None
+        # The frame's data went to the relay already: nothing to collect.
+        pass
 
     def onMessageEnd(self) -> None:
-        self.message_data = None
+        # Nothing was assembled: no onMessage.
+        pass
 
     def onPing(self, payload: bytes) -> None:
-        super().onPing(payload)  # type: ignore[misc]
+        super().onPing(payload)
         if self.relay is not None:
             self.relay.activity()
 
     def onPong(self, payload: bytes) -> None:
-        super().onPong(payload)  # type: ignore[misc]
+        super().onPong(payload)
         if self.relay is not None:
             self.relay.activity()
 
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> Any:
-        result = super().onCloseFrame(code, reasonRaw)  # type: ignore[misc]
+        # Autobahn annotates int and bytes, but passes None for a close frame
+        # without a code or reason.
+        result = super().onCloseFrame(code, reasonRaw)  # type: ignore[arg-type]
         # The peer is done: close the other side now rather than when the
         # socket finally goes away.
         if self.relay is not None and not self.relay.closing:
@@ -163,4 +242,4 @@ class WebSocketEndMixin:
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.relay is not None:
-            self.relay.lost(self, bool(wasClean))  # type: ignore[arg-type]
+            self.relay.lost(self, bool(wasClean))

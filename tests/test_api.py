@@ -187,6 +187,8 @@ class ErrorTableTests(APITestCase):
             b"8080",
             b"null",
             b'{"container_port": 8080, "extra": 1}',
+            b"[" * 60_000,  # nested past Python's recursion limit, within 64 KiB
+            b'{"container_port": ' + b"[" * 60_000,
             b"\xff\xfe{}",
             b'{"container_port": 8080, "name": "\xc3"}',
             b'{"container_port": 8080, "container_port": 8081}',

@@ -238,15 +238,28 @@ class StaticInventoryTests(SynchronousTestCase):
     def test_stop_seen_within_two_seconds(self) -> None:
         """A container marked stopped is announced within 2 s of the change (Clock)."""
         self.write('[[container]]\nid = "c1"\nowner = "alice"\nstate = "exited"\n[[container]]\nid = "c2"\nowner = "bob"\n')
-        self.clock.advance(1.0)
+        self.clock.pump([0.5] * 4)
         self.assertEqual(self.stopped, ["c1"])
         self.assertFalse(self.successResultOf(self.backend.inspect("c1")).running)
 
     def test_removed_entry_is_stopped(self) -> None:
         """An entry that disappears is announced as stopped."""
         self.write('[[container]]\nid = "c2"\nowner = "bob"\n')
-        self.clock.advance(0.5)
+        self.clock.pump([0.5, 0.5])
         self.assertEqual(self.stopped, ["c1"])
+
+    def test_file_being_written_is_not_read(self) -> None:
+        """
+        A file seen changing (here: truncated to nothing, as ``cat >`` does
+        first) is read only once it stayed the same for a poll, so a
+        half-written inventory stops nothing.
+        """
+        self.write("")
+        self.clock.advance(0.5)
+        self.write('[[container]]\nid = "c1"\nowner = "alice"\n[[container]]\nid = "c2"\nowner = "bob"\n# done\n')
+        self.clock.pump([0.5] * 4)
+        self.assertEqual(self.stopped, [])
+        self.assertTrue(self.successResultOf(self.backend.inspect("c2")).running)
 
     def test_broken_file_keeps_old_inventory(self) -> None:
         """A file that does not parse is ignored (logged) and the last good one stays."""

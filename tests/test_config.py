@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -118,3 +120,35 @@ class ConfigTests(SynchronousTestCase):
             parse_config({k: {kk: v for kk, v in d.items() if v is not None} for k, d in data.items()})
         except ConfigError as error:
             self.assertNotIn("\n", str(error))
+
+
+class PublicURLFollowsListenTests(SynchronousTestCase):
+    """``--listen`` without ``--public-url`` moves a default public_url along."""
+
+    def overridden(self, config: Any, *argv: str) -> Any:
+        from rexecpf.tap import Options, apply_overrides
+
+        options = Options()
+        options.parseOptions(["--demo", *argv])
+        return apply_overrides(config, options).server.public_url
+
+    def test_follows_tcp_listen(self) -> None:
+        from rexecpf.config import demo_config
+
+        config = demo_config()
+        self.assertEqual(self.overridden(config, "--listen", "tcp:9000"), "http://127.0.0.1:9000")
+        self.assertEqual(
+            self.overridden(config, "--listen", "tcp:port=9001:interface=127.0.0.2"), "http://127.0.0.2:9001"
+        )
+        self.assertEqual(self.overridden(config, "--listen", r"tcp6:9002:interface=\:\:1"), "http://[::1]:9002")
+
+    def test_explicit_or_unknown_kept(self) -> None:
+        from rexecpf.config import demo_config
+
+        config = demo_config()
+        self.assertEqual(
+            self.overridden(config, "--listen", "tcp:9000", "--public-url", "https://x.example"), "https://x.example"
+        )
+        self.assertEqual(self.overridden(config, "--listen", "unix:/tmp/s"), config.server.public_url)
+        custom = attrs.evolve(config, server=attrs.evolve(config.server, public_url="https://rexec.example"))
+        self.assertEqual(self.overridden(custom, "--listen", "tcp:9000"), "https://rexec.example")

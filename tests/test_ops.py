@@ -35,7 +35,6 @@ from rexecpf.ops import (
     Reloader,
     forget_exit_signal,
     json_log_observer,
-    log_relay_end,
     notifier_from_environ,
 )
 from rexecpf.relay import RelayStats
@@ -295,7 +294,12 @@ class LogTests(SynchronousTestCase):
     def test_relay_end_line(self) -> None:
         """A relay's end is one line with the forward id, user, bytes each way and duration."""
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        log_relay_end("tunnel", "pf_x", "alice", RelayStats(10, 20, 1.5, 1000, "peer closed"))
+        forwards = ForwardService(Clock(), MemoryForwardStore(), FakeBackend(), LimitsConfig())
+        observed: list[tuple[str, RelayStats]] = []
+        forwards.relay_observers.append(lambda kind, stats: observed.append((kind, stats)))
+        stats = RelayStats(10, 20, 1.5, 1000, "peer closed")
+        forwards.relay_ended("tunnel", "pf_x", "alice", stats)
+        self.assertEqual(observed, [("tunnel", stats)])
         (event,) = logged
         self.assertEqual(
             formatEvent(event),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import (
@@ -22,12 +23,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from rexecpf.relay import (
-    MIN_BURST,
+    BURST_SECONDS,
+    TRANSPORT_BUFFER,
     IRelayEnd,
     Relay,
     RelayStats,
     TCPEnd,
     splice_to_endpoint,
+    widen_transport,
 )
 
 
@@ -241,11 +244,11 @@ class FlowControlTests(SynchronousTestCase):
         """
         f = RelayFixture(rate_a_to_b=1000, burst=1000)
         f.tb.producer.pauseProducing()  # b's buffer is full
-        f.a.dataReceived(b"x" * 3000)  # 2 s of debt
+        f.a.dataReceived(b"x" * 3000)  # 3 s of debt (the bucket starts empty)
         self.assertEqual(f.ta.producerState, "paused")
         f.tb.producer.resumeProducing()  # buffer drained, throttle holds
         self.assertEqual(f.ta.producerState, "paused")
-        f.clock.advance(2)
+        f.clock.advance(3)
         self.assertEqual(f.ta.producerState, "producing")
 
         f.a.dataReceived(b"x" * 2000)  # 2 s of debt again
@@ -272,18 +275,18 @@ class ThrottleTests(SynchronousTestCase):
 
     def test_pause_and_resume_time(self) -> None:
         """
-        At 1000 B/s with a 1000-byte bucket, 5000 bytes pause the sender for
-        exactly 4 seconds; all bytes are written at once.
+        At 1000 B/s, 5000 bytes pause the sender for exactly 5 seconds (the
+        bucket starts empty); all bytes are written at once.
         """
         f = RelayFixture(rate_a_to_b=1000, burst=1000)
         f.a.dataReceived(b"x" * 5000)
         self.assertEqual(len(f.tb.value()), 5000)
         self.assertEqual(f.ta.producerState, "paused")
-        f.clock.advance(3.999)
+        f.clock.advance(4.999)
         self.assertEqual(f.ta.producerState, "paused")
         f.clock.advance(0.001)
         self.assertEqual(f.ta.producerState, "producing")
-        self.assertAlmostEqual(f.relay.stats().throttled_a_to_b, 4.0)
+        self.assertAlmostEqual(f.relay.stats().throttled_a_to_b, 5.0)
 
     def test_other_direction_unthrottled(self) -> None:
         """
@@ -296,21 +299,28 @@ class ThrottleTests(SynchronousTestCase):
 
     def test_default_burst(self) -> None:
         """
-        The bucket holds one second of the rate but at least L{MIN_BURST}: a
-        first read of that size passes without pausing.
+        The bucket starts empty and holds L{BURST_SECONDS} of the rate: a
+        first read passes and pauses the source for its cost; after a long
+        quiet spell only a bucket's worth passes without a pause.
         """
         f = RelayFixture(rate_b_to_a=1000)
-        f.b.dataReceived(b"y" * MIN_BURST)
+        f.b.dataReceived(b"y" * 500)
+        self.assertEqual(f.tb.producerState, "paused")
+        f.clock.advance(0.49)
+        self.assertEqual(f.tb.producerState, "paused")
+        f.clock.advance(0.02)
+        self.assertEqual(f.tb.producerState, "producing")
+        f.clock.advance(60)
+        f.b.dataReceived(b"y" * int(1000 * BURST_SECONDS))
         self.assertEqual(f.tb.producerState, "producing")
         f.b.dataReceived(b"y")
         self.assertEqual(f.tb.producerState, "paused")
-        f.clock.advance(0.001)
-        self.assertEqual(f.tb.producerState, "producing")
 
     def test_throughput(self) -> None:
         """
         A sender that writes 500-byte chunks whenever it is not paused, for 60
-        simulated seconds at 1000 B/s, gets one bucket plus 60 seconds' worth.
+        simulated seconds at 1000 B/s, gets 60 seconds' worth plus at most
+        one chunk (the bucket starts empty).
         """
         f = RelayFixture(rate_a_to_b=1000, burst=1000)
         for _ in range(6000):  # 10 ms steps
@@ -318,8 +328,8 @@ class ThrottleTests(SynchronousTestCase):
                 f.a.dataReceived(b"z" * 500)
             f.clock.advance(0.01)
         sent = f.relay.bytes_a_to_b
-        self.assertGreaterEqual(sent, 60000)
-        self.assertLessEqual(sent, 61000 + 500)
+        self.assertGreaterEqual(sent, 59500)
+        self.assertLessEqual(sent, 60000 + 500)
         self.assertEqual(len(f.tb.value()), sent)
 
     def test_more_data_while_throttled_extends_pause(self) -> None:
@@ -328,9 +338,9 @@ class ThrottleTests(SynchronousTestCase):
         read) extends the pause to cover the whole debt.
         """
         f = RelayFixture(rate_a_to_b=1000, burst=1000)
-        f.a.dataReceived(b"x" * 2000)  # 1 s
-        f.a.dataReceived(b"x" * 1000)  # 2 s
-        f.clock.advance(1.5)
+        f.a.dataReceived(b"x" * 2000)  # 2 s
+        f.a.dataReceived(b"x" * 1000)  # 3 s
+        f.clock.advance(2.5)
         self.assertEqual(f.ta.producerState, "paused")
         f.clock.advance(0.5)
         self.assertEqual(f.ta.producerState, "producing")
@@ -711,6 +721,7 @@ class SpliceTests(SynchronousTestCase):
         self.assertIs(relay.a, self.accepted)
         self.assertEqual(backend_transport.value(), b"early")
         self.assertEqual(backend_transport.producerState, "producing")
+        self.reactor.advance(0.005)  # 5 bytes at 1000 B/s
         self.assertEqual(self.accepted_transport.producerState, "producing")
         backend_transport.producer.pauseProducing()
         self.assertEqual(self.accepted_transport.producerState, "paused")
@@ -753,3 +764,54 @@ class SpliceTests(SynchronousTestCase):
         )
         self.accepted.connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(d, CancelledError, ConnectingCancelledError)
+
+
+class WidenTransportTests(SynchronousTestCase):
+    """
+    L{widen_transport} and L{TCPEnd}: socket transports read and send in
+    larger pieces; other transports are left alone.
+    """
+
+    def test_socket_transport(self) -> None:
+        """
+        A socket transport (a L{FileDescriptor}) gets L{TRANSPORT_BUFFER} as
+        its read size and write-buffer bound and twice that as its send
+        limit; the class defaults stay as they are.
+        """
+        transport = FileDescriptor(reactor=MemoryReactorClock())
+        widen_transport(transport)
+        self.assertEqual(transport.bufferSize, TRANSPORT_BUFFER)
+        self.assertEqual(transport.SEND_LIMIT, 2 * TRANSPORT_BUFFER)
+        self.assertEqual(FileDescriptor.bufferSize, 64 * 1024)
+        self.assertEqual(FileDescriptor.SEND_LIMIT, 128 * 1024)
+
+    def test_send_limit_only(self) -> None:
+        """
+        With C{reads=False} (a WebSocket end: Autobahn parses small reads
+        faster) only the send limit is raised.
+        """
+        transport = FileDescriptor(reactor=MemoryReactorClock())
+        widen_transport(transport, reads=False)
+        self.assertEqual(transport.bufferSize, 64 * 1024)
+        self.assertEqual(transport.SEND_LIMIT, 2 * TRANSPORT_BUFFER)
+
+    def test_never_lowers(self) -> None:
+        """A transport already wider keeps its sizes."""
+        transport = FileDescriptor(reactor=MemoryReactorClock())
+        transport.bufferSize = transport.SEND_LIMIT = 8 * TRANSPORT_BUFFER
+        widen_transport(transport)
+        self.assertEqual(transport.bufferSize, 8 * TRANSPORT_BUFFER)
+        self.assertEqual(transport.SEND_LIMIT, 8 * TRANSPORT_BUFFER)
+
+    def test_other_transport(self) -> None:
+        """A transport without these attributes (TLS, a test double) is left alone."""
+        transport = StringTransport()
+        widen_transport(transport)
+        self.assertFalse(hasattr(transport, "bufferSize"))
+        self.assertFalse(hasattr(transport, "SEND_LIMIT"))
+
+    def test_tcp_end_widens_its_transport(self) -> None:
+        """A L{TCPEnd} widens its transport when connected."""
+        transport = FileDescriptor(reactor=MemoryReactorClock())
+        TCPEnd().makeConnection(transport)
+        self.assertEqual(transport.bufferSize, TRANSPORT_BUFFER)

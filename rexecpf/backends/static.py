@@ -31,6 +31,7 @@ from rexecpf.model import Container
 __all__ = ["StaticBackend", "read_inventory"]
 
 POLL_SECONDS = 0.5
+_NOTHING = object()
 
 
 def read_inventory(path: str) -> tuple[InventoryEntry, ...]:
@@ -86,6 +87,8 @@ class StaticBackend(Service):
         self._containers = _containers(entries)
         self._subscribers: list[StoppedCallback] = []
         self._signature: tuple[int, int, int] | None = self._stat()
+        #: a new signature seen at the last poll, not yet acted on
+        self._changing: object = _NOTHING
         self._poll = LoopingCall(self.poll)
         self._poll.clock = clock
 
@@ -121,7 +124,15 @@ class StaticBackend(Service):
         """Re-read the inventory if the file changed; announce stopped containers."""
         signature = self._stat()
         if signature == self._signature:
+            self._changing = _NOTHING
             return
+        if signature != self._changing:
+            # Changed since the last poll: a writer may be half-way through
+            # (an empty or truncated file is still valid TOML, and would stop
+            # every container).  Act once it has stayed the same for a poll.
+            self._changing = signature
+            return
+        self._changing = _NOTHING
         self._signature = signature
         if signature is None:
             self._log.warn("inventory {path} is missing: no containers", path=self._path)

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -43,6 +44,24 @@ def free_port() -> int:
 
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
+
+
+@inlineCallbacks
+def until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """
+    Poll ``condition`` every 20 ms until it is true.
+
+    :return: a Deferred firing with its value, or failing the test with
+        ``AssertionError`` after ``timeout`` seconds.
+    """
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {what or condition}")
+        yield sleep(0.02)
 
 
 def write_inventory(path: str, containers: dict[str, tuple[str, str]]) -> None:

@@ -21,7 +21,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from rexecpf.config import load_config
-from rexecpf.ops import forget_exit_signal, log_relay_end, notifier_from_environ
+from rexecpf.ops import forget_exit_signal, notifier_from_environ
 from rexecpf.relay import TCPEnd, splice_to_endpoint
 from rexecpf.tap import build
 
@@ -110,8 +110,7 @@ class Accepted(TCPEnd):
 
     def ended(self, stats):
         self.untrack()
-        components.metrics.relay_ended("listener", stats)
-        log_relay_end("listener", self.fid, "alice", stats)
+        forwards.relay_ended("listener", self.fid, "alice", stats)
 
     def shutdown(self, reason):
         if self.spliced is not None:

@@ -14,11 +14,12 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.functional import peers
-from tests.functional.inprocess import TOKENS, Daemon, echo_server, free_port, sleep
+from tests.functional.inprocess import TOKENS, Daemon, echo_server, free_port, listen, sleep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = [sys.executable, "-m", "rexecpf.cli"]
@@ -141,6 +142,35 @@ class TunnelCommandTests(DaemonMixin, TestCase):
             lines = err.decode().splitlines()
             self.assertEqual(len(lines), 1, err)
             self.assertIn(expected, lines[0])
+
+    @inlineCallbacks
+    def test_stdio_eof_closes(self):
+        """
+        ``tunnel --stdio`` delivers what it read, closes the tunnel when
+        stdin reaches end of file (the container sees its connection end)
+        and exits with status 0.
+        """
+        received = []
+        closed = Deferred()
+
+        class Recorder(Protocol):
+            def dataReceived(self, data):
+                received.append(data)
+
+            def connectionLost(self, reason):
+                closed.callback(b"".join(received))
+
+        peer = yield listen(Factory.forProtocol(Recorder))
+        self.addCleanup(peer.stop)
+        forward = yield self.daemon.create(peer.port)
+        # Without the close the tunnel would stay open until the idle
+        # timeout (300 s): the timeout makes that a failure.
+        out, err, status = yield self.cli(
+            "tunnel", forward["id"], "--stdio", stdin=b"to the container", timeout=30
+        )
+        self.assertEqual(status, 0, err)
+        got = yield closed
+        self.assertEqual(got, b"to the container")
 
     @inlineCallbacks
     def test_listen(self):

@@ -54,8 +54,8 @@ class DemoTests(unittest.TestCase):
         process = subprocess.Popen(
             twistd_argv(
                 "--demo",
+                # no --public-url: it follows --listen
                 "--listen", f"tcp:{port}:interface=127.0.0.1",
-                "--public-url", f"http://127.0.0.1:{port}",
             ),
             cwd=directory, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=subprocess_env(),
@@ -72,6 +72,7 @@ class DemoTests(unittest.TestCase):
         body, _, status = result.stdout.decode().rpartition("\n")
         self.assertEqual(status, "201", body)
         self.assertIn('"container_id": "demo"', body)
+        self.assertIn(f'"proxy_url": "http://127.0.0.1:{port}/p/', body)
         self.assertTrue((Path(directory) / "rexecpf.sqlite3").exists())
         process.send_signal(signal.SIGTERM)
         self.assertIn(process.wait(30), (0, -signal.SIGTERM))

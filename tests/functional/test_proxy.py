@@ -408,6 +408,7 @@ class SessionTests(ProxyTestsMixin, TestCase):
         """A wrong ?token= is 401; a tampered or expired cookie is 401."""
         response = yield self.http.get(self.url + "/?token=nope", allow_redirects=False)
         self.assertEqual(response.code, 401)
+        self.assertEqual(response.headers.getRawHeaders("www-authenticate"), ['Bearer realm="rexecpf"'])
         yield response.content()
         cookie = self.rex.proxy.sessions.make("alice", self.fw.id)
         tampered = cookie[:-2] + ("AA" if not cookie.endswith("AA") else "BB")
@@ -421,6 +422,26 @@ class SessionTests(ProxyTestsMixin, TestCase):
         yield response.content()
 
     @inlineCallbacks
+    def test_new_token_ends_old_sessions(self) -> Any:
+        """A cookie from before the user's token changed (a reload) is 401; one made after works."""
+        response = yield self.http.get(self.url + "/?token=alice-token", allow_redirects=False)
+        yield response.content()
+        old = response.headers.getRawHeaders("set-cookie")[0].split(";")[0]
+        response = yield self.http.get(self.url + "/", headers={"Cookie": old})
+        self.assertEqual(response.code, 200)
+        yield response.content()
+        self.rex.components.authenticator.replace({"alice": "alice-new-token", "bob": "bob-token"})
+        response = yield self.http.get(self.url + "/", headers={"Cookie": old})
+        self.assertEqual(response.code, 401)
+        yield response.content()
+        response = yield self.http.get(self.url + "/?token=alice-new-token", allow_redirects=False)
+        yield response.content()
+        new = response.headers.getRawHeaders("set-cookie")[0].split(";")[0]
+        response = yield self.http.get(self.url + "/", headers={"Cookie": new})
+        self.assertEqual(response.code, 200)
+        yield response.content()
+
+    @inlineCallbacks
     def test_cookie_survives_restart(self) -> Any:
         """
         The signing key is kept in the store: cookies checked with the key a
@@ -430,9 +451,29 @@ class SessionTests(ProxyTestsMixin, TestCase):
 
         yield self.rex.proxy.sessions.ready()
         cookie = self.rex.proxy.sessions.make("alice", self.fw.id)
-        restarted = SessionCookies(lambda: self.rex.components.store.secret("session"), real_reactor(), 60)
+        restarted = SessionCookies(
+            lambda: self.rex.components.store.secret("session"),
+            real_reactor(),
+            60,
+            self.rex.components.authenticator.credential,
+        )
         yield restarted.ready()
         self.assertEqual(restarted.check(cookie.encode(), self.fw.id), "alice")
+
+
+class BehindTLSFrontEndTests(ProxyTestsMixin, TestCase):
+    """public_url is https (a TLS front end): the container is told so."""
+
+    overrides: ClassVar[dict[str, Any]] = {"server": {"public_url": "https://rexec.example"}}
+
+    @inlineCallbacks
+    def test_forwarded_proto_https(self) -> Any:
+        """X-Forwarded-Proto is https, and the session cookie is Secure."""
+        document = yield self.echo("/")
+        self.assertEqual(self.headers_of(document, "X-Forwarded-Proto"), ["https"])
+        response = yield self.http.get(f"{self.url}/?token=alice-token", allow_redirects=False)
+        yield response.content()
+        self.assertIn("Secure", response.headers.getRawHeaders("set-cookie")[0])
 
 
 class HostRoutingTests(ProxyTestsMixin, TestCase):
@@ -461,6 +502,13 @@ class HostRoutingTests(ProxyTestsMixin, TestCase):
         """Another name under proxy_domain is 404, never the API."""
         response = yield self.http.get(f"{self.rex.base}/api/openapi.json", headers={"Host": "www.preview.test"})
         self.assertEqual(response.code, 404)
+        yield response.content()
+
+    @inlineCallbacks
+    def test_bare_domain_is_the_api(self) -> Any:
+        """proxy_domain itself is not a forward's origin: it may be the API's own host."""
+        response = yield self.http.get(f"{self.rex.base}/api/openapi.json", headers={"Host": "preview.test"})
+        self.assertEqual(response.code, 200)
         yield response.content()
 
     @inlineCallbacks
