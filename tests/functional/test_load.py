@@ -193,20 +193,22 @@ class LoadTests(TestCase):
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
-    def metric(self, name: str) -> float:
-        """:return: the value of one un-labelled (or first-labelled) metric of the daemon."""
+    def metric(self, name: str, **labels: str) -> float:
+        """:return: the value of the daemon's sample ``name`` with exactly these labels (0 if none yet)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as answer:
             text = answer.read().decode()
-        match = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
-        assert match, f"no {name} in {text[:500]}"
-        return float(match.group(1))
+        for match in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+            if found == labels:
+                return float(match.group(2))
+        return 0.0
 
     @inlineCallbacks
     def settle(self, echo: Any) -> Any:
         """Wait (bounded) until no tunnel, proxied or container connection is open."""
         deadline = time.monotonic() + 30
         while (self.metric("rexecpf_open_tunnels") or echo.open
-               or self.metric('rexecpf_live_connections{kind="proxy"}')):
+               or self.metric("rexecpf_live_connections", kind="proxy")):
             self.assertLess(time.monotonic(), deadline, "connections still open 30 s after the load")
             yield deferLater(reactor, 0.1, lambda: None)
 
@@ -265,25 +267,22 @@ class LoadTests(TestCase):
         return sum(moved)
 
     @inlineCallbacks
-    def test_relayed_bytes_are_counted(self) -> Any:
+    def test_proxied_requests_are_counted(self) -> Any:
         """
-        The bytes a tunnel carries show in ``rexecpf_relayed_bytes_total``.
+        Proxied requests show in ``rexecpf_proxy_requests_total{code}``.
 
-        Known bug: nothing outside the tests calls ``Metrics.relay_ended``
-        (nor ``Metrics.proxy_response``), so ``rexecpf_relayed_bytes_total``,
-        ``rexecpf_relays_total``, ``rexecpf_throttled_seconds_total`` and
-        ``rexecpf_proxy_requests_total`` never get a sample.
+        Known bug: nothing calls ``Metrics.proxy_response`` (rexecpf.proxy
+        never reports a response), so that counter never gets a sample.
         """
-        echo_factory = Factory.forProtocol(FlowControlledEcho)
-        echo_factory.open = echo_factory.received = echo_factory.peak = 0
-        echo_port = yield self.listen(echo_factory)
-        code, forward = self.daemon.create("c1", echo_port)
+        app_port = yield self.listen(server.Site(_root()))
+        code, forward = self.daemon.create("c1", app_port)
         self.assertEqual(code, 201, forward)
-        yield self.tunnels(f"ws://127.0.0.1:{self.daemon.port}/ws/port-forward/{forward['id']}", 1, 4096)
-        yield self.settle(echo_factory)
-        self.assertEqual(self.metric('rexecpf_relayed_bytes_total{kind="tunnel",direction="upstream"}'), 4096)
+        yield self.requests(f"http://127.0.0.1:{self.daemon.port}/p/{forward['id']}/", 3)
+        self.assertEqual(self.metric("rexecpf_proxy_requests_total", code="200"), 3)
 
-    test_relayed_bytes_are_counted.todo = "Metrics.relay_ended is never called: see the docstring"  # type: ignore[attr-defined]
+    test_proxied_requests_are_counted.todo = (  # type: ignore[attr-defined]
+        "Metrics.proxy_response is never called: see the docstring"
+    )
 
     @inlineCallbacks
     def test_load_with_checksums_and_rss(self) -> Any:
@@ -323,6 +322,10 @@ class LoadTests(TestCase):
         self.assertEqual(echo_factory.peak, TUNNELS)  # all at once, not one after the other
         # every byte went through the container: nothing was short-circuited
         self.assertEqual(echo_factory.received - echoed_before, TUNNELS * TUNNEL_BYTES)
+        # and the daemon counted them, each way
+        for direction in ("upstream", "downstream"):
+            self.assertGreaterEqual(self.metric("rexecpf_relayed_bytes_total", kind="tunnel", direction=direction),
+                                    TUNNELS * TUNNEL_BYTES)
         started = time.monotonic()
         proxied = yield self.requests(base, REQUESTS)
         request_seconds = time.monotonic() - started
