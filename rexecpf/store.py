@@ -186,10 +186,19 @@ class SQLiteForwardStore:
         # The pool starts its threads once the reactor runs: a start-up
         # failure before then must not leave threads keeping the process alive.
 
-    def _run(self, work: Callable[..., T], *args: Any) -> Deferred[T]:
+    def _run(self, work: Callable[..., T], *args: Any, read_only: bool = False) -> Deferred[T]:
+        """
+        Run ``work(connection, *args)`` in one transaction on the pool's thread.
+
+        :param read_only: ``work`` only reads: a deferred ``BEGIN`` (a
+            snapshot, no write lock), so that reads go on when the file
+            cannot be written.  Otherwise ``BEGIN IMMEDIATE`` takes the write
+            lock first, so the checks and the write see the same state.
+        """
+
         def interaction(cursor: Any) -> T:
             connection = cursor.connection
-            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
             try:
                 result = work(connection, *args)
             except BaseException:
@@ -251,7 +260,7 @@ class SQLiteForwardStore:
             ).fetchone()
             return _row(row) if row else None
 
-        return self._run(get)
+        return self._run(get, read_only=True)
 
     def list_forwards(self, container_id: str | None = None) -> Deferred[list[PortForward]]:
         def select(connection: sqlite3.Connection) -> list[PortForward]:
@@ -267,7 +276,7 @@ class SQLiteForwardStore:
                 )
             return [_row(row) for row in rows.fetchall()]
 
-        return self._run(select)
+        return self._run(select, read_only=True)
 
     def remove(self, forward_id: str) -> Deferred[bool]:
         def remove(connection: sqlite3.Connection) -> bool:
@@ -310,6 +319,22 @@ class SQLiteForwardStore:
             )
 
         return self._run(check)
+
+    def refuse_writes(self, refuse: bool) -> Deferred[None]:
+        """
+        Make the store's one connection refuse every write, as a read-only
+        file does (``SQLITE_READONLY``, so creates and deletes answer 503),
+        or take writes again.  A fault seam (``PRAGMA query_only``): a file
+        system cannot be remounted read-only under an open file, so this is
+        how the tests make the store read-only while the daemon runs.
+
+        :return: fires once the connection refuses (or takes) writes.
+        """
+
+        def pragma(connection: Any) -> None:
+            connection.execute(f"PRAGMA query_only = {'ON' if refuse else 'OFF'}")
+
+        return self._pool.runWithConnection(pragma)
 
     def close(self) -> None:
         # Idempotent: graceful shutdown closes the store, and so may its owner.

@@ -51,6 +51,8 @@ from rexecpf.model import (
     BAD_GATEWAY,
     FORWARD_NOT_FOUND,
     INTERNAL_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_ALLOWED,
     NOT_FOUND,
     APIError,
     ErrorKind,
@@ -203,9 +205,9 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """Answer a refused handshake with the API's JSON error body."""
-        error = self._deny
-        if error is None:
-            return super().failHandshake(reason, code, responseHeaders)
+        # Autobahn's own refusals (bad key or version, not GET) get a JSON body too.
+        error = self._deny or (METHOD_NOT_ALLOWED(reason, {"Allow": "GET"}) if code == 405
+                               else INVALID_REQUEST(reason, dict(responseHeaders or ())))
         self.wasNotCleanReason = reason
         body = json.dumps(error.body()).encode("utf-8") + b"\n"
         head = [f"HTTP/1.1 {error.code} {error.message}"]

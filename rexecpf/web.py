@@ -11,6 +11,7 @@ identifies itself only as ``rexecpf``.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -22,7 +23,7 @@ from twisted.web.resource import IResource, Resource
 
 from rexecpf.api import MAX_BODY_BYTES, write_error, write_json
 from rexecpf.backends import IContainerBackend
-from rexecpf.model import METHOD_NOT_ALLOWED, NOT_FOUND, REQUEST_TOO_LARGE, APIError
+from rexecpf.model import INVALID_REQUEST, METHOD_NOT_ALLOWED, NOT_FOUND, REQUEST_TOO_LARGE, APIError
 from rexecpf.store import IForwardStore
 
 __all__ = ["Health", "LimitedRequest", "RexecSite", "Root", "release_from_http_channel"]
@@ -189,7 +190,7 @@ class LimitedRequest(server.Request):
             # closing now does not reset the connection under the client.
             self._close()
             return
-        super().requestReceived(command, path, version)
+        super().requestReceived(command, _origin_form(path, self.requestHeaders), version)
 
     def _refuse(self) -> None:
         self._refused = True
@@ -234,6 +235,27 @@ class LimitedRequest(server.Request):
         super().connectionLost(reason)
 
 
+_ABSOLUTE_FORM = re.compile(rb"^https?://([^/?#]*)([^#]*)", re.IGNORECASE)
+
+
+def _origin_form(target: bytes, headers: Any) -> bytes:
+    """
+    An absolute-form target (``GET http://host/path``) names its host itself,
+    and that host wins over any ``Host`` header (RFC 9112 3.2.2): make it the
+    ``Host`` and serve the path.  Routing (``/api``, ``/p/``, a forward's own
+    host under ``proxy_domain``) and what reaches a container then agree on
+    one host; the two can never point at different forwards.
+
+    :return: the origin-form target (``/path?query``).
+    """
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        return target
+    authority, rest = match.groups()
+    headers.setRawHeaders(b"host", [authority])
+    return rest if rest.startswith(b"/") else b"/" + rest
+
+
 def _line_too_long(channel: Any) -> None:
     """
     A request line or header line over the channel's ``MAX_LENGTH`` (16 KiB):
@@ -250,6 +272,22 @@ def _line_too_long(channel: Any) -> None:
         b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body)
     )
     channel.transport.loseConnection()
+
+
+def _bad_request(channel: Any) -> None:
+    """
+    A request Twisted cannot parse (smuggling framing, control bytes in a
+    header, a garbled request line): answer a JSON 400 and close, where
+    Twisted writes a bare ``400 Bad Request`` with no body.
+    """
+    body = json.dumps(
+        INVALID_REQUEST("the request is not well-formed HTTP/1.1").body()
+    ).encode("utf-8") + b"\n"
+    channel.transport.write(
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    channel.loseConnection()
 
 
 class RexecSite(server.Site):
@@ -277,6 +315,8 @@ class RexecSite(server.Site):
         channel = getattr(protocol, "_channel", protocol)
         if hasattr(channel, "lineLengthExceeded"):
             channel.lineLengthExceeded = lambda line: _line_too_long(channel)
+        if hasattr(channel, "_respondToBadRequestAndDisconnect"):
+            channel._respondToBadRequestAndDisconnect = lambda: _bad_request(channel)
         return protocol
 
     def max_body_for(self, path: bytes) -> int | None:

@@ -121,3 +121,27 @@ class SQLiteStoreTests(StoreBehaviour, TestCase):
         again = SQLiteForwardStore(reactor, self.path)
         self.addCleanup(again.close)
         self.assertEqual((yield again.get("pf_1")), forward("pf_1"))
+
+    @defer.inlineCallbacks
+    def test_refusing_writes(self) -> Any:
+        """
+        With writes refused (a read-only file): reads answer, every write and
+        the health check fail with 503 and change nothing; then writes work again.
+        """
+        yield self.store.add(forward("pf_1"), 10)
+        yield self.store.refuse_writes(True)
+        self.assertEqual((yield self.store.get("pf_1")), forward("pf_1"))
+        self.assertEqual((yield self.store.list_forwards("c1")), [forward("pf_1")])
+        for write in (
+            lambda: self.store.add(forward("pf_2", port=81, local=20001), 10),
+            lambda: self.store.remove("pf_1"),
+            lambda: self.store.remove_container("c1"),
+            self.store.check,
+        ):
+            error = yield self.assertFailure(write(), APIError)
+            self.assertEqual((error.code, error.message), (503, "Store unavailable"))
+        self.flushLoggedErrors(sqlite3.OperationalError)
+        self.assertEqual((yield self.store.list_forwards()), [forward("pf_1")])
+        yield self.store.refuse_writes(False)
+        yield self.store.check()
+        self.assertTrue((yield self.store.remove("pf_1")))

@@ -7,6 +7,7 @@ connections are closed.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -135,6 +136,48 @@ class LineLengthTests(SiteCase):
             b"GET /api/x HTTP/1.1\r\nX-Big: " + b"b" * 20000 + b"\r\n"
         )
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value()[:80])
+
+    def test_unparseable_request_is_json_400(self) -> None:
+        """
+        What Twisted refuses while parsing (a bare CR in a header value,
+        Content-Length with Transfer-Encoding) is a JSON 400, then a close;
+        the resource never sees it.
+        """
+        for raw in (
+            b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-Bad: a\rb\r\n\r\n",
+            b"POST /p/x/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ):
+            with self.subTest(raw=raw):
+                channel, transport = self.connect()
+                channel.dataReceived(raw)  # type: ignore[attr-defined]
+                head, _, body = transport.value().partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+                self.assertIn(b"Content-Type: application/json", head)
+                self.assertEqual(json.loads(body)["error"]["message"], "Invalid request")
+                self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.resource.bodies, [])
+
+    def test_absolute_form_target(self) -> None:
+        """``GET http://a.example/p?q`` is served as ``/p?q`` with ``Host: a.example``, whatever Host said."""
+        seen = []
+
+        class Recorder(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                seen.append((request.uri, request.getHeader(b"host")))
+                return b"ok"
+
+        self.site.resource = Recorder()
+        for target, expected in (
+            (b"http://a.example/p?q=1", (b"/p?q=1", b"a.example")),
+            (b"HTTPS://a.example:8443", (b"/", b"a.example:8443")),
+            (b"http://a.example?x", (b"/?x", b"a.example")),
+            (b"/plain", (b"/plain", b"b.example")),
+        ):
+            channel, transport = self.connect()
+            channel.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: b.example\r\n\r\n")  # type: ignore[attr-defined]
+            self.assertEqual(seen.pop(), expected)
 
     def test_no_100_continue_after_413(self) -> None:
         """Expect: 100-continue with a too-large length: the 413 only, no 100 after it."""

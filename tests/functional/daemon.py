@@ -167,6 +167,15 @@ class Daemon:
             time.sleep(0.05)
         raise RuntimeError(f"rexecpf did not answer in {timeout}s: {self.log()}")
 
+    def rss(self) -> int:
+        """:return: the process's resident set size in bytes (``VmRSS`` of /proc/PID/status)."""
+        assert self.process is not None
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError(f"no VmRSS for {self.process.pid}")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 

@@ -359,7 +359,7 @@ class HostileHTTPTests(unittest.TestCase):
 
     def test_huge_body_refused_early(self) -> None:
         """A 10 MiB POST is 413 (JSON); memory and temporary files do not grow."""
-        rss_before = _rss(self.daemon)
+        rss_before = self.daemon.rss()
         before = self.forwards()
         size = 10 * 1024 * 1024
         started = time.monotonic()
@@ -380,7 +380,7 @@ class HostileHTTPTests(unittest.TestCase):
         )
         self.assertEqual([r.status for r in parse_responses(raw)], [413])
         self.assertNothingCreated(before)
-        self.assertLess(_rss(self.daemon) - rss_before, 8 * 1024 * 1024)
+        self.assertLess(self.daemon.rss() - rss_before, 8 * 1024 * 1024)
         self.assertEqual(_deleted_files(self.daemon), 0)
 
     def test_announced_huge_body_not_sent(self) -> None:
@@ -404,14 +404,6 @@ def _complete(data: bytes) -> bool:
         return bool(parse_responses(data))
     except (ValueError, IndexError):
         return False
-
-
-def _rss(daemon: Daemon) -> int:
-    assert daemon.process is not None
-    for line in open(f"/proc/{daemon.process.pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _deleted_files(daemon: Daemon) -> int:

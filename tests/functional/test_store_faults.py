@@ -1,15 +1,22 @@
 """
-Faults in the store, for real: the state file lives on a tiny tmpfs that the
-test fills up (disk full) or remounts read-only.  The API answers 503 "Store
-unavailable" (JSON), nothing half-written is seen, /healthz is 503, and all
-recovers when the fault clears.  Needs root and ``mount -t tmpfs`` (skipped
-otherwise).
+Faults in the store, for real.  Disk full: the state file lives on a tiny
+tmpfs that the test fills up (needs root and ``mount -t tmpfs``, skipped
+otherwise).  Read-only: the store's connection refuses every write with
+SQLITE_READONLY, as a read-only file does (``PRAGMA query_only``, through
+:meth:`SQLiteForwardStore.refuse_writes`: Linux will not remount a file
+system read-only, bind mount or not, while the daemon holds its file open
+for writing).  Either way the API answers 503 "Store unavailable" (JSON),
+reads go on, nothing half-written is seen, /healthz is 503, and all recovers
+when the fault clears.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -17,6 +24,10 @@ import unittest
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from tests.functional import inprocess
 from tests.functional.daemon import Daemon
 
 
@@ -101,24 +112,125 @@ class StoreFaultTests(unittest.TestCase):
         self.daemon.start()
         self.assertEqual({f["id"]: f for f in self.daemon.list("c1")}, acknowledged)
 
-    def test_read_only(self) -> None:
-        """A read-only file system: 503, healthz 503; read-write again recovers."""
-        acknowledged = {f["id"]: f for f in (self.daemon.create("c1", port)[1] for port in (1, 2))}
-        remount = subprocess.run(["mount", "-o", "remount,ro", str(self.statefs)], capture_output=True)
-        if remount.returncode != 0:
-            # Linux refuses while the daemon holds the file open for writing:
-            # use a read-only bind mount over it instead.
-            self.skipTest(f"cannot remount read-only here: {remount.stderr.decode().strip()}")
-        self.addCleanup(lambda: subprocess.run(["mount", "-o", "remount,rw", str(self.statefs)]))
-        self.assertUnavailable(self.daemon.create("c1", 50))
-        victim = next(iter(acknowledged))
-        code, document, _ = self.daemon.request("DELETE", f"/api/containers/c1/port-forwards/{victim}")
-        self.assertUnavailable((code, document))
-        self.assertEqual(self.health(), 503)
-        self.assertEqual({f["id"]: f for f in self.daemon.list("c1")}, acknowledged)
-        subprocess.run(["mount", "-o", "remount,rw", str(self.statefs)], check=True)
+
+class ReadOnlyStoreTests(TestCase):
+    """The in-process daemon (real sockets) with its store turned read-only under it."""
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.directory = self.mktemp()
+        self.daemon = inprocess.Daemon(self.directory, local_ports="41000-41999")
+        yield self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        self.echo = yield inprocess.echo_server()
+        self.addCleanup(self.echo.stop)
+        self.http = inprocess._http
+
+    @inlineCallbacks
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """:return: (status, JSON document or None) of one API request as alice."""
+        response = yield self.http.request(
+            method, f"{self.daemon.base}{path}", data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {inprocess.TOKENS['alice']}"},
+        )
+        content = yield response.content()
+        if content:
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        return response.code, json.loads(content) if content else None
+
+    @inlineCallbacks
+    def listed(self) -> Any:
+        code, document = yield self.call("GET", "/api/containers/c1/port-forwards")
+        self.assertEqual(code, 200, document)
+        return {forward["id"]: forward for forward in document}
+
+    def assertUnavailable(self, result: tuple[int, Any]) -> None:
+        code, document = result
+        self.assertEqual(code, 503, document)
+        self.assertEqual(document["error"]["message"], "Store unavailable")
+
+    @inlineCallbacks
+    def test_read_only(self) -> Any:
+        """
+        A read-only store: creates and deletes are 503 (JSON) and change
+        nothing, not even a listener; reads, tunnels and local ports go on;
+        /healthz is 503.  Writable again: /healthz recovers by itself, writes
+        work, and a restart finds exactly what was acknowledged.
+        """
+        acknowledged = {}
+        for port in (self.echo.port, self.echo.port + 1):
+            forward = yield self.daemon.create(port)
+            acknowledged[forward["id"]] = forward
+        victim = next(iter(acknowledged.values()))
+        tunnel, tunnel_factory = yield inprocess.connect_ws(
+            self.daemon.ws_url(victim["id"]), ["Bearer", inprocess.TOKENS["alice"]], port=self.daemon.port
+        )
+        self.addCleanup(inprocess.close_ws, tunnel, tunnel_factory)
+
+        yield self.daemon.components.store.refuse_writes(True)
+        wanted_local_port = _unused_port(41000, 41999, {f["local_port"] for f in acknowledged.values()})
+        self.assertUnavailable((yield self.call(
+            "POST", "/api/containers/c1/port-forwards", {"container_port": 7, "local_port": wanted_local_port})))
+        self.assertUnavailable((yield self.call(
+            "DELETE", f"/api/containers/c1/port-forwards/{victim['id']}")))
+        code, health = yield self.call("GET", "/healthz")
+        self.assertEqual((code, health["status"]), (503, "unavailable"))
+        # nothing half-written: the same forwards, no listener for the refused one
+        self.assertEqual((yield self.listed()), acknowledged)
+        self.assertEqual((yield self.call("GET", f"/api/containers/c1/port-forwards/{victim['id']}")),
+                         (200, victim))
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", wanted_local_port), timeout=2).close()
+        # what exists goes on working: the open tunnel, a new one, the local port
+        tunnel.sendMessage(b"still open", isBinary=True)
+        self.assertEqual((yield tunnel.wait_for(10)), b"still open")
+        another, another_factory = yield inprocess.connect_ws(
+            self.daemon.ws_url(victim["id"]), ["Bearer", inprocess.TOKENS["alice"]], port=self.daemon.port
+        )
+        yield inprocess.close_ws(another, another_factory)
+        echoed = yield inprocess.connect_tcp_roundtrip(victim["local_port"], b"local")
+        self.assertEqual(echoed, b"local")
+
+        # each refused write was logged for the operator (trial counts them as errors unless flushed)
+        self.assertTrue(self.flushLoggedErrors(sqlite3.OperationalError))
+        yield self.daemon.components.store.refuse_writes(False)
         deadline = time.monotonic() + 10
-        while self.health() != 200:
-            self.assertLess(time.monotonic(), deadline, "no recovery after remounting read-write")
-            time.sleep(0.1)
-        self.assertEqual(self.daemon.create("c1", 51)[0], 201)
+        while (yield self.call("GET", "/healthz"))[0] != 200:
+            self.assertLess(time.monotonic(), deadline, "no recovery once writable")
+            yield inprocess.sleep(0.1)
+        code, created = yield self.call(
+            "POST", "/api/containers/c1/port-forwards", {"container_port": 7, "local_port": wanted_local_port})
+        self.assertEqual(code, 201, created)
+        acknowledged[created["id"]] = created
+        code, _ = yield self.call("DELETE", f"/api/containers/c1/port-forwards/{victim['id']}")
+        self.assertEqual(code, 204)
+        del acknowledged[victim["id"]]
+        self.assertEqual((yield tunnel_factory.closed)[0], 1001)  # its tunnel went with it
+        self.assertEqual((yield self.listed()), acknowledged)
+
+        # the state file holds exactly that, for the next process
+        yield self.daemon.stop()
+        self.daemon = inprocess.Daemon(self.directory, local_ports="41000-41999")
+        yield self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        stored = yield self.listed()
+
+        def durable(forwards: dict[str, Any]) -> dict[str, Any]:
+            # the URLs name the new process's port; the rest is the stored forward
+            return {key: {k: v for k, v in f.items() if not k.endswith("_url")} for key, f in forwards.items()}
+
+        self.assertEqual(durable(stored), durable(acknowledged))
+
+
+def _unused_port(low: int, high: int, exclude: set[int]) -> int:
+    """:return: a port in ``low``-``high`` that nothing listens on now (a test must not guess one)."""
+    for port in range(low, high + 1):
+        if port in exclude:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {low}-{high}")
