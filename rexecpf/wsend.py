@@ -35,19 +35,12 @@ from rexecpf.relay import Relay, widen_transport
 
 __all__ = [
     "AUTO_FRAGMENT_SIZE",
-    "MAX_FRAME_PAYLOAD",
-    "MAX_MESSAGE_PAYLOAD",
     "WebSocketEndMixin",
     "binary_frames",
     "protocol_options",
     "xor_masker_name",
 ]
 
-#: The largest frame accepted from a peer.
-MAX_FRAME_PAYLOAD = 1024 * 1024
-#: The largest message accepted from a peer (messages are streamed, never
-#: held whole, but a peer has no reason to send bigger ones).
-MAX_MESSAGE_PAYLOAD = 4 * 1024 * 1024
 #: Frames written to a peer are at most this big.
 AUTO_FRAGMENT_SIZE = 64 * 1024
 
@@ -63,11 +56,14 @@ def protocol_options() -> dict[str, Any]:
         (pass to ``factory.setProtocolOptions``).
     """
     return {
-        "maxFramePayloadSize": MAX_FRAME_PAYLOAD,
-        "maxMessagePayloadSize": MAX_MESSAGE_PAYLOAD,
+        # No cap on frames or messages: their data is streamed to the relay
+        # chunk by chunk as it arrives (onMessageFrameData), never held
+        # whole, and a browser sends each ws.send() as one frame, however big.
+        "maxFramePayloadSize": 0,
+        "maxMessagePayloadSize": 0,
         "autoFragmentSize": AUTO_FRAGMENT_SIZE,
         # Streams need no per-message compression, and it would defeat the
-        # bounds above (a small frame can inflate to a big one).
+        # relay's flow control (a small frame can inflate to a big one).
         "perMessageCompressionAccept": lambda offers: None,
         "openHandshakeTimeout": 30,
         "closeHandshakeTimeout": 5,

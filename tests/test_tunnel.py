@@ -23,7 +23,7 @@ from rexecpf.forwards import ForwardService
 from rexecpf.relay import CONNECT_TIMEOUT
 from rexecpf.testing import FakeBackend, MemoryForwardStore
 from rexecpf.tunnel import TunnelFactory, choose_credentials
-from rexecpf.wsend import AUTO_FRAGMENT_SIZE, MAX_FRAME_PAYLOAD, protocol_options, xor_masker_name
+from rexecpf.wsend import AUTO_FRAGMENT_SIZE, protocol_options, xor_masker_name
 
 
 class CredentialsTests(SynchronousTestCase):
@@ -64,9 +64,9 @@ class SettingsTests(SynchronousTestCase):
         self.assertTrue(xor_masker_name().startswith("autobahn.nvx."), xor_masker_name())
 
     def test_caps(self):
-        """Frames and messages from peers are capped; frames to peers are 64 KiB."""
+        """Frames and messages from peers are streamed, so not capped; frames to peers are 64 KiB."""
         options = protocol_options()
-        self.assertEqual(options["maxFramePayloadSize"], MAX_FRAME_PAYLOAD)
+        self.assertEqual((options["maxFramePayloadSize"], options["maxMessagePayloadSize"]), (0, 0))
         self.assertEqual(options["autoFragmentSize"], AUTO_FRAGMENT_SIZE)
         self.assertEqual(AUTO_FRAGMENT_SIZE, 65536)
 

@@ -273,19 +273,12 @@ class LoadTests(TestCase):
     def test_proxied_requests_are_counted(self) -> Any:
         """
         Proxied requests show in ``rexecpf_proxy_requests_total{code}``.
-
-        Known bug: nothing calls ``Metrics.proxy_response`` (rexecpf.proxy
-        never reports a response), so that counter never gets a sample.
         """
         app_port = yield self.listen(server.Site(_root()))
         code, forward = self.daemon.create("c1", app_port)
         self.assertEqual(code, 201, forward)
         yield self.requests(f"http://127.0.0.1:{self.daemon.port}/p/{forward['id']}/", 3)
         self.assertEqual(self.metric("rexecpf_proxy_requests_total", code="200"), 3)
-
-    test_proxied_requests_are_counted.todo = (  # type: ignore[attr-defined]
-        "Metrics.proxy_response is never called: see the docstring"
-    )
 
     @inlineCallbacks
     def test_load_with_checksums_and_rss(self) -> Any:
