@@ -33,7 +33,12 @@ from rexecpf.forwards import ForwardService
 from rexecpf.model import APIError, PortForward
 from rexecpf.relay import CLOSE_GOING_AWAY, CONNECT_TIMEOUT, Relay, RelayStats, TCPEnd, splice_to_endpoint
 
-__all__ = ["LocalListeners", "LocalConnection"]
+__all__ = ["LISTEN_BACKLOG", "LocalListeners", "LocalConnection"]
+
+#: The listen queue of every socket rexecpf listens on, unless an endpoint
+#: string says otherwise (Twisted's default is 50: clients past it have their
+#: handshakes dropped and, in a burst, their connections reset).  nginx's.
+LISTEN_BACKLOG = 511
 
 class LocalConnection(TCPEnd):
     """One accepted connection: paused until spliced to the container."""
@@ -126,7 +131,7 @@ class LocalListeners(Service):
     def forward_added(self, forward: PortForward) -> None:
         interface = self._limits.local_interface
         server = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-        endpoint = server(self._reactor, forward.local_port, interface=interface)
+        endpoint = server(self._reactor, forward.local_port, backlog=LISTEN_BACKLOG, interface=interface)
 
         def listening(port: IListeningPort) -> None:
             if self.forwards.cached(forward.id) is None:

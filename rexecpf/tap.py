@@ -39,7 +39,7 @@ from rexecpf.config import (
     load_config,
 )
 from rexecpf.forwards import ForwardService
-from rexecpf.listeners import LocalListeners
+from rexecpf.listeners import LISTEN_BACKLOG, LocalListeners
 from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
 from rexecpf.ops import (
     GracefulService,
@@ -112,6 +112,14 @@ class Options(usage.Options):
         parent = getattr(self, "parent", None)
         if log_format == "json" and parent is not None and not parent.get("logger"):
             parent["logger"] = self.json_logger
+
+
+def with_backlog(description: str) -> str:
+    """:return: a ``tcp:``/``tcp6:``/``ssl:``/``unix:`` server endpoint string with a ``backlog``."""
+    kind = description.partition(":")[0]
+    if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
 
 
 def _url_of(endpoint: str) -> str | None:
@@ -316,7 +324,7 @@ def build(
         endpoints.append((config.server.metrics_listen, RexecSite(MetricsResource(metrics))))
     for description, factory in endpoints:
         try:
-            endpoint = serverFromString(reactor, description)
+            endpoint = serverFromString(reactor, with_backlog(description))
         except (ValueError, TypeError, KeyError) as error:
             key = "server.metrics_listen" if factory is not site else "server.listen"
             raise StartupError(f"{key}: {description!r} is not a valid endpoint: {error}") from None

@@ -52,7 +52,7 @@ REQUESTS = 500
 CHURN = 2000
 CHURN_CONCURRENCY = 50
 CHURN_REQUESTS = 600
-REQUEST_CONCURRENCY = 50
+REQUEST_CONCURRENCY = 500
 #: (upload bytes, download bytes) of the proxied requests, used in turn.
 REQUEST_SIZES = [(0, 0), (0, 1024), (1024, 0), (0, 100_000), (300_000, 0), (0, MiB),
                  (MiB, 16), (0, 4 * MiB), (2 * MiB, 2 * MiB), (17, 65_537)]
