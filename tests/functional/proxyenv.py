@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import struct
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -136,6 +138,11 @@ class Truncating(Protocol):
 
             reactor.callLater(0.3, self.transport.write, b"y" * 40000)
             return
+        elif data.startswith(b"GET /reset"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"z" * 500)
+            # closed with SO_LINGER 0 once written: a reset, not a close
+            handle = self.transport.getHandle()  # type: ignore[attr-defined]
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         else:
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"z" * 500)
         self.transport.loseConnection()  # a clean close, mid-body
