@@ -13,10 +13,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from rexecpf.model import Principal
+from tests.functional.inprocess import until
 from tests.functional.proxyenv import (
     listen,
     raw_request,
-    sleep,
     split_response,
     start_rexec,
     ws_app_site,
@@ -53,8 +53,7 @@ class WebSocketTests(TestCase):
             self.ws_url, b"hello\nworld\n", "--protocol", "echo.v1", "-H=Authorization: Bearer alice-token"
         )
         self.assertEqual(result.stdout.splitlines(), [b"echo.v1:hello", b"echo.v1:world"], result.stderr)
-        yield sleep(0.2)
-        self.assertEqual(self.rex.forwards.live_count(self.fw.id), 0)
+        yield until(lambda: self.rex.forwards.live_count(self.fw.id) == 0, what="the upgrade is over")
 
     @inlineCallbacks
     def test_websocat_with_session_cookie(self) -> Any:
@@ -97,11 +96,7 @@ class WebSocketTests(TestCase):
             stderr=subprocess.PIPE,
         )
         self.addCleanup(process.kill)
-        for _ in range(50):
-            if self.rex.forwards.live_count(self.fw.id):
-                break
-            yield sleep(0.1)
-        self.assertEqual(self.rex.forwards.live_count(self.fw.id), 1)
+        yield until(lambda: self.rex.forwards.live_count(self.fw.id) == 1, what="the upgrade is open")
         yield self.rex.forwards.delete(Principal("alice"), "cont_a", self.fw.id)
         code = yield deferToThread(process.wait, 5)
         self.assertIsNotNone(code)
