@@ -1169,6 +1169,7 @@ class _Exchange:
         if self.pending is not None:
             self.pending.cancel()  # -> _failed
             return
+        self._stop_sending()
         connection, self.connection = self.connection, None
         self._end(GATEWAY_TIMEOUT(f"no response headers within {self.service.response_timeout:g} s"))
         if connection is not None:
@@ -1328,9 +1329,10 @@ class _Exchange:
 
     def _body_end(self, extra: bytes) -> None:
         """The body came whole (``extra``: bytes after it, which no server should send)."""
+        # (before the connection is let go: a body not sent whole is its producer still)
+        self._stop_sending()
         connection, self.connection = self.connection, None
         keep = self.keep_alive and self.body_sent and not extra and not self.done
-        self._stop_sending()
         self.finish(connection, keep)
 
     def body_lost(self, reason: Failure) -> None:

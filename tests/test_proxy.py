@@ -684,6 +684,7 @@ class ContainerClientTests(SynchronousTestCase):
         protocol.dataReceived(b"pe")
         self.assertTrue(client.value().endswith(b"\r\n\r\nnope"))
         self.assertTrue(container.disconnecting)
+        self.assertIsNone(container.producer)  # the rest of the body does not hold the connection open
         self.assertEqual(self.service.pool.idle_count(), 0)
         self.channel.dataReceived(
             b"world" + b"GET /p/" + self.forward.id.encode() + b"/next HTTP/1.1\r\nHost: h\r\n"
@@ -758,6 +759,7 @@ class ContainerClientTests(SynchronousTestCase):
         self.reactor.advance(1)
         self.assertTrue(client.value().startswith(b"HTTP/1.1 504 "))
         self.assertTrue(container.disconnecting)
+        self.assertIsNone(container.producer)
 
     def test_switch_before_body_read(self) -> None:
         """
