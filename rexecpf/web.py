@@ -386,6 +386,11 @@ class LimitedRequest(server.Request):
             channel.setTimeout(self._idle)
             channel.transport.resumeProducing()
 
+    def _hold_reads(self) -> None:
+        """The channel has just resumed reading from the client: paused again if the body waits for its consumer."""
+        if self._paused:
+            self._set_paused(True)
+
     def _refuse(self) -> None:
         self._refused = True
         if self.body_stream is not None and (self.startedWriting or self.finished):
@@ -462,6 +467,21 @@ def _line_too_long(channel: Any) -> None:
     channel.transport.loseConnection()
 
 
+def _resume_producing(channel: Any) -> None:
+    """
+    ``HTTPChannel.resumeProducing``, for a channel whose writes to the client
+    have drained: it resumes reading from the client as well (while no
+    request is being handled).  A request whose streamed body waits for its
+    consumer pauses it again at once, before anything is read: otherwise
+    each drain (as often as an answer streaming to the client makes one)
+    would let one more read of the body in, with no bound.
+    """
+    type(channel).resumeProducing(channel)
+    for request in channel.requests:
+        if isinstance(request, LimitedRequest):
+            request._hold_reads()
+
+
 def _not_proxied(path: bytes) -> bool:
     """:return: whether ``path`` is the API's, or a target in absolute or asterisk form (never proxied)."""
     target = path.split(b"?", 1)[0]
@@ -493,6 +513,8 @@ class RexecSite(server.Site):
         channel = getattr(protocol, "_channel", protocol)
         if hasattr(channel, "lineLengthExceeded"):
             channel.lineLengthExceeded = lambda line: _line_too_long(channel)
+        if hasattr(channel, "requests"):
+            channel.resumeProducing = lambda: _resume_producing(channel)
         return protocol
 
     def max_body_for(self, path: bytes) -> int | None:
