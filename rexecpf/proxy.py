@@ -1332,6 +1332,12 @@ class _Exchange:
         # (before the connection is let go: a body not sent whole is its producer still)
         self._stop_sending()
         connection, self.connection = self.connection, None
+        if connection is not None and not self.body_sent:
+            # Answered before the whole request body was sent: the rest will
+            # not be, and closing gently would wait for what is still to be
+            # written, on a container that may never read it.
+            connection.abort()
+            connection = None
         keep = self.keep_alive and self.body_sent and not extra and not self.done
         self.finish(connection, keep)
 
