@@ -256,6 +256,21 @@ class StreamedBodyTests(SynchronousTestCase):
         self.channel.dataReceived(b"a" * 10)
         self.assertEqual(self.transport.producerState, "paused")
 
+    def test_not_resumed_when_writes_drain(self) -> None:
+        """
+        A client paused for a consumer that does not read stays paused when
+        its connection's writes drain (as while an answer streams to it):
+        else each drain would let one more read of the body in.
+        """
+        request = self.head()
+        request.body_stream.startProducing(ListConsumer())
+        request.body_stream.pauseProducing()
+        request.write(b"an answer before the whole body")
+        self.transport.producer.resumeProducing()  # what the transport does once its writes drain
+        self.assertEqual(self.transport.producerState, "paused")
+        request.body_stream.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+
     def test_idle_timeout_back_after_paused_end(self) -> None:
         """
         A body that ends while its consumer is paused leaves no idle timer
@@ -672,9 +687,10 @@ class ContainerClientTests(SynchronousTestCase):
     def test_answered_before_body_read(self) -> None:
         """
         A container that answers before it has the whole body: the answer
-        reaches the client at once; the container connection is not kept
-        (the request was not sent whole); the rest of the body is read and
-        dropped, and the client's next request is served.
+        reaches the client at once; the container connection is aborted
+        (the request was not sent whole, and what waits to be written to it
+        may never be read); the rest of the body is read and dropped, and
+        the client's next request is served.
         """
         client = self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n", b"hello")
         protocol, container = self.container()
@@ -683,7 +699,7 @@ class ContainerClientTests(SynchronousTestCase):
         self.assertTrue(client.value().endswith(b"\r\n\r\nno"))
         protocol.dataReceived(b"pe")
         self.assertTrue(client.value().endswith(b"\r\n\r\nnope"))
-        self.assertTrue(container.disconnecting)
+        self.assertTrue(container.disconnected)
         self.assertIsNone(container.producer)  # the rest of the body does not hold the connection open
         self.assertEqual(self.service.pool.idle_count(), 0)
         self.channel.dataReceived(

@@ -174,6 +174,86 @@ class Uploader(Protocol):
         self.ended.callback(None)
 
 
+#: The answer of :class:`AnsweringContainer`.
+DOWNLOAD = 64 * MiB
+
+
+class AnsweringContainer(Protocol):
+    """
+    A container that answers DOWNLOAD bytes as soon as it has a request
+    head, as fast as the proxy takes them, and does not read the request
+    body: all but the last byte of the answer at once, the last one on
+    :meth:`finish`.
+    """
+
+    def __init__(self) -> None:
+        self.answered = False
+        self.sent = 0
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.answered or b"\r\n\r\n" not in data:
+            return
+        self.answered = True
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % DOWNLOAD)
+        self.transport.registerProducer(self, False)  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        assert self.transport is not None
+        if self.sent >= DOWNLOAD - 1:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            return
+        chunk = BLOCK[: DOWNLOAD - 1 - self.sent]
+        self.sent += len(chunk)
+        self.transport.write(chunk)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"!")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+class ReadingUploader(Uploader):
+    """An :class:`Uploader` that counts the body of its answer (not kept) and says when a count is reached."""
+
+    def __init__(self, head: bytes) -> None:
+        super().__init__(head)
+        self.answer_head = b""
+        self.body = -1
+        self._waiting: list[tuple[int, Deferred[None]]] = []
+        self.answered.addErrback(lambda _: None)  # (its JSON answer is not what this one reads)
+
+    def has(self, count: int) -> Deferred[None]:
+        """:return: a Deferred firing once ``count`` bytes of the answer's body came."""
+        waiter: Deferred[None] = Deferred()
+        self._waiting.append((count, waiter))
+        self._wake()
+        return waiter
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.body < 0:
+            self.answer_head += data
+            if b"\r\n\r\n" not in self.answer_head:
+                return
+            self.answer_head, _, data = self.answer_head.partition(b"\r\n\r\n")
+            self.body = 0
+        self.body += len(data)
+        self._wake()
+
+    def _wake(self) -> None:
+        for count, waiter in list(self._waiting):
+            if self.body >= count:
+                self._waiting.remove((count, waiter))
+                waiter.callback(None)
+
+
 def _head(forward_id: str, framing: str, token: str = "alice-token") -> bytes:
     return (
         f"POST /p/{forward_id}/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n{framing}\r\n\r\n"
@@ -400,3 +480,32 @@ class StreamingTests(TestCase):
         self.assertEqual(json.loads(body)["length"], 2)
         self.assertEqual(len(self.container.heads), 2)
         yield self.close(client)
+
+    @inlineCallbacks
+    def test_answer_streams_while_upload_waits(self) -> Any:
+        """
+        A container that answers 64 MiB at once and does not read the
+        upload: the answer streams to the client, whose upload stays paused
+        all along (no read of it is let in each time the proxy's writes to
+        the client drain): at most IN_FLIGHT_BOUND of its 256 MiB sent.  Once
+        the answer is whole, the proxy drops its connection to the container
+        at once (a gentle close would wait for upload bytes it never reads).
+        """
+        container = AnsweringContainer()
+        fw = yield self.rex.forward((yield listen(self, Factory.forProtocol(lambda: container))))
+        client = ReadingUploader(_head(fw.id, f"Content-Length: {TOTAL}"))
+        yield connectProtocol(TCP4ClientEndpoint(real_reactor(), "127.0.0.1", self.rex.port), client)
+        yield client.has(DOWNLOAD - 1).addTimeout(60, real_reactor())
+        self.assertLess(client.sent, IN_FLIGHT_BOUND)
+        (exchange,) = self.rex.forwards._live[fw.id]
+        to_container = exchange.connection.transport
+        container.finish()
+        yield client.has(DOWNLOAD).addTimeout(5, real_reactor())
+        for _ in range(50):
+            if not to_container.connected:
+                break
+            yield sleep(0.1)
+        self.assertFalse(to_container.connected, "the proxy kept a connection open for a body nobody reads")
+        yield self.close(client, abort=True)
+        container.transport.resumeProducing()  # to see the connection gone
+        yield container.lost.addTimeout(5, real_reactor())
