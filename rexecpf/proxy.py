@@ -1361,6 +1361,7 @@ class _Exchange:
         already started.
         """
         self._log.failure("proxied response of {forward_id} failed", forward_id=self.forward.id)
+        self._stop_sending()
         connection.abort()
         self._disarm()
         if self.request.startedWriting:

@@ -852,3 +852,18 @@ class ContainerClientTests(SynchronousTestCase):
         self.assertTrue(container.disconnecting)
         self.assertEqual(self.forwards.live_count(), 0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_bug_while_body_sent(self) -> None:
+        """A bug while the request body is still being sent: 500, and the body stops being the container connection's producer."""
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("a bug")
+
+        self.patch(_Exchange, "_respond", broken)
+        client = self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n", b"hello")
+        protocol, container = self.container()
+        self.assertIsNotNone(container.producer)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertIsNone(container.producer)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
