@@ -13,10 +13,12 @@ What it does, against the twelve faults of ``twisted.web.proxy``:
   proxied request's cost;
 - the response body streams with back-pressure: the backend transport is the
   request's streaming producer, so a slow client stops the container's reads;
-- the request body (already spooled by ``twisted.web``; over the limit it is
-  refused with 413 while it arrives, see :class:`rexecpf.web.LimitedRequest`) is streamed
-  from ``request.content`` with a :class:`FileBodyProducer`, never copied,
-  as the container connection's producer (a slow container pauses it);
+- the request body streams too: the request is processed as soon as its
+  head is complete, and the body goes to the container as it arrives, framed
+  as the client sent it (Content-Length or chunked), as the container
+  connection's producer: a container that does not read pauses the client
+  (:class:`rexecpf.web.RequestBodyStream`; over the limit it is refused with
+  413 while it arrives, see :class:`rexecpf.web.LimitedRequest`);
 - hop-by-hop headers go both ways (plus every name ``Connection`` lists),
   every value of a repeated header is kept, ``Host`` is the client's, and
   ``X-Forwarded-For/-Proto/-Host/-Prefix`` are added;
@@ -57,9 +59,8 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IRequest
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IRequest
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -82,7 +83,7 @@ from rexecpf.model import (
 )
 from rexecpf.ops import TOKEN_REVOKED
 from rexecpf.relay import CONNECT_TIMEOUT, IRelayEnd, Relay, RelayStats, TCPEnd, widen_transport
-from rexecpf.web import release_from_http_channel
+from rexecpf.web import RequestBodyStream, release_from_http_channel
 
 __all__ = [
     "SESSION_COOKIE",
@@ -475,9 +476,6 @@ class ProxyService(Service):
         self.upgrade_idle = upgrade_idle
         self.pool = _ConnectionPool(reactor, max_per_host, POOLED_IDLE_SECONDS)
         self.endpoints = _ContainerEndpoints(reactor, CONNECT_TIMEOUT)
-        self.cooperator = task.Cooperator(
-            scheduler=lambda work: reactor.callLater(0, work), started=True
-        )
         self.secure_cookies = urls.public_url.startswith("https:")
         self._pruning = task.LoopingCall(self.pool.prune)
         self._pruning.clock = reactor
@@ -492,7 +490,6 @@ class ProxyService(Service):
         super().stopService()
         if self._pruning.running:
             self._pruning.stop()
-        self.cooperator.stop()
         self.pool.close()
         return None
 
@@ -634,11 +631,13 @@ class ProxyService(Service):
         upgrade: bool,
         default_host: bytes,
         content_length: int | None,
+        chunked: bool = False,
     ) -> bytes:
         """
         :param target: the path and query for the container.
         :param default_host: the ``Host`` when the client sent none (HTTP/1.0).
         :param content_length: the length of the body sent, if any.
+        :param chunked: whether the body is sent chunked (its length unknown).
         :return: the request head for the container: end-to-end headers only
             (every value, in order), rexecpf's credentials removed,
             ``X-Forwarded-*`` added.
@@ -676,6 +675,8 @@ class ProxyService(Service):
             lines.append(b"X-Forwarded-Prefix: " + prefix)
         if content_length is not None:
             lines.append(b"Content-Length: %d" % content_length)
+        elif chunked:
+            lines.append(b"Transfer-Encoding: chunked")
         lines.append(b"\r\n")
         return b"\r\n".join(lines)
 
@@ -723,43 +724,79 @@ def _rewrite_location(value: bytes, prefix: bytes) -> bytes:
 @implementer(IBodyProducer)
 class _RequestBody:
     """
-    The spooled request body, streamed by a :class:`FileBodyProducer`; the
-    response-header timer is held while it is being sent.
+    The request body on its way to the container, framed as the client sent
+    it: each piece of the client's :class:`rexecpf.web.RequestBodyStream` as
+    it arrives (as one chunk when the length is unknown).  The
+    response-header timer is held while the body flows, and runs while the
+    container does not read it (or once it is sent).
+
+    :param stream: the body.
+    :param sending: called with ``True`` when the body starts or resumes
+        flowing, with ``False`` when it is paused or over.
     """
 
-    def __init__(self, content: Any, cooperator: Any, sending: Callable[[bool], None]) -> None:
-        self._inner = FileBodyProducer(content, cooperator)
-        self.length = self._inner.length
+    def __init__(self, stream: RequestBodyStream, sending: Callable[[bool], None]) -> None:
+        self._stream = stream
+        self.length = stream.length
+        #: whether it goes chunked (its length is unknown)
+        self.chunked = stream.length is UNKNOWN_LENGTH
         self._sending = sending
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
+        """:return: a Deferred firing once the whole body is written, failing if it cannot arrive whole."""
         self._sending(True)
-        done: Deferred[None] = self._inner.startProducing(consumer)
+        done = self._stream.startProducing(_ChunkedWriter(consumer) if self.chunked else consumer)
 
         def sent(result: Any) -> Any:
             self._sending(False)
+            if self.chunked and not isinstance(result, Failure):
+                consumer.write(b"0\r\n\r\n")
             return result
 
         return done.addBoth(sent)
 
     def pauseProducing(self) -> None:
-        self._inner.pauseProducing()
+        self._sending(False)
+        self._stream.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._inner.resumeProducing()
+        self._sending(True)
+        self._stream.resumeProducing()
 
     def stopProducing(self) -> None:
-        self._inner.stopProducing()
+        self._stream.stopProducing()
 
 
-def _body_of(request: Any, cooperator: Any, sending: Callable[[bool], None]) -> _RequestBody | None:
-    framed = request.requestHeaders.hasHeader(b"content-length") or request.requestHeaders.hasHeader(
-        b"transfer-encoding"
-    )
-    if not framed:
-        return None
-    request.content.seek(0, 0)
-    return _RequestBody(request.content, cooperator, sending)
+class _ChunkedWriter:
+    """Writes each piece of a body of unknown length as one HTTP/1.1 chunk."""
+
+    def __init__(self, consumer: Any) -> None:
+        self._consumer = consumer
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._consumer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def _body_of(request: Any, sending: Callable[[bool], None]) -> _RequestBody | None:
+    """
+    :return: the body to send, or ``None`` when the request has none.  It
+        streams as it arrives (:attr:`rexecpf.web.LimitedRequest.body_stream`),
+        except where :meth:`rexecpf.web.RexecSite.streams_body` says no
+        (under host routing, an ``/api`` path): there ``twisted.web`` stored
+        it, at most the API's body limit, and it is sent from memory.
+    """
+    stream = getattr(request, "body_stream", None)
+    if stream is None:
+        headers = request.requestHeaders
+        if not (headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")):
+            return None
+        request.content.seek(0, 0)
+        stored = request.content.read()
+        stream = RequestBodyStream(len(stored), lambda paused: None)
+        stream.received(stored)
+        stream.ended()
+    return _RequestBody(stream, sending)
 
 
 #: Methods sent again, once, on a new connection when a kept-alive connection
@@ -1132,6 +1169,7 @@ class _Exchange:
         if self.pending is not None:
             self.pending.cancel()  # -> _failed
             return
+        self._stop_sending()
         connection, self.connection = self.connection, None
         self._end(GATEWAY_TIMEOUT(f"no response headers within {self.service.response_timeout:g} s"))
         if connection is not None:
@@ -1147,7 +1185,7 @@ class _Exchange:
             return
         self.connection = connection
         request = self.request
-        body = _body_of(request, self.service.cooperator, self._sending_body)
+        body = _body_of(request, self._sending_body)
         transport = connection._t
         transport.write(
             self.service.request_head(
@@ -1157,11 +1195,13 @@ class _Exchange:
                 self.strip_authorization,
                 self.upgrade,
                 _authority(self.container, self.forward.container_port),
-                body.length if body is not None else None,
+                None if body is None or body.chunked else body.length,
+                body is not None and body.chunked,
             )
         )
         if body is not None and body.length:
-            # The container's socket paces the body: a slow container pauses it.
+            # The container's socket paces the body: a container that does
+            # not read pauses it, and so the client's socket.
             self.sending = body
             self.body_sent = False
             transport.registerProducer(body, True)
@@ -1191,7 +1231,9 @@ class _Exchange:
         self._stop_sending()
         self.connection = None
         nothing_came = not connection.head_done and not connection.head
-        if connection.reused and nothing_came and not self.retried and self.request.method in IDEMPOTENT:
+        # (A streamed body cannot go again: what was sent of it is gone.)
+        replayable = self.request.method in IDEMPOTENT and getattr(self.request, "body_stream", None) is None
+        if connection.reused and nothing_came and not self.retried and replayable:
             # A kept-alive connection its server had closed: once more, on a new one.
             self.retried = True
             self._open(fresh=True)
@@ -1287,9 +1329,16 @@ class _Exchange:
 
     def _body_end(self, extra: bytes) -> None:
         """The body came whole (``extra``: bytes after it, which no server should send)."""
-        connection, self.connection = self.connection, None
-        keep = self.keep_alive and self.body_sent and not extra and not self.done
+        # (before the connection is let go: a body not sent whole is its producer still)
         self._stop_sending()
+        connection, self.connection = self.connection, None
+        if connection is not None and not self.body_sent:
+            # Answered before the whole request body was sent: the rest will
+            # not be, and closing gently would wait for what is still to be
+            # written, on a container that may never read it.
+            connection.abort()
+            connection = None
+        keep = self.keep_alive and self.body_sent and not extra and not self.done
         self.finish(connection, keep)
 
     def body_lost(self, reason: Failure) -> None:
@@ -1312,6 +1361,7 @@ class _Exchange:
         already started.
         """
         self._log.failure("proxied response of {forward_id} failed", forward_id=self.forward.id)
+        self._stop_sending()
         connection.abort()
         self._disarm()
         if self.request.startedWriting:
@@ -1470,6 +1520,10 @@ class _Upgrade(_Exchange):
     relay: Relay | None = None
 
     def _switch(self, backend: _ContainerConnection, phrase: bytes, fields: Fields, rest: bytes) -> None:
+        if not self.body_sent:
+            # The rest of the body would reach it as bytes of the new protocol.
+            self.head_failed(backend, "the container switched protocols before it read the request body")
+            return
         request = self.request
         channel = request.channel
         transport = channel.transport

@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.iweb import IRequest
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IRequest
 from twisted.web.resource import IResource, Resource
+from zope.interface import implementer
 
 from rexecpf.api import MAX_BODY_BYTES, write_error, write_json
 from rexecpf.backends import IContainerBackend
 from rexecpf.model import INVALID_REQUEST, METHOD_NOT_ALLOWED, NOT_FOUND, REQUEST_TOO_LARGE, APIError
 from rexecpf.store import IForwardStore
 
-__all__ = ["Health", "LimitedRequest", "RexecSite", "Root", "release_from_http_channel"]
+__all__ = ["Health", "LimitedRequest", "RequestBodyStream", "RexecSite", "Root", "release_from_http_channel"]
 
 
 def release_from_http_channel(transport: Any) -> None:
@@ -148,21 +151,153 @@ _DISCARD_BYTES = 64 * 1024 * 1024
 _DISCARD_SECONDS = 10.0
 
 
+#: Bytes of a streamed body kept while nothing reads them yet (the proxy is
+#: still authenticating or connecting); past this the client is paused.
+STREAM_HIGH_WATER = 64 * 1024
+
+
+@implementer(IBodyProducer)
+class RequestBodyStream:
+    """
+    The body of a request, as it arrives: an ``IBodyProducer`` (the proxy
+    registers it as its container connection's producer).  Before :meth:`startProducing` (at
+    most :data:`STREAM_HIGH_WATER` bytes, then the client is paused) the body
+    is kept; afterwards each chunk goes straight to the consumer.  While the
+    consumer is paused, so is the client's socket.
+
+    :param length: the ``Content-Length``, or ``None`` for a chunked body.
+    :param set_paused: called with ``True`` to stop reading from the client,
+        with ``False`` to read again.
+    """
+
+    def __init__(self, length: int | None, set_paused: Callable[[bool], None]) -> None:
+        self.length: Any = UNKNOWN_LENGTH if length is None else length
+        self._set_paused = set_paused
+        self._kept: list[bytes] = []
+        self._kept_bytes = 0
+        self._consumer: Any = None
+        self._done: Deferred[None] | None = None
+        self._consumer_paused = False
+        #: the whole body has arrived
+        self.complete = False
+        self._failure: Failure | None = None
+        #: nobody wants the rest: it is read and dropped
+        self.dropping = False
+
+    # from the request
+
+    def received(self, data: bytes) -> None:
+        """A chunk of the body arrived."""
+        if self.dropping or self._failure is not None or not data:
+            return
+        if self._consumer is None:
+            self._kept.append(data)
+            self._kept_bytes += len(data)
+        else:
+            self._consumer.write(data)
+        self._flow()
+
+    def ended(self) -> None:
+        """The whole body has arrived."""
+        self.complete = True
+        self._flow()
+        if self._consumer is not None:
+            self._fire()
+
+    def failed(self, reason: Failure) -> None:
+        """The body will not arrive whole (the client went away, or it was refused)."""
+        if self.complete or self._failure is not None:
+            return
+        self._failure = reason
+        self._kept, self._kept_bytes = [], 0
+        self._flow()
+        self._fire()
+
+    def drop(self) -> None:
+        """
+        Nobody will read the rest of the body: read it from the client and
+        drop it; the Deferred of :meth:`startProducing` never fires.
+        """
+        self.dropping = True
+        self._done = None
+        self._kept, self._kept_bytes = [], 0
+        self._flow()
+
+    # IBodyProducer
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        """
+        :return: a Deferred firing with ``None`` once the whole body was
+            written to ``consumer``, or failing if it cannot arrive whole.
+        """
+        self._consumer = consumer
+        self._done = Deferred(lambda _: self.stopProducing())
+        kept, self._kept, self._kept_bytes = self._kept, [], 0
+        for data in kept:
+            consumer.write(data)
+        done = self._done
+        self._flow()
+        self._fire()
+        return done
+
+    def pauseProducing(self) -> None:
+        self._consumer_paused = True
+        self._flow()
+
+    def resumeProducing(self) -> None:
+        self._consumer_paused = False
+        self._flow()
+
+    def stopProducing(self) -> None:
+        """The consumer is gone: the rest of the body is dropped."""
+        self.drop()
+
+    def _fire(self) -> None:
+        done = self._done
+        if done is None or not (self.complete or self._failure is not None):
+            return
+        self._done = None
+        if self._failure is not None:
+            done.errback(self._failure)
+        else:
+            done.callback(None)
+
+    def _flow(self) -> None:
+        waiting = not (self.complete or self.dropping or self._failure is not None) and (
+            self._consumer_paused if self._consumer is not None else self._kept_bytes >= STREAM_HIGH_WATER
+        )
+        self._set_paused(waiting)
+
+
 class LimitedRequest(server.Request):
     """
     A request whose body is refused with 413 as soon as it is known to be too
     large for its path (:meth:`RexecSite.max_body_for`): from ``Content-Length``
     before any body byte is read, or while a chunked body grows past it.  The
     body is then never spooled to memory or a temporary file, and the request
-    never reaches a resource.
+    never reaches a resource (or, one that streams, is gone for it).
+
+    Where :meth:`RexecSite.streams_body` says so (the proxied paths), a
+    request with a body is processed as soon as its head is complete: the
+    body is not stored (``content`` stays empty) but arrives through
+    :attr:`body_stream`; a response finished before the body has all
+    arrived waits, as far as the connection is concerned, for the rest of it
+    to be read and dropped.
     """
 
     _limit: int | None = None
     _received = 0
     _refused = False
     _abort_call: Any = None
+    _link: Any = None
+    #: the body, as it arrives, when this request streams it
+    body_stream: RequestBodyStream | None = None
+    _waiting_for_body = False
+    _paused = False
+    _idle: Any = None
 
     def gotLength(self, length: int | None) -> None:
+        self._link = self.channel
         site = getattr(self.channel, "site", None)
         policy = getattr(site, "max_body_for", None)
         path = getattr(self.channel, "_path", b"") or b""
@@ -170,7 +305,23 @@ class LimitedRequest(server.Request):
         if self._limit is not None and length is not None and length > self._limit:
             self._refuse()
             return
+        streams = getattr(site, "streams_body", None)
+        if length != 0 and streams is not None and streams(path):
+            self._process_early(length)
+            return
         super().gotLength(length)
+
+    def _process_early(self, length: int | None) -> None:
+        channel: Any = self.channel
+        self.content = BytesIO()
+        self.body_stream = RequestBodyStream(length, self._set_paused)
+        # Twisted answers "Expect: 100-continue" once gotLength returns, after
+        # any answer made now: answer it first.
+        expect = self.requestHeaders.getRawHeaders(b"expect", [])
+        if expect and expect[0].lower() == b"100-continue" and channel._version == b"HTTP/1.1":
+            channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.requestHeaders.removeHeader(b"expect")
+        super().requestReceived(channel._command, _origin_form(channel._path, self.requestHeaders), channel._version)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -182,6 +333,9 @@ class LimitedRequest(server.Request):
         if self._limit is not None and self._received > self._limit:
             self._refuse()
             return
+        if self.body_stream is not None:
+            self.body_stream.received(data)
+            return
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -190,17 +344,68 @@ class LimitedRequest(server.Request):
             # closing now does not reset the connection under the client.
             self._close()
             return
+        if self.body_stream is not None:
+            # Processed when its head arrived; now the body is whole.
+            if self._paused:
+                # The channel has just put its idle timeout aside for the
+                # response, but ours was already: put ours there instead.
+                self._set_paused(False)
+                self._link._savedTimeOut = self._link.setTimeout(None)
+            self.body_stream.ended()
+            if self._waiting_for_body:
+                super()._cleanup()
+            return
         super().requestReceived(command, _origin_form(path, self.requestHeaders), version)
+
+    def _cleanup(self) -> None:
+        stream = self.body_stream
+        if stream is not None and not stream.complete and not self._refused:
+            # Answered before the body has all arrived: the channel may go on
+            # to the next request only once the rest is read (and dropped).
+            self._waiting_for_body = True
+            stream.drop()
+            return
+        super()._cleanup()
+
+    def _set_paused(self, paused: bool) -> None:
+        """
+        Stop (or start again) reading from the client while its streamed body
+        waits for a consumer; its idle timeout does not run meanwhile.
+        """
+        channel = self._link
+        if channel is None or channel.transport is None or self._disconnected:
+            self._paused = paused  # nothing to read, and no idle timer to start again
+            return
+        if paused:
+            # (again, should the channel have resumed it meanwhile)
+            channel.transport.pauseProducing()
+            if not self._paused:
+                self._paused = True
+                self._idle = channel.setTimeout(None)
+        elif self._paused:
+            self._paused = False
+            channel.setTimeout(self._idle)
+            channel.transport.resumeProducing()
+
+    def _hold_reads(self) -> None:
+        """The channel has just resumed reading from the client: paused again if the body waits for its consumer."""
+        if self._paused:
+            self._set_paused(True)
 
     def _refuse(self) -> None:
         self._refused = True
+        if self.body_stream is not None and (self.startedWriting or self.finished):
+            # An answer is on its way (or done): no 413 can follow it.
+            self._abort()
+            return
         self.content = None
         # no "100 Continue" after the final answer
         self.requestHeaders.removeHeader(b"expect")
         body = json.dumps(
             REQUEST_TOO_LARGE(f"a request body here may be at most {self._limit} bytes").body()
         ).encode("utf-8") + b"\n"
-        transport: Any = self.channel.transport
+        channel = self._link
+        transport: Any = channel.transport
         transport.write(
             b"HTTP/1.1 413 Request Entity Too Large\r\n"
             b"Content-Type: application/json\r\n"
@@ -208,11 +413,19 @@ class LimitedRequest(server.Request):
             b"Connection: close\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        self.channel.persistent = False
+        channel.persistent = False
         from twisted.internet import reactor
 
-        clock = getattr(self.channel, "callLater", None) or reactor.callLater
+        clock = getattr(channel, "callLater", None) or reactor.callLater
         self._abort_call = clock(_DISCARD_SECONDS, self._abort)
+        if self.body_stream is not None:
+            # Already processed: whatever handles it stops as if the client
+            # had gone, and the rest of the body is read and dropped.
+            self._set_paused(False)
+            refused = Failure(ValueError("the request body is too large"))
+            # (not self.connectionLost: the abort timer just set stays)
+            server.Request.connectionLost(self, refused)
+            self.body_stream.failed(refused)
 
     def _cancel_abort(self) -> None:
         if self._abort_call is not None and self._abort_call.active():
@@ -221,18 +434,20 @@ class LimitedRequest(server.Request):
 
     def _close(self) -> None:
         self._cancel_abort()
-        if self.channel is not None:
-            self.channel.loseConnection()
+        if self._link is not None:
+            self._link.loseConnection()
 
     def _abort(self) -> None:
         self._cancel_abort()
-        if self.channel is not None:
-            transport: Any = self.channel.transport
+        if self._link is not None and self._link.transport is not None:
+            transport: Any = self._link.transport
             transport.abortConnection()
 
     def connectionLost(self, reason: Any) -> None:
         self._cancel_abort()
         super().connectionLost(reason)
+        if self.body_stream is not None:
+            self.body_stream.failed(reason)
 
 
 _ABSOLUTE_FORM = re.compile(rb"^https?://([^/?#]*)([^#]*)", re.IGNORECASE)
@@ -290,6 +505,27 @@ def _bad_request(channel: Any) -> None:
     channel.loseConnection()
 
 
+def _resume_producing(channel: Any) -> None:
+    """
+    ``HTTPChannel.resumeProducing``, for a channel whose writes to the client
+    have drained: it resumes reading from the client as well (while no
+    request is being handled).  A request whose streamed body waits for its
+    consumer pauses it again at once, before anything is read: otherwise
+    each drain (as often as an answer streaming to the client makes one)
+    would let one more read of the body in, with no bound.
+    """
+    type(channel).resumeProducing(channel)
+    for request in channel.requests:
+        if isinstance(request, LimitedRequest):
+            request._hold_reads()
+
+
+def _not_proxied(path: bytes) -> bool:
+    """:return: whether ``path`` is the API's, or a target in absolute or asterisk form (never proxied)."""
+    target = path.split(b"?", 1)[0]
+    return target == b"/api" or target.startswith(b"/api/") or not target.startswith(b"/")
+
+
 class RexecSite(server.Site):
     """
     A Site that logs without query strings, shows no tracebacks, refuses
@@ -317,6 +553,8 @@ class RexecSite(server.Site):
             channel.lineLengthExceeded = lambda line: _line_too_long(channel)
         if hasattr(channel, "_respondToBadRequestAndDisconnect"):
             channel._respondToBadRequestAndDisconnect = lambda: _bad_request(channel)
+        if hasattr(channel, "requests"):
+            channel.resumeProducing = lambda: _resume_producing(channel)
         return protocol
 
     def max_body_for(self, path: bytes) -> int | None:
@@ -325,11 +563,18 @@ class RexecSite(server.Site):
         :return: the most body bytes a request to ``path`` may send, or
             ``None`` for no limit here (the resource enforces its own).
         """
-        target = path.split(b"?", 1)[0]
-        if target == b"/api" or target.startswith(b"/api/") or not target.startswith(b"/"):
-            # the API, and targets in absolute or asterisk form (never proxied)
+        if _not_proxied(path):
             return MAX_BODY_BYTES
         return self.proxy_body_bytes
+
+    def streams_body(self, path: bytes) -> bool:
+        """
+        :param path: the request target as sent.
+        :return: whether a request body to ``path`` streams to the resource
+            as it arrives (:class:`LimitedRequest`) rather than being stored
+            first: those limited by ``proxy_body_bytes``.
+        """
+        return self.proxy_body_bytes is not None and not _not_proxied(path)
 
     def log(self, request: Any) -> None:
         # The query string may hold a token (?token=...): log the path only.

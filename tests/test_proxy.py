@@ -4,6 +4,7 @@ Unit tests of :mod:`rexecpf.proxy`: in memory, on a clock.
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,6 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import server
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 
 from rexecpf.api import PublicURLs
@@ -35,7 +37,7 @@ from rexecpf.proxy import (
 )
 from rexecpf.relay import CONNECT_TIMEOUT
 from rexecpf.testing import FakeBackend, MemoryForwardStore
-from rexecpf.web import RexecSite
+from rexecpf.web import STREAM_HIGH_WATER, NotFoundResource, RexecSite
 
 
 def make_proxy(
@@ -109,23 +111,248 @@ class LimitedRequestTests(SynchronousTestCase):
         self.assertIsNone(request.content)
 
     def test_chunked_over_limit(self) -> None:
-        """A chunked body is answered 413 as soon as it passes the limit; at most the limit was stored."""
-        channel, transport = channel_for(self.site(1000))
+        """
+        A chunked body is answered 413 as soon as it passes the limit; what
+        consumed it sees it fail, the resource sees the request gone, and
+        nothing of it is stored.
+        """
+        resource = Holding()
+        channel, transport = channel_for(RexecSite(resource, proxy_body_bytes=1000))
         channel.dataReceived(b"POST /p/x/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-        request = channel._channel.requests[-1]
+        (request,) = resource.requests
+        consumer = ListConsumer()
+        sent = request.body_stream.startProducing(consumer)
+        gone = request.notifyFinish()
         channel.dataReceived(b"258\r\n" + b"a" * 600 + b"\r\n")
         self.assertEqual(transport.value(), b"")
-        self.assertEqual(request.content.tell(), 600)
+        self.assertEqual(b"".join(consumer.data), b"a" * 600)
         channel.dataReceived(b"258\r\n" + b"a" * 600 + b"\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.failureResultOf(sent)
+        self.failureResultOf(gone)
+        self.assertEqual(b"".join(consumer.data), b"a" * 600)
         channel.dataReceived(b"258\r\n" + b"a" * 600 + b"\r\n0\r\n\r\n")
         self.assertIsNone(request.content)
+        self.assertTrue(transport.disconnecting)
 
     def test_under_limit(self) -> None:
         """A body within the limit is stored and the request processed."""
         channel, transport = channel_for(self.site(1000))
         channel.dataReceived(b"POST /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 404 "))
+
+
+class Holding(Resource):
+    """Keeps every request it renders, unanswered."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        self.requests.append(request)
+        return server.NOT_DONE_YET
+
+
+class ListConsumer:
+    """An IConsumer keeping what is written."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+
+
+class StreamedBodyTests(SynchronousTestCase):
+    """Proxied request bodies stream: the request is processed at its head, the body flows as it arrives."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.resource = Holding()
+        site = RexecSite(self.resource, proxy_body_bytes=10_000_000, reactor=self.clock)
+        self.channel, self.transport = channel_for(site)
+        site.timeOut = 60
+        self.channel._channel.setTimeout(60)
+
+    def head(self, framing: bytes = b"Content-Length: 300000", path: bytes = b"/p/x/") -> Any:
+        self.channel.dataReceived(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
+        return self.resource.requests[-1] if self.resource.requests else None
+
+    def test_processed_at_head(self) -> None:
+        """
+        The resource gets the request once its head is complete, with an
+        empty in-memory ``content`` (no temporary file, whatever the length);
+        the body goes to the consumer as it arrives, and its Deferred fires
+        at the end.
+        """
+        request = self.head()
+        self.assertIsInstance(request.content, BytesIO)
+        self.assertEqual(request.content.read(), b"")
+        self.assertEqual(request.body_stream.length, 300000)
+        consumer = ListConsumer()
+        sent = request.body_stream.startProducing(consumer)
+        self.channel.dataReceived(b"a" * 1000)
+        self.assertEqual(consumer.data, [b"a" * 1000])
+        self.assertNoResult(sent)
+        self.channel.dataReceived(b"b" * 299000)
+        self.assertEqual(len(b"".join(consumer.data)), 300000)
+        self.assertIsNone(self.successResultOf(sent))
+        self.assertIsInstance(request.content, BytesIO)
+
+    def test_chunked_length_unknown(self) -> None:
+        """A chunked body streams with an unknown length; chunk framing is decoded."""
+        request = self.head(b"Transfer-Encoding: chunked")
+        self.assertIs(request.body_stream.length, UNKNOWN_LENGTH)
+        consumer = ListConsumer()
+        sent = request.body_stream.startProducing(consumer)
+        self.channel.dataReceived(b"3\r\nabc\r\n")
+        self.assertEqual(consumer.data, [b"abc"])
+        self.channel.dataReceived(b"0\r\n\r\n")
+        self.successResultOf(sent)
+
+    def test_kept_until_consumed(self) -> None:
+        """
+        Before a consumer starts, the body is kept, and the client is paused
+        once STREAM_HIGH_WATER bytes wait; the consumer then gets them all.
+        """
+        request = self.head()
+        self.channel.dataReceived(b"a" * 1000)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.channel.dataReceived(b"b" * STREAM_HIGH_WATER)
+        self.assertEqual(self.transport.producerState, "paused")
+        consumer = ListConsumer()
+        request.body_stream.startProducing(consumer)
+        self.assertEqual(b"".join(consumer.data), b"a" * 1000 + b"b" * STREAM_HIGH_WATER)
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_consumer_pauses_client(self) -> None:
+        """
+        A consumer that pauses the body pauses the client's socket, and its
+        idle timeout; resumed, both run again.
+        """
+        request = self.head()
+        stream = request.body_stream
+        stream.startProducing(ListConsumer())
+        stream.pauseProducing()
+        self.assertEqual(self.transport.producerState, "paused")
+        self.clock.advance(120)
+        self.assertFalse(self.transport.disconnecting)
+        stream.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.clock.advance(61)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_paused_again(self) -> None:
+        """
+        A client the channel resumed (its own flow control) while the
+        consumer is paused is paused again at the next chunk.
+        """
+        request = self.head()
+        request.body_stream.startProducing(ListConsumer())
+        request.body_stream.pauseProducing()
+        self.transport.resumeProducing()
+        self.channel.dataReceived(b"a" * 10)
+        self.assertEqual(self.transport.producerState, "paused")
+
+    def test_not_resumed_when_writes_drain(self) -> None:
+        """
+        A client paused for a consumer that does not read stays paused when
+        its connection's writes drain (as while an answer streams to it):
+        else each drain would let one more read of the body in.
+        """
+        request = self.head()
+        request.body_stream.startProducing(ListConsumer())
+        request.body_stream.pauseProducing()
+        request.write(b"an answer before the whole body")
+        self.transport.producer.resumeProducing()  # what the transport does once its writes drain
+        self.assertEqual(self.transport.producerState, "paused")
+        request.body_stream.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_idle_timeout_back_after_paused_end(self) -> None:
+        """
+        A body that ends while its consumer is paused leaves no idle timer
+        during the response, and the idle timeout back once it is done.
+        """
+        request = self.head(b"Content-Length: 10")
+        stream = request.body_stream
+        stream.startProducing(ListConsumer())
+        stream.pauseProducing()
+        self.channel.dataReceived(b"0123456789")
+        self.assertEqual(self.transport.producerState, "producing")
+        self.clock.advance(120)
+        self.assertFalse(self.transport.disconnecting)
+        request.finish()
+        self.clock.advance(61)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_client_gone(self) -> None:
+        """A client that goes away mid-body fails the body's Deferred."""
+        request = self.head()
+        sent = request.body_stream.startProducing(ListConsumer())
+        self.channel.dataReceived(b"a" * 10)
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(sent, ConnectionDone)
+
+    def test_stopped_consumer(self) -> None:
+        """A consumer that stops gets nothing more; the client is not left paused."""
+        request = self.head()
+        consumer = ListConsumer()
+        sent = request.body_stream.startProducing(consumer)
+        request.body_stream.pauseProducing()
+        request.body_stream.stopProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.channel.dataReceived(b"a" * 10)
+        self.assertEqual(consumer.data, [])
+        self.assertNoResult(sent)
+
+    def test_answered_early_then_pipelined(self) -> None:
+        """
+        A response finished before the body has arrived: the rest of the
+        body is read and dropped, then the next request on the connection is
+        served.
+        """
+        request = self.head(b"Content-Length: 20")
+        request.write(b"early")
+        request.finish()
+        self.assertIn(b"early", self.transport.value())
+        self.channel.dataReceived(b"a" * 10)
+        self.assertEqual(len(self.resource.requests), 1)
+        self.channel.dataReceived(b"b" * 10 + b"GET /p/x/next HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(len(self.resource.requests), 2)
+        self.assertEqual(self.resource.requests[1].uri, b"/p/x/next")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_pipelined_after_streamed(self) -> None:
+        """A request pipelined behind a streamed one waits for its answer, then is served."""
+        request = self.head(b"Content-Length: 3")
+        request.body_stream.startProducing(ListConsumer())
+        self.channel.dataReceived(b"abcGET /p/x/next HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(len(self.resource.requests), 1)
+        request.finish()
+        self.assertEqual([r.uri for r in self.resource.requests], [b"/p/x/", b"/p/x/next"])
+
+    def test_api_not_streamed(self) -> None:
+        """/api bodies are still read whole before the resource sees them."""
+        self.head(b"Content-Length: 3", path=b"/api/x")
+        self.assertEqual(self.resource.requests, [])
+        self.channel.dataReceived(b"abc")
+        (request,) = self.resource.requests
+        self.assertIsNone(request.body_stream)
+        self.assertEqual(request.content.read(), b"abc")
+
+    def test_expect_continue_before_answer(self) -> None:
+        """``Expect: 100-continue`` is answered before anything the resource answers at the head."""
+        site = RexecSite(NotFoundResource(), proxy_body_bytes=1000)
+        channel, transport = channel_for(site)
+        channel.dataReceived(
+            b"POST /p/x/ HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 "))
+        self.assertEqual(transport.value().count(b"100 Continue"), 1)
 
 
 class HelperTests(SynchronousTestCase):
@@ -327,10 +554,19 @@ class ContainerClientTests(SynchronousTestCase):
         self.root = Resource()
         self.root.putChild(b"p", ProxyResource(self.service))
 
-    def send(self, head: bytes = b"GET /x HTTP/1.1\r\nHost: h\r\n", body: bytes = b"") -> StringTransport:
-        """Send one request (``head`` without its final empty line); :return: the client's transport."""
+    def send(
+        self, head: bytes = b"GET /x HTTP/1.1\r\nHost: h\r\n", body: bytes = b"", streams: bool = True
+    ) -> StringTransport:
+        """
+        Send one request (``head`` without its final empty line) through the
+        site rexecpf serves, which streams request bodies (``streams=False``:
+        a plain Site, which stores them first); :return: the client's
+        transport (its channel is ``self.channel``).
+        """
         method, _, rest = head.partition(b" /")
-        channel, transport = channel_for(server.Site(self.root))
+        site = RexecSite(self.root, proxy_body_bytes=1_000_000) if streams else server.Site(self.root)
+        channel, transport = channel_for(site)
+        self.channel = channel
         channel.dataReceived(
             method + b" /p/" + self.forward.id.encode() + b"/" + rest.rstrip(b"\r\n")
             + b"\r\nAuthorization: Bearer alice-token\r\n\r\n" + body
@@ -424,18 +660,141 @@ class ContainerClientTests(SynchronousTestCase):
         self.assertIn(b"\r\nhost: 10.0.0.7:8080\r\n", container.value().lower())
 
     def test_upload_paced_by_container(self) -> None:
-        """The request body is the container connection's producer: a slow container pauses it."""
-        self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n", b"hello")
+        """
+        The request body goes to the container as it arrives, as the
+        container connection's producer: a container that does not read
+        pauses the client's socket, until it reads again.
+        """
+        client = self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n", b"hello")
         _, container = self.container()
-        self.assertIsNotNone(container.producer)
+        self.assertTrue(container.value().endswith(b"\r\nContent-Length: 10\r\n\r\nhello"))
         container.producer.pauseProducing()
-        self.reactor.advance(0)
-        self.assertNotIn(b"hello", container.value())
+        self.assertEqual(client.producerState, "paused")
         container.producer.resumeProducing()
-        self.reactor.advance(0)
-        self.reactor.advance(0)
-        self.assertTrue(container.value().endswith(b"\r\n\r\nhello"))
+        self.assertEqual(client.producerState, "producing")
+        self.channel.dataReceived(b"world")
+        self.assertTrue(container.value().endswith(b"\r\n\r\nhelloworld"))
         self.assertIsNone(container.producer)
+
+    def test_chunked_upload_stays_chunked(self) -> None:
+        """A chunked request body goes to the container chunked, piece by piece as it arrives."""
+        self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n", b"5\r\nhello\r\n")
+        _, container = self.container()
+        head, _, body = container.value().partition(b"\r\n\r\n")
+        self.assertEqual(head.lower().count(b"\r\ntransfer-encoding: chunked"), 1)
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertEqual(body, b"5\r\nhello\r\n")
+        self.channel.dataReceived(b"3\r\nabc\r\n0\r\n\r\n")
+        self.assertEqual(container.value().partition(b"\r\n\r\n")[2], b"5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n")
+        self.assertIsNone(container.producer)
+
+    def test_answered_before_body_read(self) -> None:
+        """
+        A container that answers before it has the whole body: the answer
+        reaches the client at once; the container connection is aborted
+        (the request was not sent whole, and what waits to be written to it
+        may never be read); the rest of the body is read and dropped, and
+        the client's next request is served.
+        """
+        client = self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n", b"hello")
+        protocol, container = self.container()
+        protocol.dataReceived(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nno")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(client.value().endswith(b"\r\n\r\nno"))
+        protocol.dataReceived(b"pe")
+        self.assertTrue(client.value().endswith(b"\r\n\r\nnope"))
+        self.assertTrue(container.disconnected)
+        self.assertIsNone(container.producer)  # the rest of the body does not hold the connection open
+        self.assertEqual(self.service.pool.idle_count(), 0)
+        self.channel.dataReceived(
+            b"world" + b"GET /p/" + self.forward.id.encode() + b"/next HTTP/1.1\r\nHost: h\r\n"
+            b"Authorization: Bearer alice-token\r\n\r\n"
+        )
+        self.assertNotIn(b"world", container.value())
+        _, second = self.container()
+        self.assertTrue(second.value().startswith(b"GET /next HTTP/1.1\r\n"))
+
+    def test_streamed_body_not_retried(self) -> None:
+        """
+        A kept-alive connection found closed before any answer: a PUT whose
+        body streamed is not sent again (what went of it is gone), 502.
+        """
+        self.send()
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        client = self.send(b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n", b"hi")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+
+    def test_stored_body(self) -> None:
+        """
+        A body the site stored first (a target it does not stream) is sent
+        with its length, Content-Length though it came chunked, and sent
+        again when a kept-alive connection turns out closed.
+        """
+        self.send(streams=False)
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        client = self.send(
+            b"PUT /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n", b"2\r\nhi\r\n0\r\n\r\n", streams=False
+        )
+        protocol.connectionLost(Failure(ConnectionDone()))
+        retried, container = self.container()
+        self.assertTrue(container.value().endswith(b"\r\nContent-Length: 2\r\n\r\nhi"))
+        self.assertNotIn(b"transfer-encoding", container.value().lower())
+        retried.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 201 "))
+
+    def test_no_timeout_while_body_flows(self) -> None:
+        """
+        No 504 while the body flows, however long the upload takes; the
+        response timer runs while the container does not read it, and once
+        the body is sent.
+        """
+        client = self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n", b"hello")
+        _, container = self.container()
+        self.reactor.advance(100)
+        self.assertEqual(client.value(), b"")
+        container.producer.pauseProducing()
+        self.reactor.advance(59)
+        self.assertEqual(client.value(), b"")
+        container.producer.resumeProducing()
+        self.reactor.advance(100)
+        self.assertEqual(client.value(), b"")
+        self.channel.dataReceived(b"world")
+        self.reactor.advance(59)
+        self.assertEqual(client.value(), b"")
+        self.reactor.advance(1)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 504 "))
+
+    def test_timeout_while_container_does_not_read(self) -> None:
+        """A container that stops reading the body and does not answer: 504 after the response timeout."""
+        client = self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n", b"hello")
+        _, container = self.container()
+        self.reactor.advance(100)
+        container.producer.pauseProducing()
+        self.reactor.advance(59)
+        self.assertEqual(client.value(), b"")
+        self.reactor.advance(1)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 504 "))
+        self.assertTrue(container.disconnecting)
+        self.assertIsNone(container.producer)
+
+    def test_switch_before_body_read(self) -> None:
+        """
+        An Upgrade request whose container switches protocols before it has
+        the whole body: 502 (the rest would reach it as the new protocol's bytes).
+        """
+        client = self.send(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: example\r\nContent-Length: 10\r\n",
+            b"hello",
+        )
+        protocol, container = self.container()
+        self.assertTrue(container.value().endswith(b"\r\n\r\nhello"))
+        protocol.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: example\r\nConnection: upgrade\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(container.disconnecting)
 
     def test_bad_answer_not_retried(self) -> None:
         """A kept-alive connection that answers garbage is a 502 at once (no retry), and is closed."""
@@ -496,4 +855,19 @@ class ContainerClientTests(SynchronousTestCase):
         self.assertTrue(client.value().startswith(b"HTTP/1.1 500 "))
         self.assertTrue(container.disconnecting)
         self.assertEqual(self.forwards.live_count(), 0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_bug_while_body_sent(self) -> None:
+        """A bug while the request body is still being sent: 500, and the body stops being the container connection's producer."""
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("a bug")
+
+        self.patch(_Exchange, "_respond", broken)
+        client = self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n", b"hello")
+        protocol, container = self.container()
+        self.assertIsNotNone(container.producer)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 500 "))
+        self.assertIsNone(container.producer)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

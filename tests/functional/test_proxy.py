@@ -75,7 +75,7 @@ class RequestRulesTests(ProxyTestsMixin, TestCase):
     @inlineCallbacks
     def test_path_query_method_body(self) -> Any:
         """Method, path (encoding kept), query string and body reach the container as sent, over HTTP/1.1."""
-        body = os.urandom(300_000)  # over twisted.web's in-memory threshold: spooled to a file
+        body = os.urandom(300_000)  # several reads: it reaches the container in pieces
         document = yield self.echo("/a/b%2Fc//d?x=1&y=%20z&x=2", method="PUT", data=body)
         self.assertEqual(document["method"], "PUT")
         self.assertEqual(document["uri"], "/a/b%2Fc//d?x=1&y=%20z&x=2")
