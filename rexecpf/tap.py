@@ -316,7 +316,9 @@ def build(
         host_router=host_router,
     )
     # Request bodies over their limit are refused (413) while they arrive.
-    site = RexecSite(root, proxy_body_bytes=config.limits.proxy_body_bytes)
+    site = RexecSite(
+        root, proxy_body_bytes=config.limits.proxy_body_bytes, authenticate_api=authenticator.require
+    )
 
     listeners = []
     endpoints = [(description, site) for description in config.server.listen]

@@ -19,12 +19,13 @@ from typing import Any
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IRequest
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 from rexecpf.api import MAX_BODY_BYTES, write_error, write_json
+from rexecpf.auth import bearer_token
 from rexecpf.backends import IContainerBackend
 from rexecpf.model import INVALID_REQUEST, METHOD_NOT_ALLOWED, NOT_FOUND, REQUEST_TOO_LARGE, APIError
 from rexecpf.store import IForwardStore
@@ -401,14 +402,23 @@ class LimitedRequest(server.Request):
         self.content = None
         # no "100 Continue" after the final answer
         self.requestHeaders.removeHeader(b"expect")
-        body = json.dumps(
-            REQUEST_TOO_LARGE(f"a request body here may be at most {self._limit} bytes").body()
-        ).encode("utf-8") + b"\n"
         channel = self._link
+        error = REQUEST_TOO_LARGE(f"a request body here may be at most {self._limit} bytes")
+        require = getattr(getattr(channel, "site", None), "authenticate_api", None)
+        if require is not None and _not_proxied(getattr(channel, "_path", b"") or b""):
+            # The API answers 401 before anything else, a body too large
+            # included: the client without a good token learns that first.
+            try:
+                require(bearer_token(self.requestHeaders.getRawHeaders(b"authorization", [None])[0]))
+            except APIError as unauthorized:
+                error = unauthorized
+        body = json.dumps(error.body()).encode("utf-8") + b"\n"
+        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in error.headers.items())
         transport: Any = channel.transport
         transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\n"
-            b"Content-Type: application/json\r\n"
+            b"HTTP/1.1 %d %s\r\n" % (error.code, http.RESPONSES.get(error.code, b"Error"))
+            + extra
+            + b"Content-Type: application/json\r\n"
             b"Cache-Control: no-store\r\n"
             b"Connection: close\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -535,9 +545,18 @@ class RexecSite(server.Site):
 
     displayTracebacks = False
 
-    def __init__(self, resource: IResource, proxy_body_bytes: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        resource: IResource,
+        proxy_body_bytes: int | None = None,
+        authenticate_api: Callable[[str | None], Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         #: the limit for request bodies outside /api (the proxied ones)
         self.proxy_body_bytes = proxy_body_bytes
+        #: ``Authenticator.require``: an API request refused for its body's
+        #: size is 401 first if its token is not good
+        self.authenticate_api = authenticate_api
         kwargs.setdefault("requestFactory", LimitedRequest)
         kwargs.setdefault("timeout", IDLE_TIMEOUT_SECONDS)
         # The API reads bodies as JSON whatever their Content-Type; nothing

@@ -357,6 +357,21 @@ class HostileHTTPTests(unittest.TestCase):
 
     # --- bodies
 
+    def test_huge_body_without_a_good_token_is_401(self) -> None:
+        """
+        The API answers 401 before anything else: a body too large from a
+        client without a good token is 401 (with WWW-Authenticate), not 413.
+        """
+        for auth in (b"", b"Authorization: Bearer wrong-token\r\n"):
+            raw, closed = self.exchange(
+                b"POST " + FORWARDS + b" HTTP/1.1\r\nHost: x\r\n" + auth
+                + b"Content-Length: %d\r\n\r\n" % (10 * 1024 * 1024), timeout=15
+            )
+            responses = parse_responses(raw)
+            self.assertEqual([r.status for r in responses], [401], raw[:300])
+            self.assertEqual(responses[0].json()["error"]["message"], "Unauthorized")
+            self.assertIn(b"WWW-Authenticate: Bearer", raw)
+
     def test_huge_body_refused_early(self) -> None:
         """A 10 MiB POST is 413 (JSON); memory and temporary files do not grow."""
         rss_before = self.daemon.rss()
