@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IRequest
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
@@ -27,7 +27,14 @@ from zope.interface import implementer
 from rexecpf.api import MAX_BODY_BYTES, write_error, write_json
 from rexecpf.auth import bearer_token
 from rexecpf.backends import IContainerBackend
-from rexecpf.model import INVALID_REQUEST, METHOD_NOT_ALLOWED, NOT_FOUND, REQUEST_TOO_LARGE, APIError
+from rexecpf.model import (
+    INVALID_REQUEST,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    REQUEST_TOO_LARGE,
+    APIError,
+    ErrorKind,
+)
 from rexecpf.store import IForwardStore
 
 __all__ = ["Health", "LimitedRequest", "RequestBodyStream", "RexecSite", "Root", "release_from_http_channel"]
@@ -412,17 +419,7 @@ class LimitedRequest(server.Request):
                 require(bearer_token(self.requestHeaders.getRawHeaders(b"authorization", [None])[0]))
             except APIError as unauthorized:
                 error = unauthorized
-        body = json.dumps(error.body()).encode("utf-8") + b"\n"
-        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in error.headers.items())
-        transport: Any = channel.transport
-        transport.write(
-            b"HTTP/1.1 %d %s\r\n" % (error.code, http.RESPONSES.get(error.code, b"Error"))
-            + extra
-            + b"Content-Type: application/json\r\n"
-            b"Cache-Control: no-store\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
+        _answer_and_close(channel.transport, error)
         channel.persistent = False
         from twisted.internet import reactor
 
@@ -481,21 +478,30 @@ def _origin_form(target: bytes, headers: Any) -> bytes:
     return rest if rest.startswith(b"/") else b"/" + rest
 
 
+def _answer_and_close(transport: Any, error: APIError) -> None:
+    """
+    Write ``error`` as a complete JSON answer, straight to the client's
+    transport, that says the connection closes: for answers made while a
+    request is still being read (no ``Request`` can answer yet).
+    """
+    body = json.dumps(error.body()).encode("utf-8") + b"\n"
+    extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in error.headers.items())
+    transport.write(
+        b"HTTP/1.1 %d %s\r\n" % (error.code, error.message.encode())
+        + extra
+        + b"Content-Type: application/json\r\nCache-Control: no-store\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
 def _line_too_long(channel: Any) -> None:
     """
     A request line or header line over the channel's ``MAX_LENGTH`` (16 KiB):
     answer 414 or 431 and close, where Twisted would close without a word.
     """
     first_line = getattr(channel, "_HTTPChannel__first_line", 0)
-    status = b"414 URI Too Long" if first_line else b"431 Request Header Fields Too Large"
-    kind = REQUEST_TOO_LARGE("the request line or a header is too long")
-    body = json.dumps(
-        {"error": {"code": int(status[:3]), "message": status[4:].decode(), "detail": kind.detail}}
-    ).encode("utf-8") + b"\n"
-    channel.transport.write(
-        b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body)
-    )
+    kind = ErrorKind(414, "URI Too Long") if first_line else ErrorKind(431, "Request Header Fields Too Large")
+    _answer_and_close(channel.transport, kind("the request line or a header is too long"))
     channel.transport.loseConnection()
 
 
@@ -505,13 +511,7 @@ def _bad_request(channel: Any) -> None:
     header, a garbled request line): answer a JSON 400 and close, where
     Twisted writes a bare ``400 Bad Request`` with no body.
     """
-    body = json.dumps(
-        INVALID_REQUEST("the request is not well-formed HTTP/1.1").body()
-    ).encode("utf-8") + b"\n"
-    channel.transport.write(
-        b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
+    _answer_and_close(channel.transport, INVALID_REQUEST("the request is not well-formed HTTP/1.1"))
     channel.loseConnection()
 
 
