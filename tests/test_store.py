@@ -83,6 +83,25 @@ class StoreBehaviour:
         self.assertNotEqual((yield self.store.secret("other")), first)
 
     @defer.inlineCallbacks
+    def test_stop_refuses_a_create_in_flight(self) -> Any:
+        """
+        A forward whose create read the stop mark before its container's stop
+        was recorded is refused (409); another container's is not; a mark
+        read after the stop lets it through.
+        """
+        mark = yield self.store.stop_mark()
+        yield self.store.remove_container("c1")
+        error = yield self.assertFailure(self.store.add(forward("pf_1"), 10, mark), APIError)
+        self.assertEqual((error.code, error.message), (409, "Container not running"))
+        yield self.store.add(forward("pf_2", container="c2", local=20001), 10, mark)
+        later = yield self.store.stop_mark()
+        self.assertGreater(later, mark)
+        yield self.store.add(forward("pf_1"), 10, later)
+        yield self.store.remove_container("c2")
+        self.assertGreater((yield self.store.stop_mark()), later)
+        self.assertEqual([f.id for f in (yield self.store.list_forwards())], ["pf_1"])
+
+    @defer.inlineCallbacks
     def test_concurrent_adds(self) -> Any:
         """Many adds at once never break the limit or the port rule."""
         attempts = [
