@@ -53,7 +53,13 @@ from rexecpf.model import (
 )
 from rexecpf.store import STOPS_KEPT, IForwardStore
 
-__all__ = ["PostgresForwardStore", "SCHEMA_VERSION", "connection_settings", "open_postgres_for_check"]
+__all__ = [
+    "PostgresForwardStore",
+    "SCHEMA_VERSION",
+    "connection_settings",
+    "open_postgres_for_check",
+    "redact",
+]
 
 T = TypeVar("T")
 
@@ -125,11 +131,7 @@ def connection_settings(url: str) -> dict[str, Any]:
     try:
         settings: dict[str, Any] = conninfo_to_dict(url)
     except psycopg.Error as error:
-        message = str(error)
-        password = _password(url)
-        if password:
-            message = message.replace(password, "***")
-        raise ValueError(f"libpq cannot read {mask_url_password(url)}: {message}") from None
+        raise ValueError(f"libpq cannot read it: {redact(str(error), url)}") from None
     defaults = {
         "connect_timeout": "10",
         "keepalives": "1",
@@ -139,6 +141,14 @@ def connection_settings(url: str) -> dict[str, Any]:
         "application_name": "rexecpf",
     }
     return {**defaults, **settings, "autocommit": True}
+
+
+def redact(message: str, url: str) -> str:
+    """:return: ``message`` on one line, with ``url``'s password (if any) masked."""
+    password = _password(url)
+    if password:
+        message = message.replace(password, "***")
+    return " ".join(message.split())
 
 
 def _password(url: str) -> str:

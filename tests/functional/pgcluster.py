@@ -13,9 +13,9 @@ import os
 import secrets
 import shutil
 import tempfile
+import unittest
 
 import psycopg
-from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.functional.peers import PeerError, PostgresServer
 
@@ -37,7 +37,7 @@ def require_postgres() -> None:
     reason = "needs PostgreSQL (initdb, pg_ctl, psql under /usr/lib/postgresql/*/bin)"
     if IN_CI:
         raise AssertionError(f"prerequisite missing in CI: {reason}")
-    raise SkipTest(reason)
+    raise unittest.SkipTest(reason)
 
 
 def shared_cluster() -> PostgresServer:
@@ -58,7 +58,7 @@ def shared_cluster() -> PostgresServer:
     return _cluster
 
 
-def fresh_database(test: TestCase, cluster: PostgresServer | None = None) -> str:
+def fresh_database(test: unittest.TestCase, cluster: PostgresServer | None = None) -> str:
     """
     Create an empty database for ``test`` (dropped after it).
 
