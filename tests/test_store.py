@@ -21,7 +21,7 @@ from rexecpf.model import APIError, PortForward
 from rexecpf.store import SCHEMA_VERSION, IForwardStore, SQLiteForwardStore
 from rexecpf.testing import MemoryForwardStore
 from tests.functional import inprocess
-from tests.functional.pgcluster import fresh_database, require_postgres
+from tests.functional.pgcluster import fresh_database, require_postgres, shared_cluster
 
 
 def forward(fid: str, container: str = "c1", port: int = 80, local: int = 20000, ms: int = 1) -> PortForward:
@@ -191,7 +191,8 @@ class PostgresStoreTests(StoreBehaviour, TestCase):
         import psycopg
 
         with psycopg.connect(self.url, autocommit=True) as connection:
-            return connection.execute(sql).fetchall()  # type: ignore[arg-type]
+            cursor = connection.execute(sql)  # type: ignore[arg-type]
+            return cursor.fetchall() if cursor.description else []
 
     @defer.inlineCallbacks
     def test_versioned_and_shared(self) -> Any:
@@ -241,6 +242,28 @@ class PostgresStoreTests(StoreBehaviour, TestCase):
         codes = [201 if ok else value.value.code for ok, value in results]
         self.assertEqual((codes.count(201), codes.count(409)), (1, 19), codes)
         self.assertEqual(len((yield nodes[0].list_forwards())), 1)
+
+    @defer.inlineCallbacks
+    def test_server_restart_costs_no_request(self) -> Any:
+        """
+        Every connection of the pool is left broken by a restart of the
+        server: each is replaced on its next use, and no request fails.
+        """
+        yield defer.gatherResults([self.store.check() for _ in range(8)])  # open every connection
+        shared_cluster().pg_ctl("restart", "-m", "fast")
+        for index in range(8):
+            yield self.store.add(forward(f"pf_{index}", port=80 + index, local=20000 + index), 10)
+        self.assertEqual(len((yield self.store.list_forwards())), 8)
+
+    @defer.inlineCallbacks
+    def test_check_refuses_a_read_only_database(self) -> Any:
+        """A database that takes no writes (as a standby) fails the health check: 503."""
+        yield self.store.check()
+        name = self.url.rpartition("/")[2]
+        self.query(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+        reader = self.node()
+        error = yield self.assertFailure(reader.check(), APIError)
+        self.assertEqual((error.code, error.detail), (503, "the database takes no writes (read-only)"))
 
     @defer.inlineCallbacks
     def test_unique_constraints_second_line(self) -> Any:
