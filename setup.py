@@ -20,6 +20,8 @@ setup(
         "attrs>=23.1",
         "zope.interface>=6.0",
         "prometheus-client>=0.20",
+        # [store] url = "postgresql://...": imported only when configured
+        "psycopg[binary]>=3.2",
     ],
     extras_require={
         "test": [

@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import attrs
 
@@ -32,9 +32,11 @@ __all__ = [
     "ConfigError",
     "LimitsConfig",
     "ServerConfig",
+    "StoreConfig",
     "TOKEN_PATTERN",
     "demo_config",
     "load_config",
+    "mask_url_password",
     "parse_config",
     "parse_inventory",
     "InventoryEntry",
@@ -63,6 +65,12 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     metrics_listen: str = ""
     log_format: str = "text"
+
+
+@attrs.frozen
+class StoreConfig:
+    #: ``postgresql://...``: the PostgreSQL store; empty: SQLite at ``server.state``
+    url: str = ""
 
 
 @attrs.frozen
@@ -107,6 +115,7 @@ class InventoryEntry:
 @attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
     auth: AuthConfig = AuthConfig()
     backend: BackendConfig = BackendConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -225,6 +234,52 @@ def _ip_address(value: Any) -> str:
         raise ValueError(f"must be an IP address, got {_show(value)}") from None
 
 
+def mask_url_password(url: str) -> str:
+    """
+    :return: ``url`` fit for a log line or an error message: its password
+        (in the user part or a ``password=`` parameter) replaced by ``***``.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that does not parse)"
+    netloc = parts.netloc
+    user, at, hosts = netloc.rpartition("@")
+    if at and ":" in user:
+        netloc = f"{user.partition(':')[0]}:***@{hosts}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*/:,")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _store_url(value: Any) -> str:
+    """
+    A libpq connection URI (``postgresql://`` or ``postgres://``), or empty.
+    Checked without the PostgreSQL driver (start-up parses it again with
+    libpq); the password is never repeated in a message.
+    """
+    text = _string(value).strip()
+    if not text:
+        return ""
+    shown = mask_url_password(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as error:
+        raise ValueError(f"is not a URL ({error}): {shown}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        # Not echoed: it may be a key=value connection string with a password.
+        got = f"the scheme {parts.scheme!r}" if parts.scheme else "no scheme"
+        raise ValueError(f"must be a postgresql:// URL (or empty for SQLite at server.state), got {got}")
+    # libpq takes several hosts: postgresql://h1:5432,h2:5433/db
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        _, colon, port = host.rpartition("]")[2].rpartition(":")
+        if colon and port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"has a port that is not a number 1-65535: {shown}")
+    return text
+
+
 def _name(key: str) -> str:
     """A key as it can be printed on one line (quoted when it is not plain)."""
     return key if re.fullmatch(r"[A-Za-z0-9_\-]+", key) else json.dumps(key)
@@ -244,6 +299,9 @@ _SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "shutdown_grace_seconds": _grace_seconds,
         "metrics_listen": _endpoint_or_empty,
         "log_format": _one_of("text", "json"),
+    },
+    "store": {
+        "url": _store_url,
     },
     "auth": {
         "users": lambda value: value,  # checked below, key by key
@@ -270,6 +328,7 @@ _SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
 
 _CLASSES: dict[str, type] = {
     "server": ServerConfig,
+    "store": StoreConfig,
     "auth": AuthConfig,
     "backend": BackendConfig,
     "limits": LimitsConfig,

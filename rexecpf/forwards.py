@@ -206,11 +206,11 @@ class ForwardService(Service):
         #: how many times :meth:`reconcile` ran (for the metrics)
         self.reconcile_runs = 0
         self._observers: list[ForwardObserver] = []
-        #: creates in flight; while there are any, stop notifications are
-        #: numbered (container id -> number of its last one)
+        #: creates in flight; while there are any, every container stop is
+        #: reaped (which records it in the store, see :meth:`_create`) and the
+        #: forwards a reap removes before their create finished are remembered
         self._creating = 0
-        self._stops = 0
-        self._stopped_at: dict[str, int] = {}
+        self._removed_while_creating: set[str] = set()
         #: called with (kind, stats) as each relay ends (:meth:`relay_ended`)
         self.relay_observers: list[Callable[[str, RelayStats], None]] = []
         #: containers whose forwards are being reaped after a stopped event
@@ -428,7 +428,8 @@ class ForwardService(Service):
 
     def _forget(self, forwards: Iterable[PortForward], reason: str) -> None:
         for forward in forwards:
-            self._forwards.pop(forward.id, None)
+            if self._forwards.pop(forward.id, None) is None and self._creating:
+                self._removed_while_creating.add(forward.id)
             for connection in list(self._live.get(forward.id, ())):
                 self._shutdown(connection, reason)
             for observer in self._observers:
@@ -516,18 +517,27 @@ class ForwardService(Service):
         def done(result: Any) -> Any:
             self._creating -= 1
             if not self._creating:
-                self._stopped_at.clear()
+                self._removed_while_creating.clear()
             return result
 
         return self._create(principal, container_id, body).addBoth(done)
 
     @inlineCallbacks
     def _create(self, principal: Principal, container_id: str, body: bytes) -> Any:
-        stops_before = self._stops
+        # Read before the container is looked at: a stop of it recorded after
+        # this (by a reap, on any node) refuses the forward inside the store's
+        # transaction.  A store that cannot answer fails the create after the
+        # container's own errors, as it would have without this read.
+        marked = yield self._store.stop_mark().addCallbacks(
+            lambda mark: (mark, None), lambda failure: (None, failure)
+        )
         container: Container = yield self.container_for(principal, container_id)
         request = parse_create_request(body)
         if not container.running:
             raise CONTAINER_NOT_RUNNING(container.detail or "the container is not running")
+        stop_mark, unavailable = marked
+        if unavailable is not None:
+            unavailable.raiseException()
         # Forwards are kept under the backend's canonical id (Docker: the
         # full id), whatever form of it the URL used.
         existing: list[PortForward] = yield self._store.list_forwards(container.id)
@@ -549,13 +559,11 @@ class ForwardService(Service):
                 created_ms=int(self._clock.seconds() * 1000),
                 owner=principal.name,
             )
-            yield self._store.add(forward, limit)
+            yield self._store.add(forward, limit, stop_mark)
         finally:
             self._reserved_ports.discard(local_port)
-        if self._stopped_at.get(container.id, -1) >= stops_before:
-            # It stopped while this create was in flight: the reap that the
-            # stop started could not see this forward.  Take it back.
-            yield self._store.remove(forward.id)
+        if forward.id in self._removed_while_creating:
+            # A reap removed it between its write and now.
             raise CONTAINER_NOT_RUNNING("the container stopped while the forward was being created")
         self._forwards[forward.id] = forward
         self._notify_added(forward)
@@ -624,11 +632,9 @@ class ForwardService(Service):
         return removed
 
     def _container_stopped(self, container_id: str) -> None:
-        if self._creating:
-            # Numbered, so that a create in flight can tell it happened meanwhile.
-            self._stopped_at[container_id] = self._stops
-            self._stops += 1
-        if not any(f.container_id == container_id for f in self._forwards.values()):
+        if not self._creating and not any(f.container_id == container_id for f in self._forwards.values()):
+            # With a create in flight the reap runs anyway: it records the
+            # stop in the store, which refuses that create's forward.
             return
         if container_id in self._reaping:
             # Docker says die, then stop or destroy: one reap is enough.

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from rexecpf.model import (
+    CONTAINER_NOT_RUNNING,
     LIMIT_EXCEEDED,
     LOCAL_PORT_UNAVAILABLE,
     PORT_ALREADY_FORWARDED,
@@ -44,14 +45,24 @@ T = TypeVar("T")
 class IForwardStore(Interface):
     """Durable forwards.  Every method returns a Deferred."""
 
-    def add(forward: PortForward, limit: int) -> Deferred[PortForward]:
+    def add(forward: PortForward, limit: int, stop_mark: int | None = None) -> Deferred[PortForward]:
         """
         Store a new forward, atomically checking the invariants.
 
         :param limit: the most forwards one container may have.
-        :return: fires with ``forward``; fails with :class:`APIError` 403
+        :param stop_mark: what :meth:`stop_mark` answered before the create
+            looked at the container: a stop of the container recorded since
+            (:meth:`remove_container`) refuses the forward.  ``None``: no check.
+        :return: fires with ``forward``; fails with :class:`APIError` 409
+            (container not running: it stopped since ``stop_mark``), 403
             (port already forwarded), 429 (limit) or 409 (local port taken),
             checked in that order; 503 when the store cannot answer.
+        """
+
+    def stop_mark() -> Deferred[int]:
+        """
+        :return: fires with the number of the latest container stop recorded
+            by :meth:`remove_container` (0: none), for :meth:`add`.
         """
 
     def get(forward_id: str) -> Deferred[PortForward | None]:
@@ -64,7 +75,12 @@ class IForwardStore(Interface):
         """:return: fires with whether it existed."""
 
     def remove_container(container_id: str) -> Deferred[list[PortForward]]:
-        """:return: fires with the forwards removed."""
+        """
+        The container stopped: remove its forwards and record the stop under
+        a number above every earlier one (see :meth:`add`), in one transaction.
+
+        :return: fires with the forwards removed.
+        """
 
     def secret(name: str) -> Deferred[bytes]:
         """
@@ -95,8 +111,21 @@ _MIGRATIONS: list[list[str]] = [
         "CREATE INDEX forwards_by_container ON forwards (container_id, created_ms)",
         "CREATE TABLE secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
     ],
+    # 1 -> 2: container stops, numbered, so that a create in flight can tell
+    # whether its container stopped meanwhile (:meth:`IForwardStore.add`)
+    [
+        """CREATE TABLE container_stops (
+            container_id TEXT PRIMARY KEY,
+            stop INTEGER NOT NULL
+        )""",
+        "CREATE INDEX container_stops_by_stop ON container_stops (stop)",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+#: How many of the latest container stops are remembered: a create in flight
+#: while more containers than that stop may miss its own container's stop.
+STOPS_KEPT = 100_000
 
 #: The row /healthz rewrites to prove the store takes writes.
 _PROBE = "rexecpf.health-probe"
@@ -216,8 +245,14 @@ class SQLiteForwardStore:
         d: Deferred[T] = self._pool.runWithConnection(_with_cursor(interaction))
         return d.addErrback(unavailable)
 
-    def add(self, forward: PortForward, limit: int) -> Deferred[PortForward]:
+    def add(self, forward: PortForward, limit: int, stop_mark: int | None = None) -> Deferred[PortForward]:
         def add(connection: sqlite3.Connection) -> PortForward:
+            if stop_mark is not None:
+                row = connection.execute(
+                    "SELECT stop FROM container_stops WHERE container_id = ?", (forward.container_id,)
+                ).fetchone()
+                if row and row[0] > stop_mark:
+                    raise CONTAINER_NOT_RUNNING("the container stopped while the forward was being created")
             (taken,) = connection.execute(
                 "SELECT COUNT(*) FROM forwards WHERE container_id = ? AND container_port = ?",
                 (forward.container_id, forward.container_port),
@@ -292,9 +327,22 @@ class SQLiteForwardStore:
                 (container_id,),
             ).fetchall()
             connection.execute("DELETE FROM forwards WHERE container_id = ?", (container_id,))
+            (last,) = connection.execute("SELECT COALESCE(MAX(stop), 0) FROM container_stops").fetchone()
+            connection.execute(
+                "INSERT OR REPLACE INTO container_stops (container_id, stop) VALUES (?, ?)",
+                (container_id, last + 1),
+            )
+            connection.execute("DELETE FROM container_stops WHERE stop <= ?", (last + 1 - STOPS_KEPT,))
             return [_row(row) for row in rows]
 
         return self._run(remove)
+
+    def stop_mark(self) -> Deferred[int]:
+        def stop_mark(connection: sqlite3.Connection) -> int:
+            (last,) = connection.execute("SELECT COALESCE(MAX(stop), 0) FROM container_stops").fetchone()
+            return int(last)
+
+        return self._run(stop_mark, read_only=True)
 
     def secret(self, name: str) -> Deferred[bytes]:
         def secret(connection: sqlite3.Connection) -> bytes:

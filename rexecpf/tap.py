@@ -37,6 +37,7 @@ from rexecpf.config import (
     ServerConfig,
     demo_config,
     load_config,
+    mask_url_password,
 )
 from rexecpf.forwards import ForwardService
 from rexecpf.listeners import LISTEN_BACKLOG, LocalListeners
@@ -56,6 +57,8 @@ from rexecpf.tunnel import TunnelFactory, TunnelResource
 from rexecpf.web import Health, RexecSite, Root
 
 __all__ = ["Options", "makeService", "StartupError"]
+
+_log = Logger()
 
 
 class StartupError(SystemExit):
@@ -255,14 +258,8 @@ def build(
     :param install_signals: install the ``SIGHUP`` handler while running.
     :raises StartupError: for anything a user can fix (state file, endpoints).
     """
-    state = config.server.state
-    try:
-        open_sqlite_for_check(state)
-    except Exception as error:  # sqlite3.Error, OSError, RuntimeError: all user-fixable
-        raise StartupError(f"server.state: cannot use {state}: {error}") from None
-
+    store = _store(config, reactor)
     top = GracefulService(config.server.shutdown_grace_seconds, reactor)
-    store = SQLiteForwardStore(reactor, state)
     metrics = Metrics()
 
     backend: StaticBackend | DockerBackend
@@ -353,6 +350,34 @@ def build(
         config, top, forwards, api, site, backend, store, authenticator, metrics, readiness, reloader,
         listeners, local_listeners, proxy,
     )
+
+
+def _store(config: Config, reactor: Any) -> Any:
+    """
+    :return: the store ``config`` names: PostgreSQL at ``[store] url``, else
+        SQLite at ``[server] state``, opened once first so that a store that
+        cannot be used stops start-up with one line (the password masked).
+    """
+    url = config.store.url
+    if not url:
+        state = config.server.state
+        try:
+            open_sqlite_for_check(state)
+        except Exception as error:  # sqlite3.Error, OSError, RuntimeError: all user-fixable
+            raise StartupError(f"server.state: cannot use {state}: {error}") from None
+        _log.info("store: SQLite at {state}", state=state)
+        return SQLiteForwardStore(reactor, state)
+    shown = mask_url_password(url)
+    try:
+        from rexecpf.postgres import PostgresForwardStore, open_postgres_for_check, redact
+    except ImportError as error:
+        raise StartupError(f"store.url: PostgreSQL needs psycopg (pip install 'psycopg[binary]'): {error}") from None
+    try:
+        open_postgres_for_check(url)
+    except Exception as error:  # ValueError, psycopg.Error, RuntimeError: all user-fixable
+        raise StartupError(f"store.url: cannot use {shown}: {redact(str(error), url)}") from None
+    _log.info("store: PostgreSQL at {url}", url=shown)
+    return PostgresForwardStore(reactor, url)
 
 
 def _not_listening(listener: EndpointListener) -> None:

@@ -28,6 +28,7 @@ from rexecpf.backends.docker import (
 )
 from rexecpf.model import (
     BACKEND_UNAVAILABLE,
+    CONTAINER_NOT_RUNNING,
     LIMIT_EXCEEDED,
     LOCAL_PORT_UNAVAILABLE,
     PORT_ALREADY_FORWARDED,
@@ -214,11 +215,15 @@ class MemoryForwardStore:
     def __init__(self) -> None:
         self.forwards: dict[str, PortForward] = {}
         self._secrets: dict[str, bytes] = {}
+        #: container id -> the number of its latest stop
+        self.stops: dict[str, int] = {}
 
     def _ordered(self) -> list[PortForward]:
         return sorted(self.forwards.values(), key=lambda f: f.created_ms)
 
-    def add(self, forward: PortForward, limit: int) -> Deferred[PortForward]:
+    def add(self, forward: PortForward, limit: int, stop_mark: int | None = None) -> Deferred[PortForward]:
+        if stop_mark is not None and self.stops.get(forward.container_id, 0) > stop_mark:
+            return fail(CONTAINER_NOT_RUNNING("it stopped meanwhile"))
         same = [f for f in self.forwards.values() if f.container_id == forward.container_id]
         if any(f.container_port == forward.container_port for f in same):
             return fail(PORT_ALREADY_FORWARDED("already forwarded"))
@@ -244,7 +249,11 @@ class MemoryForwardStore:
         removed = [f for f in self._ordered() if f.container_id == container_id]
         for forward in removed:
             del self.forwards[forward.id]
+        self.stops[container_id] = max(self.stops.values(), default=0) + 1
         return succeed(removed)
+
+    def stop_mark(self) -> Deferred[int]:
+        return succeed(max(self.stops.values(), default=0))
 
     def secret(self, name: str) -> Deferred[bytes]:
         return succeed(self._secrets.setdefault(name, secrets.token_bytes(32)))

@@ -369,15 +369,16 @@ class ReadDeleteTests(APITestCase):
     def test_stop_while_creating(self) -> None:
         """
         A container that stops while a create is being written (its reap
-        cannot see the new forward yet) answers 409 and leaves no forward.
+        cannot see the new forward yet) answers 409 and leaves no forward:
+        the reap records the stop and the store refuses the forward.
         """
         from rexecpf.model import Principal
 
         writing: Deferred[Any] = Deferred()
         add = self.store.add
 
-        def slow_add(forward: Any, limit: int) -> Any:
-            return writing.addCallback(lambda _: add(forward, limit))
+        def slow_add(forward: Any, limit: int, stop_mark: Any = None) -> Any:
+            return writing.addCallback(lambda _: add(forward, limit, stop_mark))
 
         self.store.add = slow_add  # type: ignore[method-assign]
         creating = self.forwards.create(Principal("alice"), "c1", b'{"container_port": 8080}')
@@ -387,8 +388,30 @@ class ReadDeleteTests(APITestCase):
         self.assertEqual((failure.value.code, failure.value.message), (409, "Container not running"))
         self.assertEqual(self.successResultOf(self.store.list_forwards("c1")), [])
         self.assertEqual(self.forwards.live_count("c1"), 0)
+
+    def test_stop_after_write_before_answer(self) -> None:
+        """
+        A stop whose reap removes the forward after it was written but before
+        its create has answered: 409, and the forward is not served.
+        """
+        from rexecpf.model import Principal
+
+        answering: Deferred[Any] = Deferred()
+        add = self.store.add
+
+        def written_then_slow(forward: Any, limit: int, stop_mark: Any = None) -> Any:
+            return add(forward, limit, stop_mark).addCallback(lambda added: answering.addCallback(lambda _: added))
+
+        self.store.add = written_then_slow  # type: ignore[method-assign]
+        creating = self.forwards.create(Principal("alice"), "c1", b'{"container_port": 8080}')
+        self.backend.stop("c1")
+        answering.callback(None)
+        failure = self.failureResultOf(creating, APIError)
+        self.assertEqual((failure.value.code, failure.value.message), (409, "Container not running"))
+        self.assertEqual(self.successResultOf(self.store.list_forwards("c1")), [])
+        self.assertEqual(self.forwards.forwards(), [])
         # Nothing is remembered once no create is in flight.
-        self.assertEqual(self.forwards._stopped_at, {})
+        self.assertEqual(self.forwards._removed_while_creating, set())
 
 
 class MiscTests(APITestCase):

@@ -82,6 +82,47 @@ class ConfigTests(SynchronousTestCase):
         """A bad token is refused without printing it."""
         self.assertNotIn("s3cr3t/x", self.error({"auth": {"users": {"a": "s3cr3t/x"}}}))
 
+    def test_store_url(self) -> None:
+        """
+        [store] url: empty means SQLite; a postgresql:// URL (one host or
+        several) is kept as written; another scheme or a URL that does not
+        parse is one line naming the key, with the password masked.
+        """
+        self.assertEqual(parse_config({}).store.url, "")
+        self.assertEqual(parse_config({"store": {"url": " "}}).store.url, "")
+        for url in (
+            "postgresql://rexecpf:pw@db.example:5432/rexecpf?sslmode=require",
+            "postgres://db1:5432,db2:5433/rexecpf",
+            "postgresql:///rexecpf?host=/run/postgresql",
+            "postgresql://[::1]:5432/x",
+        ):
+            with self.subTest(url=url):
+                self.assertEqual(parse_config({"store": {"url": url}}).store.url, url)
+        for url in (
+            "mysql://u:s3cret@h/db",
+            "postgresql://u:s3cret@h:port/db",
+            "postgresql://u:s3cret@[::1/db",
+            "postgresql://u:s3cret@h:99999/db",
+            "s3cret",
+        ):
+            with self.subTest(url=url):
+                message = self.error({"store": {"url": url}})
+                self.assertTrue(message.startswith("store.url: "), message)
+                self.assertNotIn("s3cret", message)
+        self.assertTrue(self.error({"store": {"url": 5}}).startswith("store.url: must be a string"))
+        self.assertTrue(self.error({"store": {"uri": ""}}).startswith("store.uri: unknown key"))
+
+    def test_mask_url_password(self) -> None:
+        """The password of a store URL never reaches a log line: user part and parameter."""
+        from rexecpf.config import mask_url_password
+
+        self.assertEqual(
+            mask_url_password("postgresql://u:s3cret@h:5432/db?sslmode=require&password=s3cret"),
+            "postgresql://u:***@h:5432/db?sslmode=require&password=***",
+        )
+        self.assertEqual(mask_url_password("postgresql://u@h/db"), "postgresql://u@h/db")
+        self.assertEqual(mask_url_password("postgresql://h/db"), "postgresql://h/db")
+
     def test_relative_paths_follow_the_file(self) -> None:
         """Relative state and inventory paths are taken from the file's directory."""
         directory = Path(tempfile.mkdtemp())
@@ -101,7 +142,7 @@ class ConfigTests(SynchronousTestCase):
     @settings(max_examples=300, deadline=None)
     @given(
         st.dictionaries(
-            st.sampled_from(["server", "auth", "backend", "limits", "other"]),
+            st.sampled_from(["server", "store", "auth", "backend", "limits", "other"]),
             st.dictionaries(
                 st.text(max_size=25),
                 st.recursive(

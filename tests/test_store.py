@@ -1,6 +1,10 @@
 """
 The store: one behavioural suite run against SQLite (a real file, on the
-real reactor's thread pool) and against the in-memory fake.
+real reactor's thread pool), a real PostgreSQL (a private cluster started
+once for the process, a fresh database for each test) and the in-memory fake.
+PostgreSQL also gets concurrency tests across two store instances (two
+connection pools: two nodes).  Without PostgreSQL its tests skip, except
+under ``CI=true`` where they fail.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from twisted.trial.unittest import TestCase
 from rexecpf.model import APIError, PortForward
 from rexecpf.store import SCHEMA_VERSION, IForwardStore, SQLiteForwardStore
 from rexecpf.testing import MemoryForwardStore
+from tests.functional import inprocess
+from tests.functional.pgcluster import fresh_database, require_postgres, shared_cluster
 
 
 def forward(fid: str, container: str = "c1", port: int = 80, local: int = 20000, ms: int = 1) -> PortForward:
@@ -83,6 +89,25 @@ class StoreBehaviour:
         self.assertNotEqual((yield self.store.secret("other")), first)
 
     @defer.inlineCallbacks
+    def test_stop_refuses_a_create_in_flight(self) -> Any:
+        """
+        A forward whose create read the stop mark before its container's stop
+        was recorded is refused (409); another container's is not; a mark
+        read after the stop lets it through.
+        """
+        mark = yield self.store.stop_mark()
+        yield self.store.remove_container("c1")
+        error = yield self.assertFailure(self.store.add(forward("pf_1"), 10, mark), APIError)
+        self.assertEqual((error.code, error.message), (409, "Container not running"))
+        yield self.store.add(forward("pf_2", container="c2", local=20001), 10, mark)
+        later = yield self.store.stop_mark()
+        self.assertGreater(later, mark)
+        yield self.store.add(forward("pf_1"), 10, later)
+        yield self.store.remove_container("c2")
+        self.assertGreater((yield self.store.stop_mark()), later)
+        self.assertEqual([f.id for f in (yield self.store.list_forwards())], ["pf_1"])
+
+    @defer.inlineCallbacks
     def test_concurrent_adds(self) -> Any:
         """Many adds at once never break the limit or the port rule."""
         attempts = [
@@ -145,3 +170,124 @@ class SQLiteStoreTests(StoreBehaviour, TestCase):
         yield self.store.refuse_writes(False)
         yield self.store.check()
         self.assertTrue((yield self.store.remove("pf_1")))
+
+
+class PostgresStoreTests(StoreBehaviour, TestCase):
+    def make_store(self) -> IForwardStore:
+        require_postgres()
+        self.url = fresh_database(self)
+        return self.node()
+
+    def node(self) -> Any:
+        """:return: another store on the same database (as another node has)."""
+        from rexecpf.postgres import PostgresForwardStore, open_postgres_for_check
+
+        open_postgres_for_check(self.url)
+        store = PostgresForwardStore(reactor, self.url)
+        self.addCleanup(store.close)
+        return store
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            cursor = connection.execute(sql)  # type: ignore[arg-type]
+            return cursor.fetchall() if cursor.description else []
+
+    @defer.inlineCallbacks
+    def test_versioned_and_shared(self) -> Any:
+        """
+        The schema carries its version; a second node reads what the first
+        wrote, and gets the same secret.
+        """
+        from rexecpf.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
+
+        yield self.store.add(forward("pf_1"), 10)
+        session = yield self.store.secret("session")
+        self.assertEqual(self.query("SELECT version FROM schema_version"), [(PG_SCHEMA_VERSION,)])
+        other = self.node()
+        self.assertEqual((yield other.get("pf_1")), forward("pf_1"))
+        self.assertEqual((yield other.secret("session")), session)
+        self.assertEqual(self.query("SELECT version FROM schema_version"), [(PG_SCHEMA_VERSION,)])
+
+    @defer.inlineCallbacks
+    def test_limit_across_nodes(self) -> Any:
+        """40 creates at once from two nodes on one container: exactly 10 succeed, the rest 429."""
+        nodes = [self.store, self.node()]
+        attempts = [
+            nodes[i % 2].add(forward(f"pf_{i}", port=1000 + i, local=20000 + i), 10) for i in range(40)
+        ]
+        results = yield defer.DeferredList(attempts, consumeErrors=True)
+        codes = [201 if ok else value.value.code for ok, value in results]
+        self.assertEqual((codes.count(201), codes.count(429)), (10, 30), codes)
+        self.assertEqual(len((yield nodes[1].list_forwards("c1"))), 10)
+
+    @defer.inlineCallbacks
+    def test_one_forward_per_port_across_nodes(self) -> Any:
+        """Creates for one container port at once from two nodes: one succeeds, the rest 403."""
+        nodes = [self.store, self.node()]
+        attempts = [nodes[i % 2].add(forward(f"pf_{i}", port=80, local=20000 + i), 10) for i in range(20)]
+        results = yield defer.DeferredList(attempts, consumeErrors=True)
+        codes = [201 if ok else value.value.code for ok, value in results]
+        self.assertEqual((codes.count(201), codes.count(403)), (1, 19), codes)
+
+    @defer.inlineCallbacks
+    def test_local_port_unique_across_nodes(self) -> Any:
+        """One local_port asked for by twenty containers at once on two nodes: one gets it, the rest 409."""
+        nodes = [self.store, self.node()]
+        attempts = [
+            nodes[i % 2].add(forward(f"pf_{i}", container=f"c{i}", local=20000), 10) for i in range(20)
+        ]
+        results = yield defer.DeferredList(attempts, consumeErrors=True)
+        codes = [201 if ok else value.value.code for ok, value in results]
+        self.assertEqual((codes.count(201), codes.count(409)), (1, 19), codes)
+        self.assertEqual(len((yield nodes[0].list_forwards())), 1)
+
+    @defer.inlineCallbacks
+    def test_server_restart_costs_no_request(self) -> Any:
+        """
+        Every connection of the pool is left broken by a restart of the
+        server: each is replaced on its next use, and no request fails.
+        """
+        yield defer.gatherResults([self.store.check() for _ in range(8)])  # open every connection
+        shared_cluster().pg_ctl("restart", "-m", "fast")
+        for index in range(8):
+            yield self.store.add(forward(f"pf_{index}", port=80 + index, local=20000 + index), 10)
+        self.assertEqual(len((yield self.store.list_forwards())), 8)
+
+    @defer.inlineCallbacks
+    def test_check_refuses_a_read_only_database(self) -> Any:
+        """A database that takes no writes (as a standby) fails the health check: 503."""
+        yield self.store.check()
+        name = self.url.rpartition("/")[2]
+        self.query(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+        reader = self.node()
+        error = yield self.assertFailure(reader.check(), APIError)
+        self.assertEqual((error.code, error.detail), (503, "the database takes no writes (read-only)"))
+
+    @defer.inlineCallbacks
+    def test_unique_constraints_second_line(self) -> Any:
+        """
+        A writer that skips the lock (another program) and has not committed
+        when the checks run: the UNIQUE constraint refuses the insert with
+        the same error the check gives (409 for a local port taken).
+        """
+        import psycopg
+
+        yield self.store.check()  # the schema exists
+        with psycopg.connect(self.url) as intruder:
+            intruder.execute(
+                "INSERT INTO forwards (id, container_id, container_port, local_port, created_ms) "
+                "VALUES ('pf_x', 'cx', 1, 20000, 1)"
+            )
+            adding = self.store.add(forward("pf_1", local=20000), 10)
+            yield inprocess.until(
+                lambda: self.query(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO forwards%'"
+                ),
+                what="the add waits on the uncommitted row",
+            )
+            intruder.commit()
+        error = yield self.assertFailure(adding, APIError)
+        self.assertEqual((error.code, error.message), (409, "Local port unavailable"))

@@ -570,6 +570,19 @@ class PostgresServer(_Peer):
             shutil.rmtree(self._owned_root, ignore_errors=True)
             self._owned_root = None
 
+    def pg_ctl(self, action: str, *args: str) -> None:
+        """``pg_ctl ACTION -w -D data ARGS`` on this cluster, keeping its data:
+        ``pg_ctl("stop", "-m", "immediate")`` then ``pg_ctl("start")`` plays a
+        server that goes away and comes back (``stop()`` also deletes it)."""
+        extra = ["-l", str(self.log_path)] if action in ("start", "restart") else []
+        self._pg("pg_ctl", action, "-w", "-t", "60", "-D", str(self.data_dir), *extra, *args,
+                 timeout=70)
+
+    @property
+    def url(self) -> str:
+        """A libpq URL of this cluster's ``postgres`` database."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
+
     def psql_argv(self, host: str | None = None, port: int | None = None,
                   sql: str = "select 1", *, psql: str | None = None,
                   user: str | None = None, database: str | None = None) -> list[str]:
