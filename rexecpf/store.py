@@ -16,8 +16,10 @@ lists the steps from each version to the next.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
+import stat
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -39,6 +41,8 @@ from rexecpf.model import (
 __all__ = ["IForwardStore", "SQLiteForwardStore"]
 
 T = TypeVar("T")
+
+_log = Logger()
 
 
 class IForwardStore(Interface):
@@ -147,13 +151,48 @@ def _migrate(connection: sqlite3.Connection) -> None:
         raise
 
 
+#: The files of a SQLite database in WAL mode: the database, its log, its index.
+_STATE_SUFFIXES = ("", "-wal", "-shm")
+
+
+def private_state_files(path: str) -> list[str]:
+    """
+    Make the state file and its ``-wal``/``-shm`` companions readable by
+    this user only (they hold the cookie-signing secret), whatever the umask
+    of whoever starts the daemon: a missing database is created ``0600``
+    before SQLite opens it (SQLite gives ``-wal`` and ``-shm`` the mode of
+    the database), and an existing file with group or other bits is changed
+    to ``0600``.
+
+    :return: the existing files whose mode was changed (for a log line).
+    :raises OSError: when the file cannot be created or changed.
+    """
+    if path in ("", ":memory:"):
+        return []
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+    changed = []
+    for name in (path + suffix for suffix in _STATE_SUFFIXES):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            os.chmod(name, 0o600)
+            changed.append(name)
+    return changed
+
+
 def open_sqlite_for_check(path: str) -> None:
     """
     Open the state file once, synchronously, to fail start-up early and
-    clearly when it cannot be used.  Called before the reactor runs.
+    clearly when it cannot be used; its files are made private first
+    (:func:`private_state_files`, logged when a mode changed).  Called before
+    the reactor runs.
 
-    :raises sqlite3.Error: or ``RuntimeError`` on a too-new schema.
+    :raises sqlite3.Error: or ``OSError``, or ``RuntimeError`` on a too-new schema.
     """
+    for name in private_state_files(path):
+        _log.warn("state file {name} was readable by others: mode set to 0600", name=name)
     connection = sqlite3.connect(path)
     try:
         _open(connection)
@@ -173,6 +212,9 @@ class SQLiteForwardStore:
     _log = Logger()
 
     def __init__(self, reactor: Any, path: str) -> None:
+        # (Before any connection: the files must never exist world-readable.)
+        for name in private_state_files(path):
+            self._log.warn("state file {name} was readable by others: mode set to 0600", name=name)
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
             path,

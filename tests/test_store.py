@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import tempfile
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from rexecpf.model import APIError, PortForward
-from rexecpf.store import SCHEMA_VERSION, IForwardStore, SQLiteForwardStore
+from rexecpf.store import SCHEMA_VERSION, IForwardStore, SQLiteForwardStore, open_sqlite_for_check
 from rexecpf.testing import MemoryForwardStore
 
 
@@ -145,3 +147,46 @@ class SQLiteStoreTests(StoreBehaviour, TestCase):
         yield self.store.refuse_writes(False)
         yield self.store.check()
         self.assertTrue((yield self.store.remove("pf_1")))
+
+
+class StateFileModeTests(TestCase):
+    """The state files hold the cookie-signing secret: 0600 whatever the umask."""
+
+    def setUp(self) -> None:
+        self.path = os.path.join(tempfile.mkdtemp(prefix="rexecpf-modes-"), "state.sqlite3")
+        previous = os.umask(0o022)
+        self.addCleanup(os.umask, previous)
+
+    def modes(self) -> dict[str, int]:
+        return {
+            suffix: stat.S_IMODE(os.stat(self.path + suffix).st_mode) for suffix in ("", "-wal", "-shm")
+        }
+
+    @defer.inlineCallbacks
+    def test_new_files_are_private(self) -> Any:
+        """Created under umask 022, as at start-up: the database, -wal and -shm are 0600."""
+        open_sqlite_for_check(self.path)
+        store = SQLiteForwardStore(reactor, self.path)
+        self.addCleanup(store.close)
+        yield store.secret("session")
+        self.assertEqual(self.modes(), {"": 0o600, "-wal": 0o600, "-shm": 0o600})
+
+    @defer.inlineCallbacks
+    def test_existing_files_are_made_private(self) -> Any:
+        """Files left world-readable by an older version are changed to 0600 at start, with a log line."""
+        connection = sqlite3.connect(self.path)
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("CREATE TABLE t (x)")
+        for suffix in ("", "-wal", "-shm"):
+            os.chmod(self.path + suffix, 0o644)
+        logged: list[Any] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        open_sqlite_for_check(self.path)
+        connection.close()
+        store = SQLiteForwardStore(reactor, self.path)
+        self.addCleanup(store.close)
+        yield store.secret("session")
+        self.assertEqual(self.modes(), {"": 0o600, "-wal": 0o600, "-shm": 0o600})
+        fixed = sorted(event["name"] for event in logged if "readable by others" in event.get("log_format", ""))
+        self.assertEqual(fixed, sorted(self.path + suffix for suffix in ("", "-wal", "-shm")))
