@@ -21,10 +21,11 @@ import secrets
 import sqlite3
 import stat
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -38,7 +39,7 @@ from rexecpf.model import (
     PortForward,
 )
 
-__all__ = ["IForwardStore", "SQLiteForwardStore"]
+__all__ = ["CachedCheck", "Checkable", "HEALTH_CHECK_SECONDS", "IForwardStore", "SQLiteForwardStore"]
 
 T = TypeVar("T")
 
@@ -378,10 +379,72 @@ class SQLiteForwardStore:
 
         return self._pool.runWithConnection(pragma)
 
+    def changes(self) -> Deferred[int]:
+        """
+        :return: fires with how many rows this store's connection has
+            written since it opened (``total_changes``): a seam for the tests
+            that prove something does not write.
+        """
+        return self._pool.runWithConnection(lambda connection: connection.total_changes)
+
     def close(self) -> None:
         # Idempotent: graceful shutdown closes the store, and so may its owner.
         if self._pool.running:
             self._pool.close()
+
+
+#: How long /healthz answers from the last store check before it checks again.
+HEALTH_CHECK_SECONDS = 2.0
+
+
+class Checkable(Protocol):
+    def check(self) -> Deferred[None]: ...
+
+
+class CachedCheck:
+    """
+    A store's :meth:`IForwardStore.check` (which writes, to prove the store
+    takes writes) for ``/healthz``, which anyone may call as often as they
+    like: the outcome of the last check is reused for ``seconds``, so a flood
+    of ``/healthz`` makes at most one write per period, not one each.  Once
+    the outcome is older, the next call checks again, and every call made
+    meanwhile waits for that one check.  So a broken store is reported
+    within ``seconds`` (and a repaired one too).
+
+    :param clock: when the last check was made.
+    :param store: what is checked.
+    :param seconds: how long an outcome is reused.
+    """
+
+    def __init__(self, clock: IReactorTime, store: Checkable, seconds: float = HEALTH_CHECK_SECONDS) -> None:
+        self._clock = clock
+        self._store = store
+        self._seconds = seconds
+        self._checked_at: float | None = None
+        self._outcome: Failure | None = None
+        self._waiting: list[Deferred[None]] | None = None
+
+    def check(self) -> Deferred[None]:
+        """:return: fires when the store answered (lately); fails as its check failed."""
+        if self._checked_at is not None and self._clock.seconds() - self._checked_at < self._seconds:
+            return succeed(None) if self._outcome is None else fail(self._outcome)
+        answer: Deferred[None] = Deferred()
+        if self._waiting is not None:
+            self._waiting.append(answer)
+            return answer
+        self._waiting = [answer]
+        self._store.check().addBoth(self._checked)
+        return answer
+
+    def _checked(self, outcome: None | Failure) -> None:
+        self._checked_at = self._clock.seconds()
+        self._outcome = outcome if isinstance(outcome, Failure) else None
+        waiting, self._waiting = self._waiting or [], None
+        for answer in waiting:
+            if self._outcome is None:
+                answer.callback(None)
+            else:
+                answer.errback(self._outcome)
 
 
 def _with_cursor(interaction: Callable[[Any], T]) -> Callable[[Any], T]:

@@ -51,7 +51,7 @@ from rexecpf.ops import (
     notifier_from_environ,
 )
 from rexecpf.proxy import HostRouter, ProxyResource, ProxyService
-from rexecpf.store import SQLiteForwardStore, open_sqlite_for_check
+from rexecpf.store import CachedCheck, SQLiteForwardStore, open_sqlite_for_check
 from rexecpf.tunnel import TunnelFactory, TunnelResource
 from rexecpf.web import Health, RexecSite, Root
 
@@ -310,7 +310,7 @@ def build(
     host_router = HostRouter(proxy, config.server.proxy_domain) if config.server.proxy_domain else None
     root = Root(
         api.resource(),
-        Health(store, counted),
+        Health(CachedCheck(reactor, store), counted),
         proxy=ProxyResource(proxy),
         tunnel=tunnel,
         host_router=host_router,

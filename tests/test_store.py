@@ -12,11 +12,19 @@ import tempfile
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from rexecpf.model import APIError, PortForward
-from rexecpf.store import SCHEMA_VERSION, IForwardStore, SQLiteForwardStore, open_sqlite_for_check
+from rexecpf.store import (
+    HEALTH_CHECK_SECONDS,
+    SCHEMA_VERSION,
+    CachedCheck,
+    IForwardStore,
+    SQLiteForwardStore,
+    open_sqlite_for_check,
+)
 from rexecpf.testing import MemoryForwardStore
 
 
@@ -147,6 +155,48 @@ class SQLiteStoreTests(StoreBehaviour, TestCase):
         yield self.store.refuse_writes(False)
         yield self.store.check()
         self.assertTrue((yield self.store.remove("pf_1")))
+
+
+class CachedCheckTests(TestCase):
+    """The /healthz check of a real SQLite store, on an injected clock."""
+
+    def setUp(self) -> None:
+        path = os.path.join(tempfile.mkdtemp(prefix="rexecpf-health-"), "state.sqlite3")
+        self.store = SQLiteForwardStore(reactor, path)
+        self.addCleanup(self.store.close)
+        self.clock = Clock()
+        self.cached = CachedCheck(self.clock, self.store)
+
+    @defer.inlineCallbacks
+    def test_a_flood_writes_once_per_period(self) -> Any:
+        """A hundred checks within the period write once; after it, the next one writes again."""
+        before = yield self.store.changes()
+        yield defer.gatherResults([self.cached.check() for _ in range(100)])
+        self.assertEqual((yield self.store.changes()) - before, 1)
+        self.clock.advance(HEALTH_CHECK_SECONDS - 0.1)
+        yield self.cached.check()
+        self.assertEqual((yield self.store.changes()) - before, 1)
+        self.clock.advance(0.1)
+        yield self.cached.check()
+        self.assertEqual((yield self.store.changes()) - before, 2)
+
+    @defer.inlineCallbacks
+    def test_a_broken_store_is_reported_within_the_period(self) -> Any:
+        """Writes refused: the cached success holds until the period ends, then 503 until repaired."""
+        yield self.cached.check()
+        yield self.store.refuse_writes(True)
+        yield self.cached.check()
+        self.clock.advance(HEALTH_CHECK_SECONDS)
+        waiting = [self.cached.check(), self.cached.check()]
+        for answer in waiting:
+            error = yield self.assertFailure(answer, APIError)
+            self.assertEqual(error.code, 503)
+        self.flushLoggedErrors(sqlite3.OperationalError)
+        error = yield self.assertFailure(self.cached.check(), APIError)
+        self.assertEqual(error.code, 503)
+        yield self.store.refuse_writes(False)
+        self.clock.advance(HEALTH_CHECK_SECONDS)
+        yield self.cached.check()
 
 
 class StateFileModeTests(TestCase):
