@@ -432,6 +432,45 @@ class ForwardService(Service):
             )
         return len(mine)
 
+    @inlineCallbacks
+    def recheck_access(self, principal_of: Callable[[str], Principal | None], reason: str) -> Any:
+        """
+        After a reload (admins or container owners may have changed): close
+        every live connection whose user may no longer use its forward's
+        container, as :meth:`container_for` would now decide: the user is
+        gone, or neither owns it nor is an admin.  Connections of no user
+        (``local_port``) are not touched.  A container the backend cannot
+        answer for keeps its connections (logged).
+
+        :param principal_of: user name -> the principal now, or ``None``.
+        :return: a Deferred firing with how many were closed.
+        """
+        forward_ids = sorted({t.forward_id for t in self._tracked.values() if t.user is not None})
+        closed = 0
+        for forward_id in forward_ids:
+            forward = self._forwards.get(forward_id)
+            if forward is None:
+                continue  # (removing a forward closes its connections)
+            try:
+                container: Container | None = yield self._backend.inspect(forward.container_id)
+            except APIError as error:
+                self._log.warn(
+                    "access of {forward_id} not re-checked: {error}", forward_id=forward_id, error=error.detail
+                )
+                continue
+            for connection, tracked in list(self._tracked.items()):
+                if tracked.forward_id != forward_id or tracked.user is None:
+                    continue
+                principal = principal_of(tracked.user)
+                if principal is None or container is None or not principal.may_use(container):
+                    self._log.info(
+                        "closing a {kind} of {user} to {forward_id}: {reason}",
+                        kind=tracked.kind, user=tracked.user, forward_id=forward_id, reason=reason,
+                    )
+                    self._shutdown(connection, reason)
+                    closed += 1
+        return closed
+
     def _forget(self, forwards: Iterable[PortForward], reason: str) -> None:
         for forward in forwards:
             self._forwards.pop(forward.id, None)
