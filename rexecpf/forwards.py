@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from rexecpf.backends import IContainerBackend
 from rexecpf.config import LimitsConfig
+from rexecpf.endpoints import OwnSockets, listener_reaches
 from rexecpf.model import (
     CONTAINER_NOT_FOUND,
     CONTAINER_NOT_RUNNING,
@@ -33,6 +34,7 @@ from rexecpf.model import (
     LIMIT_EXCEEDED,
     LOCAL_PORT_UNAVAILABLE,
     PORT_ALREADY_FORWARDED,
+    PORT_NOT_ALLOWED,
     APIError,
     Container,
     PortForward,
@@ -182,6 +184,8 @@ class ForwardService(Service):
     :param limits: ``[limits]`` of the configuration.
     :param port_probe: ``(interface, port) -> bool``, whether a local port
         can be bound (injected for tests).
+    :param own_sockets: the daemon's listening sockets, which no forward may
+        lead to (the forwards' own ``local_port`` listeners are added here).
     """
 
     _log = Logger()
@@ -193,8 +197,10 @@ class ForwardService(Service):
         backend: IContainerBackend,
         limits: LimitsConfig,
         port_probe: Callable[[str, int], bool] = port_is_bindable,
+        own_sockets: OwnSockets | None = None,
     ) -> None:
         self._clock = clock
+        self.own_sockets = own_sockets if own_sockets is not None else OwnSockets()
         self._store = store
         self._backend = backend
         self.limits = limits
@@ -426,6 +432,45 @@ class ForwardService(Service):
             )
         return len(mine)
 
+    @inlineCallbacks
+    def recheck_access(self, principal_of: Callable[[str], Principal | None], reason: str) -> Any:
+        """
+        After a reload (admins or container owners may have changed): close
+        every live connection whose user may no longer use its forward's
+        container, as :meth:`container_for` would now decide: the user is
+        gone, or neither owns it nor is an admin.  Connections of no user
+        (``local_port``) are not touched.  A container the backend cannot
+        answer for keeps its connections (logged).
+
+        :param principal_of: user name -> the principal now, or ``None``.
+        :return: a Deferred firing with how many were closed.
+        """
+        forward_ids = sorted({t.forward_id for t in self._tracked.values() if t.user is not None})
+        closed = 0
+        for forward_id in forward_ids:
+            forward = self._forwards.get(forward_id)
+            if forward is None:
+                continue  # (removing a forward closes its connections)
+            try:
+                container: Container | None = yield self._backend.inspect(forward.container_id)
+            except APIError as error:
+                self._log.warn(
+                    "access of {forward_id} not re-checked: {error}", forward_id=forward_id, error=error.detail
+                )
+                continue
+            for connection, tracked in list(self._tracked.items()):
+                if tracked.forward_id != forward_id or tracked.user is None:
+                    continue
+                principal = principal_of(tracked.user)
+                if principal is None or container is None or not principal.may_use(container):
+                    self._log.info(
+                        "closing a {kind} of {user} to {forward_id}: {reason}",
+                        kind=tracked.kind, user=tracked.user, forward_id=forward_id, reason=reason,
+                    )
+                    self._shutdown(connection, reason)
+                    closed += 1
+        return closed
+
     def _forget(self, forwards: Iterable[PortForward], reason: str) -> None:
         for forward in forwards:
             if self._forwards.pop(forward.id, None) is None and self._creating:
@@ -482,6 +527,7 @@ class ForwardService(Service):
                 raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r}")
             if not container.running or not container.address:
                 raise CONTAINER_NOT_RUNNING(container.detail or "the container is not running")
+            self.refuse_own_socket(container.address, forward.container_port)
             return (forward, container)
 
         return self._backend.inspect(forward.container_id).addCallback(usable)
@@ -502,7 +548,28 @@ class ForwardService(Service):
         if container is None or not container.running or not container.address:
             detail = container.detail if container is not None else ""
             raise CONTAINER_NOT_RUNNING(detail or "the container is not running")
+        self.refuse_own_socket(container.address, forward.container_port)
         return (forward, container)
+
+    def refuse_own_socket(self, address: str, port: int, also: Iterable[tuple[str, int]] = ()) -> None:
+        """
+        Refuse a target that is one of this daemon's own listening sockets:
+        an endpoint of ``listen`` or ``metrics_listen``, or any forward's
+        ``local_port`` (whether or not it listens yet).  Checked when a
+        forward is created and again on every connection (the sockets may
+        have changed since: a later forward, a new container address).
+
+        :param also: more listeners to count, ``(address, port)``.
+        :raises APIError: 403 Port not allowed.
+        """
+        interface = self.limits.local_interface
+        local = [(interface, f.local_port) for f in self._forwards.values() if f.local_port == port]
+        if port in self._reserved_ports:
+            local.append((interface, port))
+        if self.own_sockets.reaches(address, port, [*local, *also]):
+            raise PORT_NOT_ALLOWED(
+                f"port {port} at {address} is a socket of rexecpf itself: a forward may not lead there"
+            )
 
     # --- the API's operations
 
@@ -538,6 +605,8 @@ class ForwardService(Service):
         stop_mark, unavailable = marked
         if unavailable is not None:
             unavailable.raiseException()
+        if container.address:
+            self.refuse_own_socket(container.address, request.container_port)
         # Forwards are kept under the backend's canonical id (Docker: the
         # full id), whatever form of it the URL used.
         existing: list[PortForward] = yield self._store.list_forwards(container.id)
@@ -550,6 +619,12 @@ class ForwardService(Service):
             raise LIMIT_EXCEEDED(f"a container may have at most {limit} forwards")
         local_port = self._reserve_local_port(request.local_port)
         try:
+            if container.address:
+                # Its own local_port as its target: a loop.
+                self.refuse_own_socket(
+                    container.address, request.container_port, [(self.limits.local_interface, local_port)]
+                )
+            yield self._refuse_another_target(local_port)
             forward = PortForward(
                 id=new_forward_id(),
                 container_id=container.id,
@@ -569,6 +644,19 @@ class ForwardService(Service):
         self._notify_added(forward)
         return forward
 
+    @inlineCallbacks
+    def _refuse_another_target(self, local_port: int) -> Any:
+        """
+        A ``local_port`` that is where another forward leads (its container
+        address on this host, its ``container_port`` the same) would take
+        that forward's connections: 409 Local port unavailable.
+        """
+        interface = self.limits.local_interface
+        for other in [f for f in self._forwards.values() if f.container_port == local_port]:
+            container = yield self._backend.inspect(other.container_id)
+            if container is not None and container.address and listener_reaches(interface, container.address):
+                raise LOCAL_PORT_UNAVAILABLE(f"local port {local_port} is where another forward leads")
+
     def _reserve_local_port(self, requested: int | None) -> int:
         low, high = self.limits.local_ports
         interface = self.limits.local_interface
@@ -580,6 +668,8 @@ class ForwardService(Service):
                 raise LOCAL_PORT_UNAVAILABLE(f"local port {requested} is in use")
             self._reserved_ports.add(requested)
             return requested
+        # (nor, when picking, a port that another forward leads to: see _refuse_another_target)
+        taken |= {f.container_port for f in self._forwards.values()}
         for port in range(low, high + 1):
             if port not in taken and self._port_probe(interface, port):
                 self._reserved_ports.add(port)

@@ -22,13 +22,14 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rexecpf.config import LimitsConfig
+from rexecpf.endpoints import container_endpoint
 from rexecpf.forwards import ForwardService
 from rexecpf.model import APIError, PortForward
 from rexecpf.relay import CLOSE_GOING_AWAY, CONNECT_TIMEOUT, Relay, RelayStats, TCPEnd, splice_to_endpoint
@@ -103,7 +104,8 @@ class LocalListeners(Service):
     :param forwards: the forwards to serve (this observes it).
     :param limits: ``[limits]``: interface, rate, idle timeout.
     :param endpoint: ``(address, port) -> IStreamClientEndpoint`` for the
-        container port (a :class:`HostnameEndpoint` by default).
+        container port (:func:`rexecpf.endpoints.container_endpoint` by
+        default, which refuses the daemon's own sockets).
     """
 
     _log = Logger()
@@ -119,7 +121,9 @@ class LocalListeners(Service):
         self.forwards = forwards
         self._limits = limits
         self._endpoint = endpoint or (
-            lambda host, port: HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
+            lambda host, port: container_endpoint(
+                reactor, host, port, forwards.refuse_own_socket, CONNECT_TIMEOUT
+            )
         )
         #: forward id -> its listening port (once listening)
         self.ports: dict[str, IListeningPort] = {}
@@ -139,6 +143,7 @@ class LocalListeners(Service):
                 port.stopListening()
                 return
             self.ports[forward.id] = port
+            self.forwards.own_sockets.add(port, port)
             self._log.info(
                 "forward {forward_id}: listening on {interface}:{port}",
                 forward_id=forward.id,
@@ -160,6 +165,7 @@ class LocalListeners(Service):
     def forward_removed(self, forward: PortForward, reason: str) -> None:
         port = self.ports.pop(forward.id, None)
         if port is not None:
+            self.forwards.own_sockets.remove(port)
             self._stop(port)
 
     def _stop(self, port: IListeningPort) -> None:
@@ -218,6 +224,7 @@ class LocalListeners(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         for port in list(self.ports.values()):
+            self.forwards.own_sockets.remove(port)
             self._stop(port)
         self.ports.clear()
         return DeferredList(list(self._closing))

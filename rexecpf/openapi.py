@@ -76,7 +76,9 @@ def openapi_document() -> dict[str, Any]:
                     "description": (
                         "The body is read as JSON whatever its Content-Type. Errors are checked "
                         "in this order: 401, 404, 400 Invalid request, 400 Invalid port, "
-                        "409 Container not running, 403, 429, 409 Local port unavailable."
+                        "409 Container not running, 403 Port not allowed, 403 Port already "
+                        "forwarded, 429, 409 Local port unavailable (then 403 Port not allowed "
+                        "for a target that is the forward's own local_port)."
                     ),
                     "requestBody": {
                         "required": True,
@@ -119,7 +121,10 @@ def openapi_document() -> dict[str, Any]:
                         },
                         "400": _error("Invalid request, or Invalid port"),
                         "401": _UNAUTHORIZED,
-                        "403": _error("Port already forwarded"),
+                        "403": _error(
+                            "Port already forwarded, or Port not allowed (the target is a "
+                            "socket of rexecpf itself)"
+                        ),
                         "404": _error("Container not found"),
                         "405": _METHOD,
                         "409": _error("Container not running, or Local port unavailable"),

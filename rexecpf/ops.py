@@ -40,6 +40,9 @@ __all__ = [
 
 #: The close reason given to the connections of a user whose token was revoked.
 TOKEN_REVOKED = "token revoked"
+#: ... and to those of a user who may no longer use the container (admin
+#: right removed, the container given to someone else).
+ACCESS_REVOKED = "access revoked"
 
 
 class Notifier:
@@ -253,7 +256,11 @@ class Reloader(Service):
     Re-reads the configuration file on ``SIGHUP``: users, tokens and admins
     (the :class:`Authenticator` is changed in place) and the static
     inventory.  A revoked token stops working at once, and its user's live
-    connections are closed; nothing else is interrupted.  A file that does not
+    connections are closed; so are the connections of a user who may no
+    longer use the forward's container (no longer an admin, or the
+    container's owner changed in the inventory: the forward stays, with
+    the container, for its new owner).  Nothing else is interrupted (a
+    ``local_port`` connection belongs to no user).  A file that does not
     load is logged in one line and ignored.  Other settings need a restart.
 
     :param reactor: for ``callFromThread`` out of the signal handler.
@@ -286,6 +293,8 @@ class Reloader(Service):
         self._inventory = inventory
         self._install_signal = install_signal
         self._previous: Any = None
+        #: fires with how many connections the last reload's access re-check closed
+        self.rechecked: Deferred[int] | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -324,6 +333,8 @@ class Reloader(Service):
         closed = sum(self._forwards.shutdown_user(name, TOKEN_REVOKED) for name in sorted(revoked))
         if entries is not None:
             self._backend.replace(entries)
+        self.rechecked = self._forwards.recheck_access(self._authenticator.user, ACCESS_REVOKED)
+        self.rechecked.addErrback(lambda failure: self._log.failure("access re-check failed", failure))
         self._log.info(
             "reloaded {path}: {users} users, {revoked} revoked, {closed} connections closed",
             path=self._path,

@@ -39,7 +39,6 @@ import base64
 import hashlib
 import hmac
 import html
-import ipaddress
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -48,11 +47,6 @@ from urllib.parse import unquote_plus
 from twisted.application.service import Service
 from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.internet.error import ConnectError, ConnectionDone, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
@@ -66,6 +60,7 @@ from zope.interface import implementer
 
 from rexecpf.api import PublicURLs, write_json
 from rexecpf.auth import Authenticator, bearer_token
+from rexecpf.endpoints import container_endpoint
 from rexecpf.forwards import CONTAINER_STOPPED, DELETED, GOING_AWAY, ForwardService
 from rexecpf.metrics import Metrics
 from rexecpf.model import (
@@ -396,22 +391,19 @@ def _client_ip(request: IRequest) -> bytes:
 
 
 class _ContainerEndpoints:
-    """Endpoints to container ports: TCP4/TCP6 for addresses, names resolved."""
+    """
+    Endpoints to container ports (:func:`rexecpf.endpoints.container_endpoint`:
+    TCP4/TCP6 for addresses, names resolved; never the daemon's own sockets).
+    """
 
-    def __init__(self, reactor: Any, timeout: float) -> None:
+    def __init__(self, reactor: Any, timeout: float, refuse: Callable[[str, int], None]) -> None:
         self._reactor = reactor
         self._timeout = timeout
+        self._refuse = refuse
 
     def endpoint(self, host: str, port: int) -> Any:
         """:return: a client endpoint for ``host`` (address or name) and ``port``."""
-        host = host.strip("[]")
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return HostnameEndpoint(self._reactor, host.encode("idna"), port, timeout=self._timeout)
-        if ip.version == 6:
-            return TCP6ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
-        return TCP4ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
+        return container_endpoint(self._reactor, host, port, self._refuse, self._timeout)
 
 
 def _authority(container: Container, port: int) -> bytes:
@@ -475,7 +467,7 @@ class ProxyService(Service):
         self.upgrade_rate = upgrade_rate
         self.upgrade_idle = upgrade_idle
         self.pool = _ConnectionPool(reactor, max_per_host, POOLED_IDLE_SECONDS)
-        self.endpoints = _ContainerEndpoints(reactor, CONNECT_TIMEOUT)
+        self.endpoints = _ContainerEndpoints(reactor, CONNECT_TIMEOUT, forwards.refuse_own_socket)
         self.secure_cookies = urls.public_url.startswith("https:")
         self._pruning = task.LoopingCall(self.pool.prune)
         self._pruning.clock = reactor
@@ -1380,6 +1372,8 @@ class _Exchange:
             self._end(GATEWAY_TIMEOUT(f"no response headers within {self.service.response_timeout:g} s"))
         elif failure.check(CancelledError):
             self._end(None)
+        elif isinstance(failure.value, APIError):  # a name that resolves to a socket of ours: 403
+            self._end(failure.value)
         elif failure.check(ConnectError, DNSLookupError):
             self._end(BAD_GATEWAY(f"the container port does not answer: {_reason(failure)}"))
         else:

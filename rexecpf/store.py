@@ -16,13 +16,16 @@ lists the steps from each version to the next.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
+import stat
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -37,9 +40,11 @@ from rexecpf.model import (
     PortForward,
 )
 
-__all__ = ["IForwardStore", "SQLiteForwardStore"]
+__all__ = ["CachedCheck", "Checkable", "HEALTH_CHECK_SECONDS", "IForwardStore", "SQLiteForwardStore"]
 
 T = TypeVar("T")
+
+_log = Logger()
 
 
 class IForwardStore(Interface):
@@ -176,13 +181,48 @@ def _migrate(connection: sqlite3.Connection) -> None:
         raise
 
 
+#: The files of a SQLite database in WAL mode: the database, its log, its index.
+_STATE_SUFFIXES = ("", "-wal", "-shm")
+
+
+def private_state_files(path: str) -> list[str]:
+    """
+    Make the state file and its ``-wal``/``-shm`` companions readable by
+    this user only (they hold the cookie-signing secret), whatever the umask
+    of whoever starts the daemon: a missing database is created ``0600``
+    before SQLite opens it (SQLite gives ``-wal`` and ``-shm`` the mode of
+    the database), and an existing file with group or other bits is changed
+    to ``0600``.
+
+    :return: the existing files whose mode was changed (for a log line).
+    :raises OSError: when the file cannot be created or changed.
+    """
+    if path in ("", ":memory:"):
+        return []
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+    changed = []
+    for name in (path + suffix for suffix in _STATE_SUFFIXES):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            os.chmod(name, 0o600)
+            changed.append(name)
+    return changed
+
+
 def open_sqlite_for_check(path: str) -> None:
     """
     Open the state file once, synchronously, to fail start-up early and
-    clearly when it cannot be used.  Called before the reactor runs.
+    clearly when it cannot be used; its files are made private first
+    (:func:`private_state_files`, logged when a mode changed).  Called before
+    the reactor runs.
 
-    :raises sqlite3.Error: or ``RuntimeError`` on a too-new schema.
+    :raises sqlite3.Error: or ``OSError``, or ``RuntimeError`` on a too-new schema.
     """
+    for name in private_state_files(path):
+        _log.warn("state file {name} was readable by others: mode set to 0600", name=name)
     connection = sqlite3.connect(path)
     try:
         _open(connection)
@@ -202,6 +242,9 @@ class SQLiteForwardStore:
     _log = Logger()
 
     def __init__(self, reactor: Any, path: str) -> None:
+        # (Before any connection: the files must never exist world-readable.)
+        for name in private_state_files(path):
+            self._log.warn("state file {name} was readable by others: mode set to 0600", name=name)
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
             path,
@@ -384,10 +427,72 @@ class SQLiteForwardStore:
 
         return self._pool.runWithConnection(pragma)
 
+    def changes(self) -> Deferred[int]:
+        """
+        :return: fires with how many rows this store's connection has
+            written since it opened (``total_changes``): a seam for the tests
+            that prove something does not write.
+        """
+        return self._pool.runWithConnection(lambda connection: connection.total_changes)
+
     def close(self) -> None:
         # Idempotent: graceful shutdown closes the store, and so may its owner.
         if self._pool.running:
             self._pool.close()
+
+
+#: How long /healthz answers from the last store check before it checks again.
+HEALTH_CHECK_SECONDS = 2.0
+
+
+class Checkable(Protocol):
+    def check(self) -> Deferred[None]: ...
+
+
+class CachedCheck:
+    """
+    A store's :meth:`IForwardStore.check` (which writes, to prove the store
+    takes writes) for ``/healthz``, which anyone may call as often as they
+    like: the outcome of the last check is reused for ``seconds``, so a flood
+    of ``/healthz`` makes at most one write per period, not one each.  Once
+    the outcome is older, the next call checks again, and every call made
+    meanwhile waits for that one check.  So a broken store is reported
+    within ``seconds`` (and a repaired one too).
+
+    :param clock: when the last check was made.
+    :param store: what is checked.
+    :param seconds: how long an outcome is reused.
+    """
+
+    def __init__(self, clock: IReactorTime, store: Checkable, seconds: float = HEALTH_CHECK_SECONDS) -> None:
+        self._clock = clock
+        self._store = store
+        self._seconds = seconds
+        self._checked_at: float | None = None
+        self._outcome: Failure | None = None
+        self._waiting: list[Deferred[None]] | None = None
+
+    def check(self) -> Deferred[None]:
+        """:return: fires when the store answered (lately); fails as its check failed."""
+        if self._checked_at is not None and self._clock.seconds() - self._checked_at < self._seconds:
+            return succeed(None) if self._outcome is None else fail(self._outcome)
+        answer: Deferred[None] = Deferred()
+        if self._waiting is not None:
+            self._waiting.append(answer)
+            return answer
+        self._waiting = [answer]
+        self._store.check().addBoth(self._checked)
+        return answer
+
+    def _checked(self, outcome: None | Failure) -> None:
+        self._checked_at = self._clock.seconds()
+        self._outcome = outcome if isinstance(outcome, Failure) else None
+        waiting, self._waiting = self._waiting or [], None
+        for answer in waiting:
+            if self._outcome is None:
+                answer.callback(None)
+            else:
+                answer.errback(self._outcome)
 
 
 def _with_cursor(interaction: Callable[[Any], T]) -> Callable[[Any], T]:

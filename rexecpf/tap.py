@@ -39,6 +39,7 @@ from rexecpf.config import (
     load_config,
     mask_url_password,
 )
+from rexecpf.endpoints import OwnSockets
 from rexecpf.forwards import ForwardService
 from rexecpf.listeners import LISTEN_BACKLOG, LocalListeners
 from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
@@ -52,7 +53,7 @@ from rexecpf.ops import (
     notifier_from_environ,
 )
 from rexecpf.proxy import HostRouter, ProxyResource, ProxyService
-from rexecpf.store import SQLiteForwardStore, open_sqlite_for_check
+from rexecpf.store import CachedCheck, SQLiteForwardStore, open_sqlite_for_check
 from rexecpf.tunnel import TunnelFactory, TunnelResource
 from rexecpf.web import Health, RexecSite, Root
 
@@ -184,13 +185,21 @@ class EndpointListener(Service):
     """
     Listens on one endpoint while running.  Listening happens in
     ``privilegedStartService``, before the reactor runs, so a port in use
-    ends start-up with one clear line.
+    ends start-up with one clear line.  The port is registered in
+    ``own_sockets`` while it listens.
     """
 
     _log = Logger()
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, description: str) -> None:
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: Any,
+        description: str,
+        own_sockets: OwnSockets | None = None,
+    ) -> None:
         self._endpoint = endpoint
+        self._own_sockets = own_sockets
         self._factory = factory
         self.description = description
         self.port: IListeningPort | None = None
@@ -206,6 +215,9 @@ class EndpointListener(Service):
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
+        if self._own_sockets is not None:
+            # No forward may lead here (read from the port: "tcp:0" gets a port).
+            self._own_sockets.add(self, port)
         self._log.info("listening on {description}", description=self.description)
         return port
 
@@ -218,6 +230,8 @@ class EndpointListener(Service):
         super().stopService()
         if self.port is not None:
             port, self.port = self.port, None
+            if self._own_sockets is not None:
+                self._own_sockets.remove(self)
             return port.stopListening()  # type: ignore[no-any-return]
         return None
 
@@ -265,20 +279,21 @@ def build(
     backend: StaticBackend | DockerBackend
     inventory: str | None = None
     if config.demo_inventory is not None:
-        backend = StaticBackend(reactor, None, config.demo_inventory)
+        backend = StaticBackend(reactor, None, config.demo_inventory, config.limits.local_interface)
     elif config.backend.kind == "static":
         inventory = config.backend.inventory
         try:
             entries = read_inventory(inventory)
         except ConfigError as error:
             raise StartupError(str(error)) from None
-        backend = StaticBackend(reactor, inventory, entries)
+        backend = StaticBackend(reactor, inventory, entries, config.limits.local_interface)
     else:
         backend = _docker_backend(config, reactor, top)
     backend.setServiceParent(top)
     counted = CountingBackend(backend, metrics)
 
-    forwards = ForwardService(reactor, store, counted, config.limits)
+    own_sockets = OwnSockets()
+    forwards = ForwardService(reactor, store, counted, config.limits, own_sockets=own_sockets)
     forwards.setServiceParent(top)
     if isinstance(backend, DockerBackend):
         # Every reconcile_seconds and whenever the event stream (re)connects.
@@ -307,7 +322,7 @@ def build(
     host_router = HostRouter(proxy, config.server.proxy_domain) if config.server.proxy_domain else None
     root = Root(
         api.resource(),
-        Health(store, counted),
+        Health(CachedCheck(reactor, store), counted),
         proxy=ProxyResource(proxy),
         tunnel=tunnel,
         host_router=host_router,
@@ -327,7 +342,7 @@ def build(
         except (ValueError, TypeError, KeyError) as error:
             key = "server.metrics_listen" if factory is not site else "server.listen"
             raise StartupError(f"{key}: {description!r} is not a valid endpoint: {error}") from None
-        listener = EndpointListener(endpoint, factory, description)
+        listener = EndpointListener(endpoint, factory, description, own_sockets)
         listener.setServiceParent(top)
         listeners.append(listener)
 

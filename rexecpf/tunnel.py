@@ -34,7 +34,6 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
@@ -46,6 +45,7 @@ from twisted.web.resource import Resource
 from rexecpf.api import write_error
 from rexecpf.auth import Authenticator, bearer_token
 from rexecpf.config import LimitsConfig
+from rexecpf.endpoints import container_endpoint
 from rexecpf.forwards import ForwardService
 from rexecpf.model import (
     BAD_GATEWAY,
@@ -280,7 +280,8 @@ class TunnelFactory(WebSocketServerFactory):
     :param forwards: where forwards are resolved and tunnels tracked.
     :param limits: ``[limits]`` (rate and idle timeout).
     :param endpoint: ``(address, port) -> IStreamClientEndpoint``; by
-        default a :class:`HostnameEndpoint` on ``clock``.
+        default :func:`rexecpf.endpoints.container_endpoint` on ``clock``
+        (which refuses the daemon's own sockets).
     """
 
     protocol = TunnelProtocol
@@ -300,7 +301,7 @@ class TunnelFactory(WebSocketServerFactory):
         self.forwards = forwards
         self.limits = limits
         self.endpoint: EndpointFactory = endpoint or (
-            lambda host, port: HostnameEndpoint(clock, host, port, timeout=CONNECT_TIMEOUT)
+            lambda host, port: container_endpoint(clock, host, port, forwards.refuse_own_socket, CONNECT_TIMEOUT)
         )
         self.setProtocolOptions(**protocol_options())
 

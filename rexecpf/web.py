@@ -35,7 +35,7 @@ from rexecpf.model import (
     APIError,
     ErrorKind,
 )
-from rexecpf.store import IForwardStore
+from rexecpf.store import Checkable
 
 __all__ = ["Health", "LimitedRequest", "RequestBodyStream", "RexecSite", "Root", "release_from_http_channel"]
 
@@ -63,12 +63,16 @@ class NotFoundResource(Resource):
 
 
 class Health(Resource):
-    """``/healthz``: 200 when the store and the backend answer, else 503."""
+    """
+    ``/healthz``: 200 when the store and the backend answer, else 503.  The
+    store is given as a :class:`rexecpf.store.CachedCheck`, so that answering
+    writes nothing to disk (but at most once every few seconds).
+    """
 
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, store: IForwardStore, backend: IContainerBackend) -> None:
+    def __init__(self, store: Checkable, backend: IContainerBackend) -> None:
         super().__init__()
         self._store = store
         self._backend = backend

@@ -518,6 +518,7 @@ _DOCUMENTED = {
     (400, "Invalid request"),
     (400, "Invalid port"),
     (403, "Port already forwarded"),
+    (403, "Port not allowed"),
     (409, "Local port unavailable"),
     (429, "Limit exceeded"),
 }

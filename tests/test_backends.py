@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -268,3 +269,19 @@ class StaticInventoryTests(SynchronousTestCase):
         self.assertEqual(self.stopped, [])
         self.assertTrue(self.successResultOf(self.backend.inspect("c1")).running)
         self.flushLoggedErrors()
+
+    def test_this_host_is_warned_of(self) -> None:
+        """Start-up warns of each entry at a loopback address or local_interface (trusted users only)."""
+        self.write(
+            '[[container]]\nid = "lo"\nowner = "alice"\n'
+            '[[container]]\nid = "iface"\nowner = "bob"\naddress = "10.0.0.9"\n'
+            '[[container]]\nid = "far"\nowner = "bob"\naddress = "10.0.0.2"\n'
+        )
+        logged: list[Any] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        backend = StaticBackend(self.clock, str(self.path), read_inventory(str(self.path)), "10.0.0.9")
+        backend.startService()
+        self.addCleanup(backend.stopService)
+        warned = [event["cid"] for event in logged if "trusted users only" in event.get("log_format", "")]
+        self.assertEqual(warned, ["lo", "iface"])

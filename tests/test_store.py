@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import tempfile
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from rexecpf.model import APIError, PortForward
-from rexecpf.store import SCHEMA_VERSION, IForwardStore, SQLiteForwardStore
+from rexecpf.store import (
+    HEALTH_CHECK_SECONDS,
+    SCHEMA_VERSION,
+    CachedCheck,
+    IForwardStore,
+    SQLiteForwardStore,
+    open_sqlite_for_check,
+)
 from rexecpf.testing import MemoryForwardStore
 from tests.functional import inprocess
 from tests.functional.pgcluster import fresh_database, require_postgres, shared_cluster
@@ -291,3 +301,86 @@ class PostgresStoreTests(StoreBehaviour, TestCase):
             intruder.commit()
         error = yield self.assertFailure(adding, APIError)
         self.assertEqual((error.code, error.message), (409, "Local port unavailable"))
+class CachedCheckTests(TestCase):
+    """The /healthz check of a real SQLite store, on an injected clock."""
+
+    def setUp(self) -> None:
+        path = os.path.join(tempfile.mkdtemp(prefix="rexecpf-health-"), "state.sqlite3")
+        self.store = SQLiteForwardStore(reactor, path)
+        self.addCleanup(self.store.close)
+        self.clock = Clock()
+        self.cached = CachedCheck(self.clock, self.store)
+
+    @defer.inlineCallbacks
+    def test_a_flood_writes_once_per_period(self) -> Any:
+        """A hundred checks within the period write once; after it, the next one writes again."""
+        before = yield self.store.changes()
+        yield defer.gatherResults([self.cached.check() for _ in range(100)])
+        self.assertEqual((yield self.store.changes()) - before, 1)
+        self.clock.advance(HEALTH_CHECK_SECONDS - 0.1)
+        yield self.cached.check()
+        self.assertEqual((yield self.store.changes()) - before, 1)
+        self.clock.advance(0.1)
+        yield self.cached.check()
+        self.assertEqual((yield self.store.changes()) - before, 2)
+
+    @defer.inlineCallbacks
+    def test_a_broken_store_is_reported_within_the_period(self) -> Any:
+        """Writes refused: the cached success holds until the period ends, then 503 until repaired."""
+        yield self.cached.check()
+        yield self.store.refuse_writes(True)
+        yield self.cached.check()
+        self.clock.advance(HEALTH_CHECK_SECONDS)
+        waiting = [self.cached.check(), self.cached.check()]
+        for answer in waiting:
+            error = yield self.assertFailure(answer, APIError)
+            self.assertEqual(error.code, 503)
+        self.flushLoggedErrors(sqlite3.OperationalError)
+        error = yield self.assertFailure(self.cached.check(), APIError)
+        self.assertEqual(error.code, 503)
+        yield self.store.refuse_writes(False)
+        self.clock.advance(HEALTH_CHECK_SECONDS)
+        yield self.cached.check()
+
+
+class StateFileModeTests(TestCase):
+    """The state files hold the cookie-signing secret: 0600 whatever the umask."""
+
+    def setUp(self) -> None:
+        self.path = os.path.join(tempfile.mkdtemp(prefix="rexecpf-modes-"), "state.sqlite3")
+        previous = os.umask(0o022)
+        self.addCleanup(os.umask, previous)
+
+    def modes(self) -> dict[str, int]:
+        return {
+            suffix: stat.S_IMODE(os.stat(self.path + suffix).st_mode) for suffix in ("", "-wal", "-shm")
+        }
+
+    @defer.inlineCallbacks
+    def test_new_files_are_private(self) -> Any:
+        """Created under umask 022, as at start-up: the database, -wal and -shm are 0600."""
+        open_sqlite_for_check(self.path)
+        store = SQLiteForwardStore(reactor, self.path)
+        self.addCleanup(store.close)
+        yield store.secret("session")
+        self.assertEqual(self.modes(), {"": 0o600, "-wal": 0o600, "-shm": 0o600})
+
+    @defer.inlineCallbacks
+    def test_existing_files_are_made_private(self) -> Any:
+        """Files left world-readable by an older version are changed to 0600 at start, with a log line."""
+        connection = sqlite3.connect(self.path)
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("CREATE TABLE t (x)")
+        for suffix in ("", "-wal", "-shm"):
+            os.chmod(self.path + suffix, 0o644)
+        logged: list[Any] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        open_sqlite_for_check(self.path)
+        connection.close()
+        store = SQLiteForwardStore(reactor, self.path)
+        self.addCleanup(store.close)
+        yield store.secret("session")
+        self.assertEqual(self.modes(), {"": 0o600, "-wal": 0o600, "-shm": 0o600})
+        fixed = sorted(event["name"] for event in logged if "readable by others" in event.get("log_format", ""))
+        self.assertEqual(fixed, sorted(self.path + suffix for suffix in ("", "-wal", "-shm")))

@@ -13,6 +13,7 @@ means no containers.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Iterable
@@ -65,6 +66,14 @@ def _containers(entries: Iterable[InventoryEntry]) -> dict[str, Container]:
     }
 
 
+def _is_this_host(address: str, local_interface: str | None) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return address == "localhost"
+    return ip.is_loopback or ip.is_unspecified or str(ip) == local_interface
+
+
 @implementer(IContainerBackend)
 class StaticBackend(Service):
     """
@@ -72,6 +81,8 @@ class StaticBackend(Service):
     :param path: the inventory file, or ``None`` for a fixed inventory.
     :param entries: the inventory when there is no file (``--demo``), or the
         one already read at start-up.
+    :param local_interface: ``[limits] local_interface``: an entry at this
+        address, or at a loopback one, is this host (warned of at start-up).
     """
 
     _log = Logger()
@@ -81,10 +92,12 @@ class StaticBackend(Service):
         clock: IReactorTime,
         path: str | None,
         entries: Iterable[InventoryEntry] = (),
+        local_interface: str | None = None,
     ) -> None:
         self._clock = clock
         self._path = path
         self._containers = _containers(entries)
+        self._local_interface = local_interface
         self._subscribers: list[StoppedCallback] = []
         self._signature: tuple[int, int, int] | None = self._stat()
         #: a new signature seen at the last poll, not yet acted on
@@ -94,6 +107,14 @@ class StaticBackend(Service):
 
     def startService(self) -> None:
         super().startService()
+        for container in self._containers.values():
+            if container.address and _is_this_host(container.address, self._local_interface):
+                self._log.warn(
+                    "container {cid} is at {address}, this host: its forwards reach every port of "
+                    "the host on that address (rexecpf's own are refused); give it to trusted users only",
+                    cid=container.id,
+                    address=container.address,
+                )
         if self._path is not None:
             self._poll.start(POLL_SECONDS, now=False)
 

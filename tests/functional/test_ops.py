@@ -226,10 +226,14 @@ class LiveConnectionsTestCase(OpsTestCase):
             self.slow_forwards[user] = forward
         return daemon
 
-    def slow_request(self, daemon: Daemon, seconds: float, user: str) -> dict[str, Any]:
-        """Start a proxied GET /slow/{seconds} in a thread; :return: what it got, filled in later."""
+    def slow_request(self, daemon: Daemon, seconds: float, user: str, owner: str | None = None) -> dict[str, Any]:
+        """
+        Start a proxied GET /slow/{seconds} in a thread, as ``user`` through
+        the forward of ``owner`` (``user`` by default); :return: what it got,
+        filled in later.
+        """
         result: dict[str, Any] = {}
-        path = f"/p/{self.slow_forwards[user]['id']}/slow/{seconds}"
+        path = f"/p/{self.slow_forwards[owner or user]['id']}/slow/{seconds}"
 
         def run() -> None:
             try:
@@ -358,6 +362,46 @@ class ReloadTests(LiveConnectionsTestCase):
         self.assertEqual(http_request(daemon.port, "GET", "/api/containers/c2/port-forwards",
                                       token="carol-token")[0], 404)
         self.assertIsNone(daemon.process.poll())
+        self.assertEqual(self.sigterm(daemon), 0)
+
+
+    def test_sighup_closes_what_is_no_longer_allowed(self) -> None:
+        """
+        SIGHUP that takes alice's admin right away cuts her request through
+        bob's forward; one that gives bob's container to alice cuts bob's.
+        Alice's own request runs on; bob's forward stays, with the container.
+        """
+        metrics_port = free_port()
+        daemon = self.start_daemon(_with_metrics(metrics_port, 10))
+        assert daemon.process is not None
+        config = daemon.config.read_text()
+
+        def reload(text: str | None, count: int) -> None:
+            if text is not None:
+                daemon.config.write_text(text)
+            daemon.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+            wait_until(lambda: daemon.log().count("reloaded") == count, 10)
+
+        reload(config.replace("admins = []", 'admins = ["alice"]'), 1)
+        alice_as_admin = self.slow_request(daemon, 30, "alice", owner="bob")
+        bobs = self.slow_request(daemon, 30, "bob")
+        alices = self.slow_request(daemon, 4, "alice")
+        wait_until(lambda: _live(metrics_port, "proxy") == 3, 10)
+
+        reload(config, 2)
+        alice_as_admin["thread"].join(5)
+        self.assertIn("error", alice_as_admin)  # cut at once
+        self.assertNotIn("ended", bobs)
+
+        daemon.write_inventory([{"id": "c1", "owner": "alice"}, {"id": "c2", "owner": "alice"}])
+        reload(None, 3)
+        bobs["thread"].join(5)
+        self.assertIn("error", bobs)
+        alices["thread"].join(10)
+        self.assertEqual(alices["response"][1], b"started\nfinished\n")
+        self.assertIn("access revoked", daemon.log())
+        listed = [forward["id"] for forward in daemon.list("c2", user="alice")]
+        self.assertEqual(listed, [self.slow_forwards["bob"]["id"]])
         self.assertEqual(self.sigterm(daemon), 0)
 
 

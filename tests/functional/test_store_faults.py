@@ -27,6 +27,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
+from rexecpf.store import HEALTH_CHECK_SECONDS
 from tests.functional import inprocess
 from tests.functional.daemon import Daemon
 
@@ -91,7 +92,10 @@ class StoreFaultTests(unittest.TestCase):
         self.assertIsNotNone(refused, "the disk never filled up")
         assert refused is not None
         self.assertUnavailable(refused)
-        self.assertEqual(self.health(), 503)
+        deadline = time.monotonic() + HEALTH_CHECK_SECONDS + 10
+        while self.health() != 503:  # within the period of /healthz's cached check
+            self.assertLess(time.monotonic(), deadline, "/healthz never reported the full disk")
+            time.sleep(0.1)
         victim = next(iter(acknowledged))
         code, document, _ = self.daemon.request("DELETE", f"/api/containers/c1/port-forwards/{victim}")
         if code == 204:  # a delete may still fit in the WAL's free pages
@@ -173,8 +177,12 @@ class ReadOnlyStoreTests(TestCase):
             "POST", "/api/containers/c1/port-forwards", {"container_port": 7, "local_port": wanted_local_port})))
         self.assertUnavailable((yield self.call(
             "DELETE", f"/api/containers/c1/port-forwards/{victim['id']}")))
-        code, health = yield self.call("GET", "/healthz")
-        self.assertEqual((code, health["status"]), (503, "unavailable"))
+        # /healthz reuses its last store check for a few seconds (HEALTH_CHECK_SECONDS)
+        deadline = time.monotonic() + HEALTH_CHECK_SECONDS + 10
+        while (health := (yield self.call("GET", "/healthz")))[0] != 503:
+            self.assertLess(time.monotonic(), deadline, "/healthz never reported the read-only store")
+            yield inprocess.sleep(0.1)
+        self.assertEqual(health[1]["status"], "unavailable")
         # nothing half-written: the same forwards, no listener for the refused one
         self.assertEqual((yield self.listed()), acknowledged)
         self.assertEqual((yield self.call("GET", f"/api/containers/c1/port-forwards/{victim['id']}")),
@@ -220,6 +228,35 @@ class ReadOnlyStoreTests(TestCase):
             return {key: {k: v for k, v in f.items() if not k.endswith("_url")} for key, f in forwards.items()}
 
         self.assertEqual(durable(stored), durable(acknowledged))
+
+
+class HealthWritesNothingTests(TestCase):
+    """``/healthz`` is unauthenticated: a flood of it must not turn into a flood of fsync'd writes."""
+
+    @inlineCallbacks
+    def test_healthz_flood_does_not_write(self) -> Any:
+        """Fifty /healthz within the check period: the store writes nothing."""
+        daemon = inprocess.Daemon(self.mktemp())
+        yield daemon.start()
+        self.addCleanup(daemon.stop)
+        store = daemon.components.store
+
+        @inlineCallbacks
+        def health() -> Any:
+            response = yield inprocess._http.get(f"{daemon.base}/healthz")
+            yield response.content()
+            return response.code
+
+        self.assertEqual((yield health()), 200)
+        before = yield store.changes()
+        started = time.monotonic()
+        codes = []
+        for _ in range(50):
+            codes.append((yield health()))
+        elapsed = time.monotonic() - started
+        self.assertEqual(set(codes), {200})
+        # at most one store check per period (the first answer may have been cached already)
+        self.assertLessEqual((yield store.changes()) - before, int(elapsed // HEALTH_CHECK_SECONDS) + 1)
 
 
 def _unused_port(low: int, high: int, exclude: set[int]) -> int:
