@@ -95,13 +95,18 @@ _MIGRATIONS: list[list[str]] = [
         "CREATE INDEX forwards_by_container ON forwards (container_id, created_ms)",
         "CREATE TABLE secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
     ],
+    # 1 -> 2
+    [
+        "ALTER TABLE forwards ADD COLUMN pass_preflight INTEGER NOT NULL DEFAULT 0"
+        " CHECK (pass_preflight IN (0, 1))",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 #: The row /healthz rewrites to prove the store takes writes.
 _PROBE = "rexecpf.health-probe"
 
-_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner"
+_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner, pass_preflight"
 
 
 def _row(row: tuple[Any, ...]) -> PortForward:
@@ -113,6 +118,7 @@ def _row(row: tuple[Any, ...]) -> PortForward:
         name=row[4],
         created_ms=row[5],
         owner=row[6],
+        pass_preflight=bool(row[7]),
     )
 
 
@@ -238,7 +244,7 @@ class SQLiteForwardStore:
             if used:
                 raise LOCAL_PORT_UNAVAILABLE(f"local port {forward.local_port} is in use")
             connection.execute(
-                f"INSERT INTO forwards ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO forwards ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     forward.id,
                     forward.container_id,
@@ -247,6 +253,7 @@ class SQLiteForwardStore:
                     forward.name,
                     forward.created_ms,
                     forward.owner,
+                    int(forward.pass_preflight),
                 ),
             )
             return forward
