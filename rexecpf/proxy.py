@@ -29,8 +29,17 @@ What it does, against the twelve faults of ``twisted.web.proxy``:
 - an ``Upgrade`` request is sent over a connection of its own; a 101 takes the client
   connection over from the ``HTTPChannel`` and splices both with
   :class:`rexecpf.relay.Relay`;
-- rexecpf's own credentials (its bearer header, its session cookie, the
-  ``token`` parameter) never reach the container.
+- rexecpf's own credentials never reach the container: its session cookie,
+  every ``Authorization`` value holding a rexecpf token (of any user, in any
+  scheme, case or spacing: :func:`_carries_token`), and a ``token`` query
+  parameter that is a rexecpf token (consumed: cookie and redirect); an
+  app's own ``Authorization`` values and ``token`` parameter pass;
+- a request authenticated by the session cookie that is unsafe or an upgrade
+  is refused (403) from an ``Origin`` other than the forward's own
+  (:meth:`ProxyService._check_origin`);
+- a CORS preflight without credentials is answered 204 with no CORS
+  permission, or passed to the container if its forward says so
+  (``pass_preflight``; :meth:`ProxyService._preflight`).
 """
 
 from __future__ import annotations
