@@ -87,6 +87,7 @@ class PublicURLs:
             "proxy_url": self.proxy_url(forward.id),
             "websocket_url": self.websocket_url(forward.id),
             "created_at": forward.created_at,
+            "pass_preflight": forward.pass_preflight,
         }
 
 

@@ -4,7 +4,7 @@ The ``rexecpf`` command.
 
 ::
 
-    rexecpf forward create CONTAINER PORT [--name N] [--local-port P]
+    rexecpf forward create CONTAINER PORT [--name N] [--local-port P] [--pass-preflight]
     rexecpf forward list CONTAINER
     rexecpf forward delete CONTAINER FORWARD_ID
     rexecpf tunnel FORWARD_ID_OR_WEBSOCKET_URL [--listen [HOST:]PORT | --stdio]
@@ -145,6 +145,8 @@ async def _forward(reactor: Any, args: argparse.Namespace) -> int:
             body["name"] = args.name
         if args.local_port is not None:
             body["local_port"] = args.local_port
+        if args.pass_preflight:
+            body["pass_preflight"] = True
         forward = await _request(reactor, args, "POST", base, body)
         _check_forwards([forward], args.url)
         print(json.dumps(forward, indent=2) if args.json else _table([forward]))
@@ -398,6 +400,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("port", type=int)
     create.add_argument("--name")
     create.add_argument("--local-port", type=int)
+    create.add_argument(
+        "--pass-preflight",
+        action="store_true",
+        help="pass CORS preflights to the container (without credentials) instead of answering them",
+    )
     create.add_argument("--json", action="store_true", help="print JSON")
     listing = actions.add_parser("list", help="list a container's forwards", parents=[common])
     listing.add_argument("container")

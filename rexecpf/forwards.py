@@ -61,7 +61,7 @@ __all__ = [
 DELETED = "forward deleted"
 CONTAINER_STOPPED = "container stopped"
 
-_FIELDS = {"container_port", "local_port", "name"}
+_FIELDS = {"container_port", "local_port", "name", "pass_preflight"}
 
 
 @attrs.frozen
@@ -69,6 +69,7 @@ class CreateRequest:
     container_port: int
     local_port: int | None = None
     name: str | None = None
+    pass_preflight: bool = False
 
 
 def _reject_constant(name: str) -> Any:
@@ -94,7 +95,8 @@ def parse_create_request(body: bytes) -> CreateRequest:
 
     :raises APIError: 400 Invalid request (not UTF-8 JSON, not an object,
         unknown or repeated field, ``name`` not a string of 1-100
-        characters, ``container_port`` missing), then 400 Invalid port.
+        characters, ``pass_preflight`` not a boolean, ``container_port``
+        missing), then 400 Invalid port.
     """
     try:
         text = body.decode("utf-8")
@@ -112,19 +114,24 @@ def parse_create_request(body: bytes) -> CreateRequest:
         raise INVALID_REQUEST("the body must be a JSON object")
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
-        raise INVALID_REQUEST(f"unknown field {unknown[0]!r}; known: container_port, local_port, name")
+        raise INVALID_REQUEST(f"unknown field {unknown[0]!r}; known: {', '.join(sorted(_FIELDS))}")
     if "container_port" not in data:
         raise INVALID_REQUEST("container_port is required")
     name = data.get("name")
     if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= 100):
         raise INVALID_REQUEST("name must be a string of 1-100 characters")
+    pass_preflight = data.get("pass_preflight", False)
+    if not isinstance(pass_preflight, bool):
+        raise INVALID_REQUEST("pass_preflight must be true or false")
     container_port = data["container_port"]
     if not _is_port(container_port):
         raise INVALID_PORT("container_port must be an integer 1-65535")
     local_port = data.get("local_port")
     if local_port is not None and not _is_port(local_port):
         raise INVALID_PORT("local_port must be an integer 1-65535")
-    return CreateRequest(container_port=container_port, local_port=local_port, name=name)
+    return CreateRequest(
+        container_port=container_port, local_port=local_port, name=name, pass_preflight=pass_preflight
+    )
 
 
 def port_is_bindable(interface: str, port: int) -> bool:
@@ -633,6 +640,7 @@ class ForwardService(Service):
                 name=request.name,
                 created_ms=int(self._clock.seconds() * 1000),
                 owner=principal.name,
+                pass_preflight=request.pass_preflight,
             )
             yield self._store.add(forward, limit, stop_mark)
         finally:

@@ -63,6 +63,7 @@ class APIError(Exception):
 
 
 UNAUTHORIZED = ErrorKind(401, "Unauthorized")
+FORBIDDEN = ErrorKind(403, "Forbidden")
 CONTAINER_NOT_FOUND = ErrorKind(404, "Container not found")
 INVALID_REQUEST = ErrorKind(400, "Invalid request")
 INVALID_PORT = ErrorKind(400, "Invalid port")
@@ -119,6 +120,9 @@ class PortForward:
     created_ms: int
     #: who created it (for logs); access is decided by container ownership
     owner: str = ""
+    #: whether the proxy passes CORS preflights (``OPTIONS``, no credentials)
+    #: to the container rather than answering them itself
+    pass_preflight: bool = False
 
     @property
     def created_at(self) -> str:

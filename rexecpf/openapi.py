@@ -245,6 +245,14 @@ def openapi_document() -> dict[str, Any]:
                             + _INTEGER_LITERAL,
                         },
                         "name": {"type": ["string", "null"], "minLength": 1, "maxLength": 100},
+                        "pass_preflight": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "pass CORS preflights (OPTIONS with "
+                            "Access-Control-Request-Method and no credentials) to the container, "
+                            "without credentials; otherwise the proxy answers them 204 with no "
+                            "Access-Control-Allow-* header",
+                        },
                     },
                 },
                 "PortForward": {
@@ -259,6 +267,7 @@ def openapi_document() -> dict[str, Any]:
                         "proxy_url",
                         "websocket_url",
                         "created_at",
+                        "pass_preflight",
                     ],
                     "properties": {
                         "id": {"type": "string", "pattern": "^pf_[a-z0-9]{20,}$"},
@@ -268,6 +277,7 @@ def openapi_document() -> dict[str, Any]:
                         "name": {"type": ["string", "null"]},
                         "proxy_url": {"type": "string", "format": "uri"},
                         "websocket_url": {"type": "string", "pattern": "^wss?://"},
+                        "pass_preflight": {"type": "boolean"},
                         "created_at": {
                             "type": "string",
                             "format": "date-time",

@@ -75,6 +75,7 @@ _MIGRATIONS: list[list[str]] = [
             name TEXT,
             created_ms BIGINT NOT NULL,
             owner TEXT NOT NULL DEFAULT '',
+            pass_preflight BOOLEAN NOT NULL DEFAULT false,
             CONSTRAINT forwards_local_port_unique UNIQUE (local_port),
             CONSTRAINT forwards_container_port_unique UNIQUE (container_id, container_port)
         )""",
@@ -98,7 +99,7 @@ _LOCK_MIGRATION = 2
 #: hangs answers 503 instead of holding the pool's threads for ever.
 STATEMENT_TIMEOUT_MS = 10_000
 
-_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner"
+_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner, pass_preflight"
 
 #: UNIQUE constraint -> the error it stands for (the second line: the
 #: advisory lock makes the checks before the insert answer first)
@@ -117,6 +118,7 @@ def _row(row: tuple[Any, ...]) -> PortForward:
         name=row[4],
         created_ms=row[5],
         owner=row[6],
+        pass_preflight=bool(row[7]),
     )
 
 
@@ -331,7 +333,7 @@ class PostgresForwardStore:
             if used:
                 raise LOCAL_PORT_UNAVAILABLE(f"local port {forward.local_port} is in use")
             connection.execute(
-                f"INSERT INTO forwards ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                f"INSERT INTO forwards ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     forward.id,
                     forward.container_id,
@@ -340,6 +342,7 @@ class PostgresForwardStore:
                     forward.name,
                     forward.created_ms,
                     forward.owner,
+                    forward.pass_preflight,
                 ),
             )
             return forward
@@ -391,7 +394,7 @@ class PostgresForwardStore:
                 (container_id, stop),
             )
             connection.execute("DELETE FROM container_stops WHERE stop <= %s", (stop - STOPS_KEPT,))
-            return [_row(row) for row in sorted(rows, key=lambda row: (row[5], row[7]))]
+            return [_row(row) for row in sorted(rows, key=lambda row: (row[5], row[8]))]
 
         return self._run(remove)
 

@@ -29,8 +29,17 @@ What it does, against the twelve faults of ``twisted.web.proxy``:
 - an ``Upgrade`` request is sent over a connection of its own; a 101 takes the client
   connection over from the ``HTTPChannel`` and splices both with
   :class:`rexecpf.relay.Relay`;
-- rexecpf's own credentials (its bearer header, its session cookie, the
-  ``token`` parameter) never reach the container.
+- rexecpf's own credentials never reach the container: its session cookie,
+  every ``Authorization`` value holding a rexecpf token (of any user, in any
+  scheme, case or spacing: :func:`_carries_token`), and a ``token`` query
+  parameter that is a rexecpf token (consumed: cookie and redirect); an
+  app's own ``Authorization`` values and ``token`` parameter pass;
+- a request authenticated by the session cookie that is unsafe or an upgrade
+  is refused (403) from an ``Origin`` other than the forward's own
+  (:meth:`ProxyService._check_origin`);
+- a CORS preflight without credentials is answered 204 with no CORS
+  permission, or passed to the container if its forward says so
+  (``pass_preflight``; :meth:`ProxyService._preflight`).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import html
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet import task
@@ -65,6 +74,7 @@ from rexecpf.forwards import CONTAINER_STOPPED, DELETED, GOING_AWAY, ForwardServ
 from rexecpf.metrics import Metrics
 from rexecpf.model import (
     BAD_GATEWAY,
+    FORBIDDEN,
     FORWARD_NOT_FOUND,
     GATEWAY_TIMEOUT,
     INTERNAL_ERROR,
@@ -106,6 +116,9 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+
+#: Methods that change nothing (RFC 9110 9.2.1): not origin-checked.
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 
 #: Request headers the proxy sets itself (the client's values are dropped).
 _OWN_REQUEST_HEADERS = frozenset(
@@ -331,28 +344,79 @@ def _without_session_cookie(values: list[bytes]) -> list[bytes]:
     return kept
 
 
-def _split_token(query: bytes) -> tuple[list[bytes] | None, bytes]:
+def _decoded(text: bytes) -> str:
+    """:return: a query name or value percent-decoded (``""`` if it is not ASCII)."""
+    try:
+        return unquote_plus(text.decode("ascii"))
+    except UnicodeDecodeError:
+        return ""
+
+
+def _split_token(query: bytes, is_token: Callable[[str], bool]) -> tuple[list[str] | None, bytes]:
     """
-    :return: the values of the ``token`` parameter (``None`` when absent) and
-        the query string without it (other parameters byte for byte).
+    :param is_token: whether a string is a rexecpf token
+        (:meth:`rexecpf.auth.Authenticator.is_token`).
+    :return: the values of the ``token`` parameters that are rexecpf tokens
+        (decoded; ``[]`` when every ``token`` parameter is the app's own,
+        ``None`` when there is none), and the query string without those
+        (everything else, the app's own ``token`` parameters included, byte
+        for byte).
     """
     if not query:
         return None, query
-    tokens: list[bytes] = []
+    tokens: list[str] | None = None
     kept = []
     for part in query.split(b"&"):
-        name = part.partition(b"=")[0]
-        try:
-            decoded = unquote_plus(name.decode("ascii"))
-        except UnicodeDecodeError:
-            decoded = ""
-        if decoded == "token":
-            tokens.append(part.partition(b"=")[2])
-        else:
-            kept.append(part)
+        name, _, value = part.partition(b"=")
+        if _decoded(name) == "token":
+            tokens = tokens if tokens is not None else []
+            token = _decoded(value)
+            if is_token(token):
+                tokens.append(token)
+                continue
+        kept.append(part)
     if not tokens:
-        return None, query
+        return tokens, query
     return tokens, b"&".join(kept)
+
+
+#: A run of the characters a rexecpf token is made of (letters, digits, ``-._~``).
+_TOKEN_WORD = re.compile(r"[A-Za-z0-9._~-]+")
+
+
+def _carries_token(value: bytes, is_token: Callable[[str], bool]) -> bool:
+    """
+    :return: whether an ``Authorization`` value holds a rexecpf token
+        anywhere, whatever its scheme or spacing: as a word of it (a run of
+        token characters), or as a word of the ``user:password`` a ``Basic``
+        credential encodes.
+    """
+    text = value.decode("latin-1")
+    texts = [text]
+    scheme, _, credentials = text.strip().partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            texts.append(base64.b64decode(credentials.strip(), validate=True).decode("latin-1"))
+        except ValueError:
+            pass  # not base64: its words were looked at as they are
+    return any(is_token(word) for part in texts for word in _TOKEN_WORD.findall(part))
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """
+    :return: the origin of an ``http(s)`` URL or ``Origin`` value as
+        (scheme, host, port), the default port filled in; ``None`` for
+        anything else (``null`` included).
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
 
 
 # --- headers -------------------------------------------------------------------
@@ -469,6 +533,7 @@ class ProxyService(Service):
         self.pool = _ConnectionPool(reactor, max_per_host, POOLED_IDLE_SECONDS)
         self.endpoints = _ContainerEndpoints(reactor, CONNECT_TIMEOUT, forwards.refuse_own_socket)
         self.secure_cookies = urls.public_url.startswith("https:")
+        self._public_origin = _origin(urls.public_url)
         self._pruning = task.LoopingCall(self.pool.prune)
         self._pruning.clock = reactor
 
@@ -533,10 +598,12 @@ class ProxyService(Service):
     def _authorize(self, request: Any, forward_id: str, prefix: bytes) -> Deferred[None] | None:
         uri: bytes = request.uri
         path, _, query = uri.partition(b"?")
-        tokens, rest_query = _split_token(query)
-        if tokens is not None:
-            token = unquote_plus(tokens[-1].decode("ascii", "replace"))
-            holder = self.authenticator.authenticate(token)
+        tokens, rest_query = _split_token(query, self.authenticator.is_token)
+        if tokens:
+            # A rexecpf token in the URL is consumed here, whoever it
+            # belongs to: it never reaches the container (someone else's
+            # is 404, as their forward would be).
+            holder = self.authenticator.authenticate(tokens[-1])
             if holder is None:
                 raise UNAUTHORIZED("the token is not valid", headers={"WWW-Authenticate": 'Bearer realm="rexecpf"'})
 
@@ -546,35 +613,86 @@ class ProxyService(Service):
 
             return self.forwards.reach(holder, forward_id).addCallback(start_session)
 
-        strip_authorization = False
+        headers: Headers = request.requestHeaders
         principal: Principal | None = None
-        bearer = bearer_token(request.getHeader(b"authorization"))
-        if bearer is not None:
-            principal = self.authenticator.authenticate(bearer)
-            strip_authorization = principal is not None
+        for value in headers.getRawHeaders(b"authorization", []):
+            principal = self.authenticator.authenticate(bearer_token(value))
+            if principal is not None:
+                break
         if principal is None:
             for value in _session_values(request):
                 user = self.sessions.check(value, forward_id)
                 principal = self.authenticator.user(user) if user else None
                 if principal is not None:
+                    self._check_origin(request, forward_id, prefix)
                     break
         if principal is None:
-            raise UNAUTHORIZED(
-                "a bearer token, or a session from opening the proxy URL with ?token=, is required",
-                headers={"WWW-Authenticate": 'Bearer realm="rexecpf"'},
+            if request.method == b"OPTIONS" and headers.hasHeader(b"access-control-request-method"):
+                return self._preflight(request, forward_id, prefix)
+            detail = (
+                "the token is not valid"
+                if tokens is not None
+                else "a bearer token, or a session from opening the proxy URL with ?token=, is required"
             )
+            raise UNAUTHORIZED(detail, headers={"WWW-Authenticate": 'Bearer realm="rexecpf"'})
+        return self.forwards.reach(principal, forward_id).addCallback(self._exchange, request, principal, prefix)
 
-        def reached(found: tuple[PortForward, Container]) -> Deferred[None] | None:
-            forward, container = found
-            if request.finished or request._disconnected:
-                return None
-            assert principal is not None
-            exchange_class = _Upgrade if request.requestHeaders.hasHeader(b"upgrade") else _Exchange
-            exchange = exchange_class(self, request, principal, forward, container, prefix, strip_authorization)
-            exchange.start()
+    def _exchange(
+        self, found: tuple[PortForward, Container], request: Any, principal: Principal, prefix: bytes
+    ) -> None:
+        """Send ``request`` to the forward's container, for ``principal``."""
+        forward, container = found
+        if request.finished or request._disconnected:
+            return
+        exchange_class = _Upgrade if request.requestHeaders.hasHeader(b"upgrade") else _Exchange
+        exchange_class(self, request, principal, forward, container, prefix).start()
+
+    def _check_origin(self, request: Any, forward_id: str, prefix: bytes) -> None:
+        """
+        A request authenticated by the session cookie that may change
+        something (an unsafe method, or an upgrade) must come from the
+        forward's own origin when it says where it comes from: so that a
+        page elsewhere cannot ride the cookie.  Under ``/p/`` that is the
+        origin of ``public_url``; under host routing only the forward's
+        ``pf-xxxx.{proxy_domain}`` origin (``public_url``'s origin serves
+        every forward under ``/p/``, so it is not trusted there).  No
+        ``Origin`` (not a browser, or a same-origin request of an old one)
+        passes: the cookie is SameSite=Lax.
+
+        :raises APIError: 403 for another origin, or ``null``.
+        """
+        if request.method in SAFE_METHODS and not request.requestHeaders.hasHeader(b"upgrade"):
+            return
+        origins = request.requestHeaders.getRawHeaders(b"origin")
+        if origins is None:
+            return
+        own = self._public_origin if prefix else _origin(self.urls.proxy_url(forward_id))
+        for value in origins:
+            if own is None or _origin(value.decode("latin-1")) != own:
+                shown = value[:200].decode("latin-1")
+                raise FORBIDDEN(
+                    f"the session cookie is not accepted from the origin {shown!r} for this request "
+                    "(an unsafe method or an upgrade): only from the forward's own origin "
+                    "(public_url must be the URL the browser uses)"
+                )
+
+    def _preflight(self, request: Any, forward_id: str, prefix: bytes) -> Deferred[None] | None:
+        """
+        A CORS preflight (``OPTIONS`` with ``Access-Control-Request-Method``;
+        a browser sends it without credentials): passed to the container,
+        with no credentials, when the forward says so (``pass_preflight``);
+        else answered 204 with no ``Access-Control-Allow-*`` header, so that
+        the browser's cross-origin request fails (the same for a forward
+        that does not exist: nothing is told about it).
+        """
+        forward = self.forwards.cached(forward_id)
+        if forward is None or not forward.pass_preflight:
+            request.setResponseCode(204)
+            request.finish()
+            self.answered(204)
             return None
-
-        return self.forwards.reach(principal, forward_id).addCallback(reached)
+        owner = Principal(forward.owner)
+        return self.forwards.target(forward_id).addCallback(self._exchange, request, owner, prefix)
 
     def _start_session(
         self,
@@ -619,7 +737,6 @@ class ProxyService(Service):
         request: Any,
         target: bytes,
         prefix: bytes,
-        strip_authorization: bool,
         upgrade: bool,
         default_host: bytes,
         content_length: int | None,
@@ -631,8 +748,10 @@ class ProxyService(Service):
         :param content_length: the length of the body sent, if any.
         :param chunked: whether the body is sent chunked (its length unknown).
         :return: the request head for the container: end-to-end headers only
-            (every value, in order), rexecpf's credentials removed,
-            ``X-Forwarded-*`` added.
+            (every value, in order), rexecpf's credentials removed (its
+            cookie, and every ``Authorization`` value that holds a rexecpf
+            token, of any user: :func:`_carries_token`; other values, the
+            app's own credentials, pass), ``X-Forwarded-*`` added.
         """
         incoming: Headers = request.requestHeaders
         drop = _OWN_REQUEST_HEADERS | _connection_names(incoming)
@@ -641,9 +760,11 @@ class ProxyService(Service):
         host: bytes | None = None
         for name, values in incoming.getAllRawHeaders():
             lower = name.lower()
-            if lower in HOP_BY_HOP or lower in drop or (strip_authorization and lower == b"authorization"):
+            if lower in HOP_BY_HOP or lower in drop:
                 continue
-            if lower == b"cookie":
+            if lower == b"authorization":
+                values = [value for value in values if not _carries_token(value, self.authenticator.is_token)]
+            elif lower == b"cookie":
                 values = _without_session_cookie(list(values))
             elif lower == b"x-forwarded-for":
                 forwarded_for = list(values)
@@ -1049,7 +1170,6 @@ class _Exchange:
         forward: PortForward,
         container: Container,
         prefix: bytes,
-        strip_authorization: bool,
     ) -> None:
         self.service = service
         self.request = request
@@ -1057,7 +1177,6 @@ class _Exchange:
         self.forward = forward
         self.container = container
         self.prefix = prefix
-        self.strip_authorization = strip_authorization
         #: the connection being made, until it is
         self.pending: Deferred[Any] | None = None
         self.connection: _ContainerConnection | None = None
@@ -1184,7 +1303,6 @@ class _Exchange:
                 request,
                 self.target(),
                 self.prefix,
-                self.strip_authorization,
                 self.upgrade,
                 _authority(self.container, self.forward.container_port),
                 None if body is None or body.chunked else body.length,

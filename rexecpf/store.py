@@ -125,6 +125,11 @@ _MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX container_stops_by_stop ON container_stops (stop)",
     ],
+    # 2 -> 3: a forward may pass CORS preflights to its container
+    [
+        "ALTER TABLE forwards ADD COLUMN pass_preflight INTEGER NOT NULL DEFAULT 0"
+        " CHECK (pass_preflight IN (0, 1))",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -135,7 +140,7 @@ STOPS_KEPT = 100_000
 #: The row /healthz rewrites to prove the store takes writes.
 _PROBE = "rexecpf.health-probe"
 
-_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner"
+_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner, pass_preflight"
 
 
 def _row(row: tuple[Any, ...]) -> PortForward:
@@ -147,6 +152,7 @@ def _row(row: tuple[Any, ...]) -> PortForward:
         name=row[4],
         created_ms=row[5],
         owner=row[6],
+        pass_preflight=bool(row[7]),
     )
 
 
@@ -316,7 +322,7 @@ class SQLiteForwardStore:
             if used:
                 raise LOCAL_PORT_UNAVAILABLE(f"local port {forward.local_port} is in use")
             connection.execute(
-                f"INSERT INTO forwards ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO forwards ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     forward.id,
                     forward.container_id,
@@ -325,6 +331,7 @@ class SQLiteForwardStore:
                     forward.name,
                     forward.created_ms,
                     forward.owner,
+                    int(forward.pass_preflight),
                 ),
             )
             return forward

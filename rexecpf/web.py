@@ -478,7 +478,9 @@ def _origin_form(target: bytes, headers: Any) -> bytes:
     if match is None:
         return target
     authority, rest = match.groups()
-    headers.setRawHeaders(b"host", [authority])
+    if len(headers.getRawHeaders(b"host", [])) <= 1:
+        # (several Host lines stay, to be refused: RexecSite.getResourceFor)
+        headers.setRawHeaders(b"host", [authority])
     return rest if rest.startswith(b"/") else b"/" + rest
 
 
@@ -540,11 +542,53 @@ def _not_proxied(path: bytes) -> bool:
     return target == b"/api" or target.startswith(b"/api/") or not target.startswith(b"/")
 
 
+#: A ``Host`` value (RFC 9112 3.2, RFC 3986 3.2.2): a name or address
+#: (an IP literal in brackets) and an optional port; it may be empty.
+_HOST_VALUE = re.compile(rb"(?:\[[0-9A-Za-z:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
+
+
+def _host_error(request: IRequest) -> APIError | None:
+    """
+    :return: the error for a request whose ``Host`` cannot say which site
+        it is for (RFC 9112 3.2: 400 for more than one ``Host`` line, or an
+        invalid value), else ``None``.  Routing (``/api``, ``/p/``, a
+        forward's own host under ``proxy_domain``) and what reaches a
+        container would otherwise each pick their own.
+    """
+    hosts = request.requestHeaders.getRawHeaders(b"host", [])
+    if len(hosts) > 1:
+        return INVALID_REQUEST("a request has one Host header (RFC 9112 3.2)")
+    if hosts and not _HOST_VALUE.match(hosts[0]):
+        return INVALID_REQUEST("the Host header is not a host and port (RFC 9112 3.2)")
+    return None
+
+
+class _Refused(Resource):
+    """Answers a request refused before routing with ``error``, then closes the connection."""
+
+    isLeaf = True
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__()
+        self._error = error
+
+    def render(self, request: Any) -> bytes:
+        # The proxy's error page (an HTML one for browsers); imported here
+        # because rexecpf.proxy imports this module.
+        from rexecpf.proxy import error_body
+
+        # What else the connection carries is not to be trusted either.
+        request.setHeader(b"connection", b"close")
+        request.channel.persistent = False
+        return error_body(request, self._error)
+
+
 class RexecSite(server.Site):
     """
     A Site that logs without query strings, shows no tracebacks, refuses
-    over-large bodies early (:meth:`max_body_for`) and closes idle connections
-    (``timeOut``, :data:`IDLE_TIMEOUT_SECONDS`).
+    over-large bodies early (:meth:`max_body_for`), refuses a request with
+    several ``Host`` headers or a bad one (400, :meth:`getResourceFor`) and
+    closes idle connections (``timeOut``, :data:`IDLE_TIMEOUT_SECONDS`).
     """
 
     displayTracebacks = False
@@ -579,6 +623,13 @@ class RexecSite(server.Site):
         if hasattr(channel, "requests"):
             channel.resumeProducing = lambda: _resume_producing(channel)
         return protocol
+
+    def getResourceFor(self, request: Any) -> Any:
+        """:return: the resource for ``request``, or a 400 for its ``Host`` (:func:`_host_error`)."""
+        error = _host_error(request)
+        if error is not None:
+            return _Refused(error)
+        return super().getResourceFor(request)
 
     def max_body_for(self, path: bytes) -> int | None:
         """

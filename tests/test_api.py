@@ -144,6 +144,16 @@ class CreateTests(APITestCase):
         self.assertEqual(self.create(1)[1]["local_port"], 20000)
         self.assertEqual(self.create(2)[1]["local_port"], 20002)
 
+    def test_pass_preflight(self) -> None:
+        """pass_preflight is false unless the create asks for true; it is kept with the forward."""
+        code, document, _ = self.create(8080)
+        self.assertEqual((code, document["pass_preflight"]), (201, False))
+        code, document, _ = self.create(8081, pass_preflight=True)
+        self.assertEqual((code, document["pass_preflight"]), (201, True))
+        jsonschema.validate(document, _schema("PortForward"))
+        self.assertTrue(self.forwards.cached(document["id"]).pass_preflight)
+        self.assertEqual(self.request("GET", f"/api/containers/c1/port-forwards/{document['id']}", ALICE)[1], document)
+
     def test_ids_unique(self) -> None:
         """Every forward gets its own id."""
         ids = {self.create(port)[1]["id"] for port in range(1, 11)}
@@ -199,6 +209,9 @@ class ErrorTableTests(APITestCase):
             b'{"container_port": 8080, "name": ""}',
             b'{"container_port": 8080, "name": 5}',
             json.dumps({"container_port": 8080, "name": "x" * 101}).encode(),
+            b'{"container_port": 8080, "pass_preflight": 1}',
+            b'{"container_port": 8080, "pass_preflight": "true"}',
+            b'{"container_port": 8080, "pass_preflight": null}',
         ):
             with self.subTest(body=body):
                 result = self.request("POST", "/api/containers/c1/port-forwards", ALICE, body)

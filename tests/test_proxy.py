@@ -4,6 +4,8 @@ Unit tests of :mod:`rexecpf.proxy`: in memory, on a clock.
 
 from __future__ import annotations
 
+import base64
+import json
 from io import BytesIO
 from typing import Any
 
@@ -27,23 +29,31 @@ from rexecpf.model import PortForward, Principal
 from rexecpf.ops import TOKEN_REVOKED
 from rexecpf.proxy import (
     POOLED_IDLE_SECONDS,
+    HostRouter,
     ProxyResource,
     ProxyService,
     SessionCookies,
+    _carries_token,
     _Exchange,
+    _origin,
     _rewrite_location,
     _split_token,
     _without_session_cookie,
 )
 from rexecpf.relay import CONNECT_TIMEOUT
 from rexecpf.testing import FakeBackend, MemoryForwardStore
-from rexecpf.web import STREAM_HIGH_WATER, NotFoundResource, RexecSite
+from rexecpf.web import STREAM_HIGH_WATER, NotFoundResource, RexecSite, Root
 
 
 def make_proxy(
-    reactor: Any, timeout: float = 60.0, metrics: Metrics | None = None
+    reactor: Any,
+    timeout: float = 60.0,
+    metrics: Metrics | None = None,
+    proxy_domain: str = "",
+    create: bytes = b'{"container_port": 8080}',
 ) -> tuple[ProxyService, ForwardService, PortForward]:
     """
+    :param create: the create request of the forward.
     :return: a proxy on the real :class:`ForwardService` (in memory: a fake
         backend with alice's ``cont_a`` at 10.0.0.7) and alice's forward to
         its port 8080.
@@ -54,12 +64,12 @@ def make_proxy(
         reactor, MemoryForwardStore(), backend, LimitsConfig(), port_probe=lambda interface, port: True
     )
     forwards.startService()
-    forward = _result(forwards.create(Principal("alice"), "cont_a", b'{"container_port": 8080}'))
+    forward = _result(forwards.create(Principal("alice"), "cont_a", create))
     service = ProxyService(
         reactor,
         Authenticator({"alice": "alice-token", "bob": "bob-token"}),
         forwards,
-        PublicURLs("http://127.0.0.1:8080"),
+        PublicURLs("http://127.0.0.1:8080", proxy_domain),
         session_key=lambda: succeed(b"k" * 32),
         response_timeout=timeout,
         metrics=metrics,
@@ -359,10 +369,45 @@ class HelperTests(SynchronousTestCase):
     """Query, cookie and Location rules."""
 
     def test_split_token(self) -> None:
-        """The token parameter is taken out; the rest of the query is kept byte for byte."""
-        self.assertEqual(_split_token(b"a=1&token=t&b=%20"), ([b"t"], b"a=1&b=%20"))
-        self.assertEqual(_split_token(b"a=1"), (None, b"a=1"))
-        self.assertEqual(_split_token(b"to%6Ben=t"), ([b"t"], b""))
+        """
+        A token parameter holding a rexecpf token is taken out; the rest of
+        the query, the app's own token parameters included, is kept byte for byte.
+        """
+        is_token = Authenticator({"alice": "t", "bob": "b-t"}).is_token
+        self.assertEqual(_split_token(b"a=1&token=t&b=%20", is_token), (["t"], b"a=1&b=%20"))
+        self.assertEqual(_split_token(b"a=1", is_token), (None, b"a=1"))
+        self.assertEqual(_split_token(b"to%6Ben=t", is_token), (["t"], b""))
+        self.assertEqual(_split_token(b"token=b%2Dt&token=x", is_token), (["b-t"], b"token=x"))
+        self.assertEqual(_split_token(b"token=x&a=%ff", is_token), ([], b"token=x&a=%ff"))
+
+    def test_carries_token(self) -> None:
+        """An Authorization value holds a rexecpf token whatever its scheme, case or spacing, Basic included."""
+        is_token = Authenticator({"alice": "alice-token"}).is_token
+        basic = base64.b64encode(b"me:alice-token")
+        for value in (
+            b"Bearer alice-token",
+            b"bEaReR    alice-token  ",
+            b"Bearer\talice-token",
+            b"Token token=alice-token",
+            b"Bearer app, Bearer alice-token",
+            b'Bearer "alice-token"',
+            b"Basic " + basic,
+            b"basic   " + basic + b" ",
+        ):
+            with self.subTest(value=value):
+                self.assertTrue(_carries_token(value, is_token))
+        for value in (b"Bearer app-own", b"Basic " + base64.b64encode(b"me:secret"), b"Bearer alice-token2", b"\xff"):
+            with self.subTest(value=value):
+                self.assertFalse(_carries_token(value, is_token))
+
+    def test_origin(self) -> None:
+        """Origins compare by scheme, host and port, the default port filled in; anything else is no origin."""
+        self.assertEqual(_origin("https://Rexec.Example"), ("https", "rexec.example", 443))
+        self.assertEqual(_origin("http://h:80/path/"), ("http", "h", 80))
+        self.assertEqual(_origin("http://[::1]:8080"), ("http", "::1", 8080))
+        for value in ("null", "", "file://x", "http://", "http://h:99999", "ws://h"):
+            with self.subTest(value=value):
+                self.assertIsNone(_origin(value))
 
     def test_session_cookie_removed(self) -> None:
         """rexecpf's cookie is removed from Cookie headers, other cookies kept."""
@@ -871,3 +916,223 @@ class ContainerClientTests(SynchronousTestCase):
         self.assertTrue(client.value().startswith(b"HTTP/1.1 500 "))
         self.assertIsNone(container.producer)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class AccessRulesTests(SynchronousTestCase):
+    """
+    Who may use a forward through the proxy, and that none of rexecpf's
+    credentials reach the container: on ``/p/``, under host routing, and
+    for upgrades.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.serve()
+
+    def serve(self, create: bytes = b'{"container_port": 8080}') -> None:
+        self.service, self.forwards, self.forward = make_proxy(
+            self.reactor, proxy_domain="preview.test", create=create
+        )
+        self.successResultOf(self.service.sessions.ready())
+        self.cookie = b"Cookie: rexecpf_session=" + self.service.sessions.make("alice", self.forward.id).encode()
+        root = Root(
+            NotFoundResource(),
+            NotFoundResource(),
+            proxy=ProxyResource(self.service),
+            host_router=HostRouter(self.service, "preview.test"),
+        )
+        self.site = RexecSite(root, proxy_body_bytes=1_000_000)
+
+    @property
+    def own_origin(self) -> bytes:
+        """:return: the forward's origin under host routing."""
+        return b"http://" + self.forward.id.replace("_", "-").encode() + b".preview.test:8080"
+
+    def send(
+        self, *lines: bytes, method: bytes = b"GET", path: bytes = b"/", routed: bool = False
+    ) -> StringTransport:
+        """
+        Send one request with the header ``lines``, under ``/p/{id}`` or
+        (``routed``) to the forward's own host; :return: the client's transport.
+        """
+        if routed:
+            target, host = path, self.own_origin[len(b"http://"):]
+        else:
+            target, host = b"/p/" + self.forward.id.encode() + path, b"127.0.0.1:8080"
+        channel, transport = channel_for(self.site)
+        self.connections = len(self.reactor.tcpClients)
+        channel.dataReceived(
+            method + b" " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
+            + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+        )
+        return transport
+
+    def received(self) -> bytes:
+        """:return: the request head the container got for the last request sent."""
+        self.assertEqual(len(self.reactor.tcpClients), self.connections + 1, "nothing was sent to the container")
+        _, container = connect_container(self.reactor)
+        return container.value()
+
+    def assertRefused(self, transport: StringTransport, code: int) -> dict[str, Any]:
+        """The last request was answered ``code`` by rexecpf, nothing sent to the container: :return: the error."""
+        self.assertEqual(len(self.reactor.tcpClients), self.connections)
+        response = transport.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 %d " % code), response)
+        body = response.partition(b"\r\n\r\n")[2]  # (maybe chunked: one chunk)
+        error: dict[str, Any] = json.loads(body[body.index(b"{") : body.rindex(b"}") + 1])["error"]
+        self.assertEqual(error["code"], code)
+        return error
+
+    # credentials
+
+    def test_authorization_with_a_token_never_passes(self) -> None:
+        """
+        Every Authorization value holding a rexecpf token is removed, whatever
+        else is sent and whichever credential authenticates (several values,
+        any case, any spacing); the app's own values pass, and so do its
+        cookies.  Proxy-Authorization never passes.
+        """
+        cases = [
+            (self.cookie, b"Authorization: Bearer alice-token", b"Authorization: Basic dTpw"),
+            (self.cookie + b"; app=1", b"Authorization: Basic dTpw", b"Authorization: bEaReR    alice-token  "),
+            (b"Authorization: Basic dTpw", b"Authorization:   bearer alice-token", b"Authorization: Bearer bob-token"),
+            (self.cookie, b"Authorization: Basic dTpw", b"Proxy-Authorization: Bearer alice-token"),
+            (self.cookie, b"Authorization: Basic " + base64.b64encode(b"alice:alice-token"), b"Authorization: Basic dTpw"),
+        ]
+        for upgrade in (False, True):
+            for routed in (False, True):
+                for lines in cases:
+                    with self.subTest(upgrade=upgrade, routed=routed, lines=lines):
+                        extra = (b"Connection: Upgrade", b"Upgrade: websocket") if upgrade else ()
+                        self.send(*lines, *extra, routed=routed)
+                        head = self.received()
+                        self.assertNotIn(b"alice-token", head)
+                        self.assertNotIn(b"bob-token", head)
+                        self.assertNotIn(b"rexecpf_session", head)
+                        self.assertIn(b"\r\nAuthorization: Basic dTpw\r\n", head)
+                        self.assertEqual(head.lower().count(b"\r\nauthorization:"), 1)
+
+    def test_someone_elses_token_with_a_cookie(self) -> None:
+        """Bob's token beside alice's cookie: the bearer header decides (404 for bob), and it is not sent."""
+        transport = self.send(self.cookie, b"Authorization: Bearer bob-token", b"Authorization: Basic dTpw")
+        self.assertRefused(transport, 404)
+
+    # ?token=
+
+    def test_apps_own_token_parameter_passes(self) -> None:
+        """A token parameter that is no rexecpf token reaches the app as sent when a cookie (or bearer) authenticates."""
+        for routed in (False, True):
+            with self.subTest(routed=routed):
+                self.send(self.cookie, path=b"/lab?token=jupyter-own&x=1", routed=routed)
+                self.assertTrue(self.received().startswith(b"GET /lab?token=jupyter-own&x=1 HTTP/1.1\r\n"))
+        self.send(b"Authorization: Bearer alice-token", path=b"/lab?token=jupyter-own")
+        self.assertTrue(self.received().startswith(b"GET /lab?token=jupyter-own HTTP/1.1\r\n"))
+
+    def test_token_parameter_without_credentials(self) -> None:
+        """A token parameter that is no rexecpf token, and no other credential: 401, as before."""
+        error = self.assertRefused(self.send(path=b"/?token=nope"), 401)
+        self.assertEqual(error["detail"], "the token is not valid")
+
+    def test_someone_elses_token_parameter(self) -> None:
+        """Bob's token in the URL of alice's forward is consumed: 404, never sent, even beside alice's cookie."""
+        self.assertRefused(self.send(path=b"/?token=bob-token"), 404)
+        self.assertRefused(self.send(self.cookie, path=b"/?token=bob-token&x=1"), 404)
+
+    def test_rexecpf_token_consumed_apps_kept(self) -> None:
+        """rexecpf's token is consumed (cookie and redirect); the app's own token parameter stays in the redirect."""
+        transport = self.send(path=b"/lab?token=alice-token&token=jupyter-own")
+        self.assertEqual(len(self.reactor.tcpClients), self.connections)
+        response = transport.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 303 "))
+        self.assertIn(b"\r\nLocation: ./lab?token=jupyter-own\r\n", response)
+        self.assertIn(b"Set-Cookie: rexecpf_session=", response)
+
+    # Origin
+
+    def test_cookie_refused_from_another_origin(self) -> None:
+        """
+        With the session cookie, an unsafe method or an upgrade from another
+        origin (or ``null``, or a second Origin) is 403, nothing sent; HTML
+        for a browser.
+        """
+        for method, lines in (
+            (b"POST", (b"Origin: http://evil.example",)),
+            (b"PUT", (b"Origin: null",)),
+            (b"DELETE", (b"Origin: http://127.0.0.1:8080", b"Origin: http://evil.example")),
+            (b"PATCH", (b"Origin: http://127.0.0.1:8081",)),
+            (b"PROPFIND", (b"Origin: https://127.0.0.1:8080",)),
+            (b"GET", (b"Origin: http://evil.example", b"Connection: Upgrade", b"Upgrade: websocket")),
+        ):
+            with self.subTest(method=method, lines=lines):
+                error = self.assertRefused(self.send(self.cookie, *lines, method=method), 403)
+                self.assertIn("origin", error["detail"])
+        transport = self.send(self.cookie, b"Origin: http://evil.example", b"Accept: text/html", method=b"POST")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 403 "))
+        self.assertIn(b"<h1>403 Forbidden</h1>", transport.value())
+
+    def test_cookie_accepted_from_own_origin(self) -> None:
+        """
+        The forward's own origin (public_url's under /p/, default port
+        spelled or not), no Origin at all, a safe method from anywhere, and a
+        bearer token from anywhere are let through.
+        """
+        for method, lines in (
+            (b"POST", (self.cookie, b"Origin: http://127.0.0.1:8080")),
+            (b"POST", (self.cookie, b"Origin: HTTP://127.0.0.1:8080")),
+            (b"DELETE", (self.cookie,)),
+            (b"GET", (self.cookie, b"Origin: http://evil.example")),
+            (b"GET", (self.cookie, b"Origin: http://127.0.0.1:8080", b"Connection: Upgrade", b"Upgrade: websocket")),
+            (b"POST", (b"Authorization: Bearer alice-token", b"Origin: http://evil.example")),
+        ):
+            with self.subTest(method=method, lines=lines):
+                self.send(*lines, method=method)
+                self.assertTrue(self.received().startswith(method + b" / HTTP/1.1\r\n"))
+
+    def test_host_routed_origin(self) -> None:
+        """Under host routing only the forward's own origin may use its cookie: not public_url's (every forward's /p/)."""
+        error = self.assertRefused(
+            self.send(self.cookie, b"Origin: http://127.0.0.1:8080", method=b"POST", routed=True), 403
+        )
+        self.assertIn("origin", error["detail"])
+        other = self.own_origin.replace(b"pf-", b"pf-0", 1)
+        self.assertRefused(self.send(self.cookie, b"Origin: " + other, method=b"POST", routed=True), 403)
+        self.send(self.cookie, b"Origin: " + self.own_origin, method=b"POST", routed=True)
+        self.assertTrue(self.received().startswith(b"POST / HTTP/1.1\r\n"))
+
+    # CORS preflights
+
+    def test_preflight_answered(self) -> None:
+        """
+        A preflight (OPTIONS, Access-Control-Request-Method, no credentials)
+        is answered 204 with no CORS permission, also for a forward that does
+        not exist; an OPTIONS that is not a preflight still needs credentials.
+        """
+        preflight = (b"Origin: http://evil.example", b"Access-Control-Request-Method: POST")
+        for routed in (False, True):
+            with self.subTest(routed=routed):
+                transport = self.send(*preflight, method=b"OPTIONS", routed=routed)
+                self.assertEqual(len(self.reactor.tcpClients), self.connections)
+                self.assertTrue(transport.value().startswith(b"HTTP/1.1 204 "))
+                self.assertNotIn(b"access-control", transport.value().lower())
+        channel, transport = channel_for(self.site)
+        channel.dataReceived(b"OPTIONS /p/pf_nosuchforward/ HTTP/1.1\r\nHost: h\r\n" + b"".join(
+            line + b"\r\n" for line in preflight) + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 204 "))
+        self.assertRefused(self.send(b"Origin: http://evil.example", method=b"OPTIONS"), 401)
+
+    def test_preflight_passed(self) -> None:
+        """A forward made with pass_preflight sends preflights to the container, without rexecpf's credentials."""
+        self.serve(create=b'{"container_port": 8080, "pass_preflight": true}')
+        self.send(
+            b"Origin: http://evil.example",
+            b"Access-Control-Request-Method: PUT",
+            b"Cookie: rexecpf_session=stale; app=1",
+            method=b"OPTIONS",
+            path=b"/x?token=own",
+        )
+        head = self.received()
+        self.assertTrue(head.startswith(b"OPTIONS /x?token=own HTTP/1.1\r\n"))
+        self.assertIn(b"\r\nAccess-Control-Request-Method: PUT\r\n", head)
+        self.assertIn(b"\r\nCookie: app=1\r\n", head)
+        self.assertNotIn(b"rexecpf_session", head)
+        self.assertEqual(self.forwards.live_counts(), {"proxy": 1})

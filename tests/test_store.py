@@ -34,10 +34,12 @@ from tests.functional import inprocess
 from tests.functional.pgcluster import fresh_database, require_postgres, shared_cluster
 
 
-def forward(fid: str, container: str = "c1", port: int = 80, local: int = 20000, ms: int = 1) -> PortForward:
+def forward(
+    fid: str, container: str = "c1", port: int = 80, local: int = 20000, ms: int = 1, pass_preflight: bool = False
+) -> PortForward:
     return PortForward(
         id=fid, container_id=container, container_port=port, local_port=local,
-        name=None, created_ms=ms, owner="alice",
+        name=None, created_ms=ms, owner="alice", pass_preflight=pass_preflight,
     )
 
 
@@ -63,6 +65,14 @@ class StoreBehaviour:
         self.assertTrue((yield self.store.remove("pf_a")))
         self.assertFalse((yield self.store.remove("pf_a")))
         self.assertIsNone((yield self.store.get("pf_a")))
+
+    @defer.inlineCallbacks
+    def test_pass_preflight_kept(self) -> Any:
+        """A forward's pass_preflight is kept, true or false."""
+        yield self.store.add(forward("pf_a", pass_preflight=True), 10)
+        yield self.store.add(forward("pf_b", port=81, local=20001), 10)
+        self.assertEqual((yield self.store.get("pf_a")), forward("pf_a", pass_preflight=True))
+        self.assertEqual([f.pass_preflight for f in (yield self.store.list_forwards("c1"))], [True, False])
 
     @defer.inlineCallbacks
     def test_invariants(self) -> Any:
@@ -156,6 +166,33 @@ class SQLiteStoreTests(StoreBehaviour, TestCase):
         again = SQLiteForwardStore(reactor, self.path)
         self.addCleanup(again.close)
         self.assertEqual((yield again.get("pf_1")), forward("pf_1"))
+
+    @defer.inlineCallbacks
+    def test_migrated_from_version_1(self) -> Any:
+        """
+        A state file of schema version 1 (before pass_preflight) is migrated
+        when opened: its forwards are kept, with pass_preflight false.
+        """
+        path = os.path.join(os.path.dirname(self.path), "version1.sqlite3")
+        old = sqlite3.connect(path)
+        old.execute(
+            "CREATE TABLE forwards (id TEXT PRIMARY KEY, container_id TEXT NOT NULL, "
+            "container_port INTEGER NOT NULL, local_port INTEGER NOT NULL UNIQUE, name TEXT, "
+            "created_ms INTEGER NOT NULL, owner TEXT NOT NULL DEFAULT '', UNIQUE (container_id, container_port))"
+        )
+        old.execute("CREATE TABLE secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        old.execute("INSERT INTO forwards VALUES ('pf_1', 'c1', 80, 20000, NULL, 1, 'alice')")
+        old.execute("PRAGMA user_version = 1")
+        old.commit()
+        old.close()
+        again = SQLiteForwardStore(reactor, path)
+        self.addCleanup(again.close)
+        self.assertEqual((yield again.get("pf_1")), forward("pf_1"))
+        yield again.add(forward("pf_2", port=81, local=20001, pass_preflight=True), 10)
+        self.assertTrue((yield again.get("pf_2")).pass_preflight)
+        connection = sqlite3.connect(path)
+        self.addCleanup(connection.close)
+        self.assertEqual(connection.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
 
     @defer.inlineCallbacks
     def test_refusing_writes(self) -> Any:

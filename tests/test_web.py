@@ -206,3 +206,53 @@ class TakeoverTests(SynchronousTestCase):
         self.assertIsNone(transport.producer)
         release_from_http_channel(transport)  # nothing registered: nothing to do
         transport.registerProducer(object(), True)
+
+
+class HostHeaderTests(SiteCase):
+    """RFC 9112 3.2: a request with more than one Host line, or a bad Host, is 400 before any routing."""
+
+    def test_duplicate_or_bad_host_refused(self) -> None:
+        """
+        400 with the JSON error (an HTML page for a browser), the resource
+        never sees it, and the connection closes after the answer: a
+        pipelined request behind it is not served.
+        """
+        for target, hosts in (
+            (b"/p/pf_x/", [b"a.example", b"b.example"]),
+            (b"/api/containers/c1/port-forwards", [b"a.example", b"a.example"]),
+            (b"/ws/port-forward/pf_x", [b"pf-x.preview.test", b"pf-y.preview.test"]),
+            (b"http://a.example/p/pf_x/", [b"a.example", b"b.example"]),
+            (b"/", [b"a.example, b.example"]),
+            (b"/", [b"a.example b"]),
+            (b"/", [b"a.example/x"]),
+            (b"/", [b"a.example:80x"]),
+        ):
+            with self.subTest(target=target, hosts=hosts):
+                channel, transport = self.connect()
+                channel.dataReceived(  # type: ignore[attr-defined]
+                    b"GET " + target + b" HTTP/1.1\r\n"
+                    + b"".join(b"Host: " + host + b"\r\n" for host in hosts)
+                    + b"\r\nGET / HTTP/1.1\r\nHost: a.example\r\n\r\n"
+                )
+                head, _, body = transport.value().partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+                self.assertIn(b"Connection: close", head)
+                self.assertEqual(json.loads(body)["error"]["message"], "Invalid request")
+                self.assertIn("Host", json.loads(body)["error"]["detail"])
+                self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+                self.assertTrue(transport.disconnecting)
+        channel, transport = self.connect()
+        channel.dataReceived(  # type: ignore[attr-defined]
+            b"GET /p/pf_x/ HTTP/1.1\r\nHost: a\r\nAccept: text/html\r\nHost: b\r\n\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+        self.assertIn(b"<h1>400 Invalid request</h1>", transport.value())
+        self.assertEqual(self.resource.bodies, [])
+
+    def test_good_hosts_served(self) -> None:
+        """One Host of a name, an address or an IP literal, with or without a port, or empty: served."""
+        for host in (b"a.example", b"A.Example:8080", b"127.0.0.1:1", b"[::1]:8080", b"[::1]", b"", b"pf-x.preview.test:"):
+            with self.subTest(host=host):
+                channel, transport = self.connect()
+                channel.dataReceived(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")  # type: ignore[attr-defined]
+                self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value())

@@ -98,6 +98,16 @@ class ForwardCommandTests(DaemonMixin, TestCase):
         self.assertEqual(out.decode().splitlines()[1:], [])
 
     @inlineCallbacks
+    def test_create_pass_preflight(self):
+        """``forward create --pass-preflight`` makes a forward that passes CORS preflights; without it, one that does not."""
+        out, err, status = yield self.cli("forward", "create", "c1", str(self.echo.port), "--pass-preflight", "--json")
+        self.assertEqual((status, err), (0, b""))
+        self.assertTrue(json.loads(out)["pass_preflight"])
+        out, err, status = yield self.cli("forward", "create", "c1", str(free_port()), "--json")
+        self.assertEqual((status, err), (0, b""))
+        self.assertFalse(json.loads(out)["pass_preflight"])
+
+    @inlineCallbacks
     def test_errors(self):
         """
         Each failure is one line on stderr and status 1: bad token (401),

@@ -587,3 +587,142 @@ class HTTPServerTests(TestCase):
         response = yield self.http.get(url + "/nothing", headers=ALICE)
         self.assertEqual(response.code, 404)  # the container's own 404 passes through
         yield response.content()
+
+
+class AccessRulesTests(ProxyTestsMixin, TestCase):
+    """
+    Over real sockets, on ``/p/`` and under host routing, for plain and
+    upgrade requests: none of rexecpf's credentials reach the container (it
+    echoes what it got), the session cookie only serves unsafe methods and
+    upgrades from the forward's own origin, CORS preflights are answered or
+    passed per forward, and one Host header only.
+    """
+
+    overrides: ClassVar[dict[str, Any]] = {"server": {"proxy_domain": "preview.test"}}
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        yield super().setUp()
+        yield self.rex.proxy.sessions.ready()
+        self.cookie = f"Cookie: rexecpf_session={self.rex.proxy.sessions.make('alice', self.fw.id)}; app=1"
+        self.own_host = f"{self.fw.id.replace('_', '-')}.preview.test:{self.rex.port}"
+
+    @inlineCallbacks
+    def send(self, method: str, path: str, *lines: str, routed: bool = False, forward_id: str = "") -> Any:
+        """
+        Send one request with the header ``lines`` (and ``Connection: close``)
+        under ``/p/{id}`` or (``routed``) to the forward's own host.
+
+        :return: a Deferred firing with the status, the headers and the body.
+        """
+        forward_id = forward_id or self.fw.id
+        host = f"{forward_id.replace('_', '-')}.preview.test:{self.rex.port}" if routed else f"127.0.0.1:{self.rex.port}"
+        target = path if routed else f"/p/{forward_id}{path}"
+        if not any(line.lower().startswith("connection:") for line in lines):
+            lines = (*lines, "Connection: close")
+        payload = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n" + "".join(f"{line}\r\n" for line in lines) + "\r\n"
+        client = yield raw_request(self.rex.port, payload.encode())
+        code, headers, body = split_response(client.data)
+        return code, headers, payload_of(headers, body)
+
+    @inlineCallbacks
+    def test_credentials_never_reach_container(self) -> Any:
+        """A valid cookie plus Authorization headers holding alice's token: only the app's own Authorization passes."""
+        for routed in (False, True):
+            for upgrade in ((), ("Connection: Upgrade, close", "Upgrade: websocket")):
+                code, _, body = yield self.send(
+                    "GET",
+                    "/",
+                    self.cookie,
+                    "Authorization: Bearer alice-token",
+                    "Authorization: Basic dTpw",
+                    "Authorization:   bEaReR   alice-token ",
+                    "Proxy-Authorization: Bearer alice-token",
+                    *upgrade,
+                    routed=routed,
+                )
+                self.assertEqual(code, 200, body)
+                document = json.loads(body)
+                self.assertEqual(self.headers_of(document, "Authorization"), ["Basic dTpw"])
+                self.assertEqual(self.headers_of(document, "Cookie"), ["app=1"])
+                self.assertNotIn(b"alice-token", body)
+
+    @inlineCallbacks
+    def test_apps_own_token_parameter(self) -> Any:
+        """With the cookie, the app's own ?token= reaches it as sent; alone it is 401; bob's token is consumed (404)."""
+        for routed in (False, True):
+            code, _, body = yield self.send("GET", "/lab?token=jupyter-own", self.cookie, routed=routed)
+            self.assertEqual(code, 200, body)
+            self.assertEqual(json.loads(body)["uri"], "/lab?token=jupyter-own")
+        code, _, body = yield self.send("GET", "/lab?token=jupyter-own")
+        self.assertEqual(code, 401, body)
+        code, _, body = yield self.send("GET", "/lab?token=bob-token", self.cookie)
+        self.assertEqual(code, 404, body)
+
+    @inlineCallbacks
+    def test_cookie_only_from_own_origin(self) -> Any:
+        """
+        A cookie-authenticated POST or upgrade from another origin is 403 (on
+        /p/ public_url's origin is the forward's; under host routing only
+        pf-xxxx's); from its own origin, or without Origin, it is served.
+        """
+        evil = "Origin: http://evil.example"
+        public = f"Origin: {self.rex.base}"
+        websocket = ("Connection: Upgrade, close", "Upgrade: websocket")
+        for method, lines, routed, expected in (
+            ("POST", (evil,), False, 403),
+            ("POST", ("Origin: null",), False, 403),
+            ("GET", (evil, *websocket), False, 403),
+            ("POST", (public,), True, 403),
+            ("GET", (public, *websocket), True, 403),
+            ("POST", (public,), False, 200),
+            ("DELETE", (), False, 200),
+            ("GET", (evil,), False, 200),
+            ("POST", (f"Origin: http://{self.own_host}",), True, 200),
+            ("GET", (f"Origin: http://{self.own_host}", *websocket), True, 200),
+        ):
+            code, headers, body = yield self.send(method, "/", self.cookie, *lines, routed=routed)
+            self.assertEqual(code, expected, (method, lines, routed, body))
+            if expected == 403:
+                self.assertEqual(json.loads(body)["error"]["message"], "Forbidden")
+        code, _, body = yield self.send("POST", "/", "Authorization: Bearer alice-token", evil)
+        self.assertEqual(code, 200, body)
+
+    @inlineCallbacks
+    def test_preflight(self) -> Any:
+        """
+        A CORS preflight without credentials is 204 with no CORS permission
+        from rexecpf, unless the forward passes preflights: then the
+        container answers it.
+        """
+        preflight = ("Origin: http://evil.example", "Access-Control-Request-Method: PUT")
+        for routed in (False, True):
+            code, headers, body = yield self.send("OPTIONS", "/", *preflight, routed=routed)
+            self.assertEqual((code, body), (204, b""))
+            self.assertEqual([name for name, _ in headers if name.startswith(b"access-control")], [])
+        passing = yield self.rex.create(self.app_port, cid="cont_b", token=TOKENS["bob"], pass_preflight=True)
+        self.assertTrue(passing["pass_preflight"])
+        for routed in (False, True):
+            code, _, body = yield self.send("OPTIONS", "/x", *preflight, routed=routed, forward_id=passing["id"])
+            self.assertEqual(code, 200, body)
+            document = json.loads(body)
+            self.assertEqual((document["method"], document["uri"]), ("OPTIONS", "/x"))
+            self.assertEqual(self.headers_of(document, "Access-Control-Request-Method"), ["PUT"])
+
+    @inlineCallbacks
+    def test_duplicate_host(self) -> Any:
+        """Two Host lines are 400 (JSON) on /p/, under host routing, on /api and on /ws/."""
+        for target, host in (
+            (f"/p/{self.fw.id}/", f"127.0.0.1:{self.rex.port}"),
+            ("/", self.own_host),
+            ("/api/containers/cont_a/port-forwards", f"127.0.0.1:{self.rex.port}"),
+            (f"/ws/port-forward/{self.fw.id}", f"127.0.0.1:{self.rex.port}"),
+        ):
+            payload = (
+                f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer alice-token\r\n"
+                f"Host: {host}\r\n\r\n"
+            )
+            client = yield raw_request(self.rex.port, payload.encode())
+            code, headers, body = split_response(client.data)
+            self.assertEqual(code, 400, client.data)
+            self.assertEqual(json.loads(payload_of(headers, body))["error"]["message"], "Invalid request")
