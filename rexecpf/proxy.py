@@ -991,7 +991,7 @@ class _ContainerConnection(TCPEnd):
         try:
             self.decoder.dataReceived(data)
         except ProtocolError as error:
-            exchange.broken(f"bad response framing: {error}")
+            exchange.bad_framing(f"bad response framing: {error}")
 
     def readConnectionLost(self) -> None:
         if self.relaying:
@@ -1387,6 +1387,23 @@ class _Exchange:
         self._stop_sending()
         self._log.info("proxied response of {forward_id} broken: {why}", forward_id=self.forward.id, why=why)
         _abort_client(self.request, None if at_once else self.service.reactor)
+
+    def bad_framing(self, why: str) -> None:
+        """
+        The container's body is not framed as HTTP/1.1 says: 502 when none of
+        it was passed on yet, else the response is :meth:`broken`.
+        """
+        request = self.request
+        if self.done or request.startedWriting:
+            self.broken(why)
+            return
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.abort()
+        self._stop_sending()
+        if request.producer is not None:
+            request.unregisterProducer()
+        self._end(BAD_GATEWAY(why))
 
     def _client_done(self, result: Any) -> None:
         if self.request.startedWriting:
