@@ -68,6 +68,9 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x
 #: starting with SP or HTAB (obs-fold) is no token, so it is refused.
 _FIELD_LINE = re.compile(rb"([" + _TCHAR + rb"]+):([\t\x20-\x7e\x80-\xff]*)\Z")
 
+#: field-lines, each with its CRLF (the same grammar, in one match).
+_FIELD_LINES = re.compile(rb"(?:[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r\n)*\Z")
+
 _DIGITS = re.compile(rb"[0-9]{1,18}\Z")
 _TOKEN = re.compile(rb"[" + _TCHAR + rb"]+\Z")
 _OWS = b" \t"
@@ -139,6 +142,9 @@ class ResponseHead:
         return field[1] if field is not None else []
 
     def _length(self) -> int:
+        values = self.values(b"content-length")
+        if len(values) == 1 and _DIGITS.match(values[0]):
+            return int(values[0])  # the common case
         lengths = set()
         for element in (e.strip(_OWS) for value in self.values(b"content-length") for e in value.split(b",")):
             if not _DIGITS.match(element):
@@ -221,7 +227,13 @@ class HeadReader:
             what followed it), ``None`` while more is needed.
         :raises ProtocolError: for anything that is not a response head we accept.
         """
-        self.received += len(data)
+        if not self.received:
+            self.received = len(data)
+            head = self._whole_heads(data)
+            if head is not None:
+                return head
+        else:
+            self.received += len(data)
         buffer = self._buffer
         buffer += data
         while True:
@@ -240,6 +252,48 @@ class HeadReader:
                 self.rest = bytes(buffer[self._line:])
                 self._buffer = bytearray()
                 return head
+
+    def _whole_heads(self, data: bytes) -> ResponseHead | None:
+        """
+        The common case, faster: the first read holds whole heads.
+
+        :return: the final head, or ``None`` when ``data`` does not hold it
+            (then it is read line by line, from the start).
+        """
+        position = 0
+        while True:
+            end = data.find(b"\r\n\r\n", position, self._max_bytes)
+            if end < 0:
+                self.interim = 0
+                return None
+            # (an empty first line, a bare CR or LF, fail these matches)
+            eol = data.find(b"\r\n", position, end + 2)
+            match = _STATUS_LINE.match(data, position, eol)
+            if match is None:
+                raise ProtocolError("bad status line")
+            if eol < end and _FIELD_LINES.match(data, eol + 2, end + 2) is None:
+                raise ProtocolError("bad field line")
+            lines = data[eol + 2:end].split(b"\r\n") if eol < end else []
+            if len(lines) > self._max_fields:
+                raise ProtocolError(f"more than {self._max_fields} fields in the response head")
+            fields: Fields = {}
+            for line in lines:
+                name, _, value = line.partition(b":")
+                lower = name.lower()
+                field = fields.get(lower)
+                if field is None:
+                    fields[lower] = (name, [value.strip(_OWS)])
+                else:
+                    field[1].append(value.strip(_OWS))
+            position = end + 4
+            minor, code, reason = match.groups()
+            if code[0] == 49 and code != b"101":  # 1xx
+                self.interim += 1
+                if self.interim > self._max_interim:
+                    raise ProtocolError(f"more than {self._max_interim} interim responses")
+                continue
+            self.rest = data[position:]
+            return ResponseHead(b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0", int(code), reason or b"", fields)
 
     def _partial_line(self) -> None:
         """No CRLF yet: what came of the line so far must be able to end in one."""

@@ -133,6 +133,27 @@ class HeadTests(SynchronousTestCase):
                     reader.feed(data[byte:byte + 1])
                 reader.feed(b"\r\n")
 
+    def test_first_read_and_later_reads_agree(self) -> None:
+        """
+        Heads whole in the first read (the fast path) and heads that come in
+        pieces (line by line) are accepted and refused alike.
+        """
+        for data, *_ in VALID + INVALID:
+            outcomes = []
+            for pieces in ([data], [data[:1], data[1:]], [data[: len(data) // 2], data[len(data) // 2 :]]):
+                reader = HeadReader()
+                try:
+                    for piece in pieces:
+                        head = reader.feed(piece)
+                        if head is not None:
+                            break
+                except ProtocolError:
+                    outcomes.append(None)
+                    continue
+                assert head is not None, data
+                outcomes.append((head.version, head.code, head.reason, head.fields, reader.interim, reader.rest))
+            self.assertEqual(outcomes[1:], outcomes[:1] * 2, data)
+
     def test_field_name_case_kept(self) -> None:
         """The first spelling of a name is kept, and every value of a repeated field."""
         head = read(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n\r\n")
