@@ -11,9 +11,9 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
     install_requires=[
-        "twisted[tls]>=24.7",
+        "twisted[tls]>=24.7,<27",
         "klein>=24.8",
-        "autobahn>=24.4",
+        "autobahn>=24.4,<27",
         "treq>=24.9",
         "docker>=7.0",
         "service-identity>=24.1",

@@ -71,6 +71,15 @@ from rexecpf.api import PublicURLs, write_json
 from rexecpf.auth import Authenticator, bearer_token
 from rexecpf.endpoints import container_endpoint
 from rexecpf.forwards import CONTAINER_STOPPED, DELETED, GOING_AWAY, ForwardService
+from rexecpf.http1 import (
+    ChunkedDecoder,
+    Framing,
+    HeadReader,
+    LengthDecoder,
+    ProtocolError,
+    ResponseHead,
+    UntilCloseDecoder,
+)
 from rexecpf.metrics import Metrics
 from rexecpf.model import (
     BAD_GATEWAY,
@@ -125,9 +134,6 @@ _OWN_REQUEST_HEADERS = frozenset(
     {b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix", b"content-length", b"expect"}
 )
 
-#: Largest response head accepted from a container.
-MAX_RESPONSE_HEAD = 64 * 1024
-
 #: Seconds a kept-alive connection to a container may stay idle and still
 #: be used: below the keep-alive timeout of common servers (2 s and more).
 POOLED_IDLE_SECONDS = 2.0
@@ -138,9 +144,6 @@ _ERROR_PAGE = (
 )
 
 _FORWARD_LABEL = re.compile(r"pf-[a-z0-9]{1,64}\Z")
-
-#: A header field name (RFC 9110 5.1: a token).
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
 
 # --- errors -----------------------------------------------------------------
@@ -947,34 +950,6 @@ def _reason(failure: Failure) -> str:
     return failure.getErrorMessage()
 
 
-def _parse_head(head: bytes) -> tuple[bytes, int, bytes, Fields]:
-    """
-    :param head: a response head without its final empty line.
-    :return: the HTTP version, the status code, the reason phrase and the
-        fields (values are sanitized when they are copied to the client's
-        response).
-    :raises ValueError: for anything that is not an HTTP/1.x response head.
-    """
-    status_line, *header_lines = head.split(b"\r\n")
-    version, _, status = status_line.partition(b" ")
-    code_bytes, _, phrase = status.partition(b" ")
-    code = int(code_bytes)
-    if not version.startswith(b"HTTP/1.") or not 100 <= code <= 599:
-        raise ValueError(status_line)
-    fields: Fields = {}
-    for line in header_lines:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
-            raise ValueError(line)
-        lower = name.lower()
-        field = fields.get(lower)
-        if field is None:
-            fields[lower] = (name, [value.strip(b" \t")])
-        else:
-            field[1].append(value.strip(b" \t"))
-    return version, code, phrase, fields
-
-
 class _ConnectionPool:
     """
     Kept-alive connections to container ports, idle between two requests.
@@ -1057,7 +1032,7 @@ class _ContainerConnection(TCPEnd):
         self.exchange: _Exchange | None = exchange
         self.key = key
         self.pool = pool
-        self.head = b""
+        self.reader = HeadReader()
         self.head_done = False
         self.decoder: Any = None
         self.relaying = False
@@ -1081,7 +1056,7 @@ class _ContainerConnection(TCPEnd):
         read whole and the connection may stay open), else closed.
         """
         self.exchange = None
-        self.head, self.head_done, self.decoder = b"", False, None
+        self.reader, self.head_done, self.decoder = HeadReader(), False, None
         transport = self._t
         if transport is None or not getattr(transport, "connected", True):
             return
@@ -1108,25 +1083,28 @@ class _ContainerConnection(TCPEnd):
             self._t.abortConnection()
             return
         if self.head_done:
-            try:
-                self.decoder.dataReceived(data)
-            except http._MalformedChunkedDataError as error:
-                exchange.broken(f"bad response framing: {error}")
+            self.body_received(exchange, data)
             return
-        self.head += data
-        end = self.head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.head) > MAX_RESPONSE_HEAD:
-                exchange.head_failed(self, "the response head is too large")
+        try:
+            head = self.reader.feed(data)
+        except ProtocolError as error:
+            exchange.head_failed(self, f"the container's response head is not valid HTTP/1.1: {error}")
             return
-        head, rest = self.head[:end], self.head[end + 4:]
-        self.head = b""
+        if head is None:
+            return
         self.head_done = True
         try:
-            exchange.got_head(self, head, rest)
+            exchange.got_head(self, head, self.reader.rest)
         except Exception:
             # A bug, not the container's fault: the request must not hang.
             exchange.crashed(self)
+
+    def body_received(self, exchange: _Exchange, data: bytes) -> None:
+        """Decode ``data`` by the response's framing (bad framing: the response is broken)."""
+        try:
+            self.decoder.dataReceived(data)
+        except ProtocolError as error:
+            exchange.bad_framing(f"bad response framing: {error}")
 
     def readConnectionLost(self) -> None:
         if self.relaying:
@@ -1340,7 +1318,7 @@ class _Exchange:
             return
         self._stop_sending()
         self.connection = None
-        nothing_came = not connection.head_done and not connection.head
+        nothing_came = not connection.head_done and not connection.reader.received
         # (A streamed body cannot go again: what was sent of it is gone.)
         replayable = self.request.method in IDEMPOTENT and getattr(self.request, "body_stream", None) is None
         if connection.reused and nothing_came and not self.retried and replayable:
@@ -1352,81 +1330,67 @@ class _Exchange:
         connection.abort()
         self._end(BAD_GATEWAY(why))
 
-    def got_head(self, connection: _ContainerConnection, head: bytes, rest: bytes) -> None:
-        """The response head came: pass it on, then its body (or switch protocols)."""
+    def got_head(self, connection: _ContainerConnection, head: ResponseHead, rest: bytes) -> None:
+        """The response head came (interim ones skipped): pass it on, then its body (or switch protocols)."""
         if self.done:
             connection.abort()
             return
-        try:
-            version, code, phrase, fields = _parse_head(head)
-        except ValueError:
-            self.head_failed(connection, "the container's response head is not HTTP/1.1")
-            return
-        if 100 <= code < 200 and code != 101:
-            # Interim (100 Continue, 103 Early Hints): the answer follows.
-            connection.head_done = False
-            if rest:
-                connection.dataReceived(rest)
-            return
         self._disarm()
-        if code == 101:
-            self._switch(connection, phrase, fields, rest)
+        if head.code == 101:
+            self._switch(connection, head, rest)
             return
-        self.keep_alive = (
-            not self.upgrade
-            and version == b"HTTP/1.1"
-            and b"close" not in _tokens(_values(fields, b"connection"))
-        )
-        self._respond(connection, code, phrase, fields, rest)
+        self.keep_alive = not self.upgrade and head.persistent(self.request.method)
+        self._respond(connection, head, rest)
 
-    def _switch(self, connection: _ContainerConnection, phrase: bytes, fields: Fields, rest: bytes) -> None:
+    def _switch(self, connection: _ContainerConnection, head: ResponseHead, rest: bytes) -> None:
         """A 101: only an :class:`_Upgrade` asks for one."""
         self.head_failed(connection, "the container switched protocols unasked")
 
-    def _respond(
-        self, connection: _ContainerConnection, code: int, phrase: bytes, fields: Fields, rest: bytes
-    ) -> None:
+    def _respond(self, connection: _ContainerConnection, head: ResponseHead, rest: bytes) -> None:
+        """
+        Pass the response on: its status, reason and fields as parsed, its
+        ``Content-Length`` written again from the number; the body decoded by
+        its framing and re-framed by ``twisted.web`` for the client.  A
+        transfer coding other than chunked cannot be passed on (the client
+        would get coded bytes it is not told about, and ``twisted.web``
+        writes ``Transfer-Encoding`` itself): 502, as nginx answers.
+        """
         request = self.request
         limit = self.service.body_limit
-        chunked = any(b"chunked" in v.lower() for v in _values(fields, b"transfer-encoding"))
-        length: int | None = None
-        if not chunked:
-            lengths = {v.strip() for value in _values(fields, b"content-length") for v in value.split(b",")}
-            if lengths:
-                try:
-                    (only,) = lengths
-                    length = int(only)
-                    if length < 0:
-                        raise ValueError(only)
-                except ValueError:
-                    self.head_failed(connection, "bad Content-Length from the container")
-                    return
-        no_body = request.method == b"HEAD" or code in (204, 304)
-        if length is not None and length > limit and not no_body:
+        framing = head.framing(request.method)
+        length = head.content_length
+        if any(coding != b"chunked" for coding in head.transfer_codings):
+            self.keep_alive = False
+            codings = b", ".join(head.transfer_codings).decode("ascii")
+            self.head_failed(connection, f"the container used a transfer coding the proxy cannot pass on: {codings}")
+            return
+        if framing is Framing.LENGTH and length is not None and length > limit:
             self.keep_alive = False
             self.head_failed(connection, f"the response body ({length} bytes) is over the limit of {limit} bytes")
             return
-        request.setResponseCode(code, phrase)
-        # A chunked body's Content-Length, if any, means nothing (RFC 9112
-        # 6.3): the client gets the body re-framed by twisted.web.
-        self.service.response_headers(request, fields, self.prefix, also_drop=(b"content-length",) if chunked else ())
-        if no_body or length == 0:
+        request.setResponseCode(head.code, head.reason)
+        # Transfer-Encoding is hop-by-hop; with it, Content-Length means
+        # nothing (RFC 9112 6.3) and is dropped.
+        self.service.response_headers(request, head.fields, self.prefix, also_drop=(b"content-length",))
+        if length is not None:
+            request.setHeader(b"content-length", b"%d" % length)
+        if framing is Framing.NONE or (framing is Framing.LENGTH and length == 0):
             self._body_end(rest)
             return
-        if chunked:
-            decoder: Any = http._ChunkedTransferDecoder(self._body_data, self._body_end)
-        elif length is not None:
-            decoder = http._IdentityTransferDecoder(length, self._body_data, self._body_end)
+        if framing is Framing.CHUNKED:
+            decoder: Any = ChunkedDecoder(self._body_data, self._body_end)
+        elif framing is Framing.LENGTH:
+            assert length is not None
+            decoder = LengthDecoder(length, self._body_data, self._body_end)
         else:
-            self.keep_alive = False
-            decoder = _UntilClose(self._body_data)
+            decoder = UntilCloseDecoder(self._body_data)
         connection.decoder = decoder
         # Towards the client too: bigger sends, and a write buffer that may
         # hold a whole read from the container before the container is paused.
         widen_transport(getattr(request.channel, "transport", None))
         request.registerProducer(connection._t, True)
         if rest:
-            connection.dataReceived(rest)
+            connection.body_received(self, rest)
 
     def _body_data(self, data: bytes) -> None:
         if self.done:
@@ -1456,7 +1420,7 @@ class _Exchange:
         connection = self.connection
         if self.done or connection is None:
             return
-        if isinstance(connection.decoder, _UntilClose):
+        if isinstance(connection.decoder, UntilCloseDecoder):
             self.connection = None
             self.finish(None, False)
         else:
@@ -1536,6 +1500,23 @@ class _Exchange:
         self._log.info("proxied response of {forward_id} broken: {why}", forward_id=self.forward.id, why=why)
         _abort_client(self.request, None if at_once else self.service.reactor)
 
+    def bad_framing(self, why: str) -> None:
+        """
+        The container's body is not framed as HTTP/1.1 says: 502 when none of
+        it was passed on yet, else the response is :meth:`broken`.
+        """
+        request = self.request
+        if self.done or request.startedWriting:
+            self.broken(why)
+            return
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.abort()
+        self._stop_sending()
+        if request.producer is not None:
+            request.unregisterProducer()
+        self._end(BAD_GATEWAY(why))
+
     def _client_done(self, result: Any) -> None:
         if self.request.startedWriting:
             # Whatever wrote the head (the container's answer, or one of
@@ -1569,16 +1550,6 @@ class _Exchange:
                 pending.cancel()
             return
         self.broken(reason, at_once=True)
-
-
-class _UntilClose:
-    """A body that ends when the connection closes."""
-
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self._write = write
-
-    def dataReceived(self, data: bytes) -> None:
-        self._write(data)
 
 
 # --- Upgrade requests -----------------------------------------------------------
@@ -1631,7 +1602,7 @@ class _Upgrade(_Exchange):
     upgrade = True
     relay: Relay | None = None
 
-    def _switch(self, backend: _ContainerConnection, phrase: bytes, fields: Fields, rest: bytes) -> None:
+    def _switch(self, backend: _ContainerConnection, head: ResponseHead, rest: bytes) -> None:
         if not self.body_sent:
             # The rest of the body would reach it as bytes of the new protocol.
             self.head_failed(backend, "the container switched protocols before it read the request body")
@@ -1642,9 +1613,9 @@ class _Upgrade(_Exchange):
         self._stop_sending()
         # 101: keep Upgrade and Connection: upgrade, drop other hop-by-hop.
         request.responseHeaders = Headers()
-        self.service.response_headers(request, fields, self.prefix, keep=(b"upgrade",))
+        self.service.response_headers(request, head.fields, self.prefix, keep=(b"upgrade",))
         request.responseHeaders.setRawHeaders(b"connection", [b"Upgrade"])
-        lines = [b"HTTP/1.1 101 " + (phrase or b"Switching Protocols")]
+        lines = [b"HTTP/1.1 101 " + (head.reason or b"Switching Protocols")]
         for name, values in request.responseHeaders.getAllRawHeaders():
             lines.extend(name + b": " + value for value in values)
         # Take the connection over from the HTTPChannel (as Twisted's own
