@@ -343,6 +343,23 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual(close_frame_of(self.sent_frames()[0]), (1000, "idle timeout"))
 
+    def test_pings_while_client_does_not_read(self) -> None:
+        """
+        Pings that arrive while the client's socket is full get no pong
+        queued each: reading the client stops, and once the socket drains
+        one pong answers the most recent ping and reading resumes.
+        """
+        self.open()
+        self.ws_transport.producer.pauseProducing()  # the client's socket is full
+        self.ws.dataReceived(b"".join(client_frame(b"ping %d" % i, opcode=9) for i in range(3)))
+        self.assertEqual(self.sent_frames(), [])
+        self.assertEqual(self.ws_transport.producerState, "paused")
+        self.ws_transport.producer.resumeProducing()
+        self.assertEqual(self.sent_frames(), [(True, 10, b"ping 2")])
+        self.clock.advance(1)  # (with a rate, the pings' bytes were charged)
+        self.assertEqual(self.ws_transport.producerState, "producing")
+        self.assertEqual(self.container_transport.producerState, "producing")
+
     def test_container_closes(self) -> None:
         """
         The container closes its connection: the data it sent is delivered,
@@ -491,6 +508,30 @@ class TunnelThrottleTests(TunnelProtocolTests):
         """The client sends more than the bucket holds: reading from it pauses, then resumes."""
         self.open()
         self.ws.dataReceived(client_frame(b"x" * (self.rate // 2)))
+        self.assertEqual(self.ws_transport.producerState, "paused")
+        self.clock.advance(0.51)
+        self.assertEqual(self.ws_transport.producerState, "producing")
+
+    def test_pings_count_against_the_rate(self) -> None:
+        """
+        Pings count as bytes against ``tunnel_bytes_per_second``: more
+        than the bucket holds pauses reading the client, as data would.
+        """
+        self.open()
+        ping = client_frame(b"p" * 125, opcode=9)  # 131 bytes on the wire
+        count = self.rate // 2 // len(ping) + 1
+        self.ws.dataReceived(ping * count)
+        self.assertEqual(self.ws_transport.producerState, "paused")
+        self.assertEqual(len(self.sent_frames()), count)
+        self.clock.advance(0.51)
+        self.assertEqual(self.ws_transport.producerState, "producing")
+
+    def test_empty_frames_count_against_the_rate(self) -> None:
+        """Headers count too: a flood of empty data frames is throttled."""
+        self.open()
+        empty = client_frame(b"")  # 6 bytes on the wire
+        self.ws.dataReceived(empty * (self.rate // 2 // len(empty) + 1))
+        self.assertEqual(self.container_transport.value(), b"")
         self.assertEqual(self.ws_transport.producerState, "paused")
         self.clock.advance(0.51)
         self.assertEqual(self.ws_transport.producerState, "producing")
