@@ -14,6 +14,10 @@ The opening handshake does all the checking before it answers 101:
    when it is refused or times out).
 
 Only then the 101 goes out and a :class:`rexecpf.relay.Relay` joins the two.
+While it is open the server pings the client every third of
+``tunnel_idle_seconds`` (not while the client's socket is full); a pong counts
+as activity, so a browser (which cannot send pings, but answers them) keeps
+an idle tunnel open, and a client that does not answer meets the idle timeout.
 A failed handshake answers a JSON error body, as the API does.
 
 After :class:`autobahn.twisted.resource.WebSocketResource` takes the
@@ -31,6 +35,7 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -68,7 +73,8 @@ __all__ = [
     "choose_credentials",
 ]
 
-#: Seconds to wait for the container port to accept the connection.
+#: The server pings an open tunnel this many times per ``tunnel_idle_seconds``.
+PINGS_PER_IDLE_TIMEOUT = 3
 
 BEARER = "Bearer"
 HOSTED_PREFIX = "rexec.token."
@@ -134,6 +140,7 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
         self._connecting: Deferred[Any] | None = None
         self._untrack: Callable[[], None] | None = None
         self._gone = False
+        self._ping_call: Any = None
 
     def connectionMade(self) -> None:
         # WebSocketResource took the transport over from twisted.web; the
@@ -242,6 +249,30 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
             self.forward_id, _Tracked(self), user=self.user, kind="tunnel"
         )
         relay.start()
+        self._schedule_ping()
+
+    def _schedule_ping(self) -> None:
+        self._ping_call = self.factory.clock.callLater(
+            self.factory.limits.tunnel_idle_seconds / PINGS_PER_IDLE_TIMEOUT, self._ping
+        )
+
+    def _ping(self) -> None:
+        # A browser cannot send pings but answers ours: its pong is activity,
+        # so a tunnel with no traffic stays open while the page is there.
+        # The ping itself is not activity: a peer that does not answer still
+        # meets the idle timeout.
+        self._ping_call = None
+        relay = self.relay
+        if relay is None or relay.closing or self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        if not relay.write_blocked(self):
+            self.sendPing()
+        self._schedule_ping()
+
+    def _stop_pinging(self) -> None:
+        if self._ping_call is not None and self._ping_call.active():
+            self._ping_call.cancel()
+        self._ping_call = None
 
     def shutdown(self, reason: str) -> None:
         """The forward was deleted, its container stopped, or we stop: 1001."""
@@ -251,6 +282,7 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
             self.abort()
 
     def _ended(self, stats: RelayStats) -> None:
+        self._stop_pinging()
         if self._untrack is not None:
             self._untrack()
             self._untrack = None
@@ -259,6 +291,7 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
+        self._stop_pinging()
         if self._connecting is not None:
             self._connecting.cancel()
         elif self.relay is None and self.backend is not None:

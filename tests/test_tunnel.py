@@ -237,11 +237,14 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.ws_transport.clear()
         [(self.container, self.container_transport)] = self.endpoint.connected
 
-    def sent_frames(self) -> list[tuple[bool, int, bytes]]:
-        """:return: the frames written to the client since the last call."""
+    def sent_frames(self, pings: bool = False) -> list[tuple[bool, int, bytes]]:
+        """
+        :param pings: whether to keep the server's own pings.
+        :return: the frames written to the client since the last call.
+        """
         frames = server_frames(self.ws_transport.value())
         self.ws_transport.clear()
-        return frames
+        return [frame for frame in frames if pings or frame[1] != 9]
 
     def test_open_splices_both_ways(self) -> None:
         """
@@ -359,6 +362,39 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.clock.advance(1)  # (with a rate, the pings' bytes were charged)
         self.assertEqual(self.ws_transport.producerState, "producing")
         self.assertEqual(self.container_transport.producerState, "producing")
+
+    def test_server_pings(self) -> None:
+        """
+        The server pings every third of the idle timeout; a client that
+        answers (as a browser does) keeps a tunnel without data open.
+        """
+        self.open()
+        for _ in range(10):
+            self.clock.advance(self.idle_seconds / 3)
+            [frame] = self.sent_frames(pings=True)
+            self.assertEqual(frame[1], 9)
+            self.ws.dataReceived(client_frame(frame[2], opcode=10))
+        self.assertFalse(self.container_transport.disconnecting)
+
+    def test_unanswered_pings(self) -> None:
+        """The server's pings are not activity: a client that does not answer meets the idle timeout."""
+        self.open()
+        self.clock.pump([1] * int(self.idle_seconds - 1))
+        self.assertEqual([opcode for _, opcode, _ in self.sent_frames(pings=True)], [9, 9])
+        self.clock.advance(1)
+        self.assertEqual(close_frame_of(self.sent_frames()[0]), (1000, "idle timeout"))
+        self.clock.advance(self.idle_seconds)
+        self.assertEqual(self.sent_frames(pings=True), [])
+
+    def test_no_ping_into_a_full_socket(self) -> None:
+        """No ping is written while the client's socket is full."""
+        self.open()
+        self.ws_transport.producer.pauseProducing()
+        self.clock.advance(self.idle_seconds / 3)
+        self.assertEqual(self.sent_frames(pings=True), [])
+        self.ws_transport.producer.resumeProducing()
+        self.clock.advance(self.idle_seconds / 3)
+        self.assertEqual([opcode for _, opcode, _ in self.sent_frames(pings=True)], [9])
 
     def test_container_closes(self) -> None:
         """
