@@ -10,7 +10,9 @@ The opening handshake does all the checking before it answers 101:
    failing: 401 with ``WWW-Authenticate: Bearer``;
 2. the forward: :meth:`ForwardService.reach` (404 unknown or not yours, 409
    container not running);
-3. the TCP connection to ``container.address:forward.container_port`` (502
+3. the user's cap on open tunnels, ``tunnels_per_user`` (429; the tunnel
+   counts from here on, while its handshake goes on);
+4. the TCP connection to ``container.address:forward.container_port`` (502
    when it is refused or times out).
 
 Only then the 101 goes out and a :class:`rexecpf.relay.Relay` joins the two.
@@ -170,6 +172,11 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
                 raise FORWARD_NOT_FOUND("no port forward here")
             forward, container = yield self.factory.forwards.reach(principal, forward_id)
             self.forward_id = forward.id
+            # Counted from here on, so that handshakes in flight count too.
+            self.factory.forwards.admit(forward.id, "tunnel", principal.name)
+            self._untrack = self.factory.forwards.track(
+                forward.id, _Tracked(self), user=principal.name, kind="tunnel"
+            )
             endpoint = self.factory.endpoint(container.address, forward.container_port)
             self._connecting = endpoint.connect(Factory.forProtocol(TCPEnd))
             self._connecting.addTimeout(CONNECT_TIMEOUT, self.factory.clock)
@@ -245,9 +252,6 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
         )
         self.attach_relay(relay)
         backend.attach(relay)
-        self._untrack = self.factory.forwards.track(
-            self.forward_id, _Tracked(self), user=self.user, kind="tunnel"
-        )
         relay.start()
         self._schedule_ping()
 
@@ -283,15 +287,21 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
 
     def _ended(self, stats: RelayStats) -> None:
         self._stop_pinging()
+        self._stop_tracking()
+        assert self.forward_id is not None
+        self.factory.forwards.relay_ended("tunnel", self.forward_id, self.user, stats)
+
+    def _stop_tracking(self) -> None:
         if self._untrack is not None:
             self._untrack()
             self._untrack = None
-        assert self.forward_id is not None
-        self.factory.forwards.relay_ended("tunnel", self.forward_id, self.user, stats)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._stop_pinging()
+        if self.relay is None:
+            # The handshake failed or the client left: no relay will end.
+            self._stop_tracking()
         if self._connecting is not None:
             self._connecting.cancel()
         elif self.relay is None and self.backend is not None:

@@ -9,6 +9,7 @@ import json
 import struct
 from typing import Any
 
+import attrs
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
@@ -506,6 +507,25 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.connect()
         self.ws.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(cancelled, [True])
+
+    def test_tunnels_per_user(self) -> None:
+        """
+        Over ``tunnels_per_user`` (a handshake in flight counts): 429 Limit
+        exceeded with a JSON error, before any upgrade or connection to the
+        container; once a tunnel ends there is room again.
+        """
+        self.forwards.limits = attrs.evolve(self.limits, tunnels_per_user=1)
+        self.endpoint.result = Deferred()  # the first one is still connecting
+        self.connect()
+        first, self.endpoint.result = self.ws, None
+        self.connect()
+        head, _, body = self.ws_transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 429 "), head)
+        self.assertEqual(json.loads(body)["error"]["message"], "Limit exceeded")
+        self.assertIn("limits.tunnels_per_user", json.loads(body)["error"]["detail"])
+        self.assertEqual(len(self.endpoint.addresses), 1)
+        first.connectionLost(Failure(ConnectionLost()))
+        self.open()
 
     def test_unauthorized(self) -> None:
         """A bad token: 401 before any connection to the container."""
