@@ -1,15 +1,19 @@
 """
 Floods against a real ``twistd rexecpf``: a client that sends as fast as it
-can and reads nothing must not grow the daemon's memory.  The daemon's RSS
-(``VmRSS``) is sampled while the flood runs; every flood is bounded (a byte
+can and reads nothing, or opens connection after connection, must not grow
+the daemon's memory; the per-user caps (``tunnels_per_user``,
+``connections_per_user``) hold on every path.  The daemon's RSS (``VmRSS``)
+is sampled while a flood runs; every flood is bounded (a byte or connection
 count and a deadline) and stops early once the daemon has grown past the
 bound, so a regression fails fast instead of eating the machine.
 """
 
 from __future__ import annotations
 
+import json
 import select
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -19,11 +23,13 @@ from collections.abc import Callable
 from tests.functional.daemon import Daemon
 from tests.functional.rawws import (
     OP_BINARY,
+    OP_CLOSE,
     OP_PING,
     OP_PONG,
     RawWebSocket,
     RecordingServer,
     frame,
+    wait_until,
 )
 
 MIB = 1024 * 1024
@@ -190,6 +196,142 @@ class TunnelFloodTests(unittest.TestCase):
         pongs = self.still_carries_data(ws, lambda opcode: opcode == OP_PONG)
         # Pongs are coalesced: fewer than there were pings.
         self.assertLess(pongs, flood.sent // len(ping))
+
+
+class CapTests(unittest.TestCase):
+    """``tunnels_per_user`` and ``connections_per_user`` on a real daemon, set low."""
+
+    CAP = 2
+
+    def setUp(self) -> None:
+        self.echo = RecordingServer(echo=True)
+        self.addCleanup(self.echo.stop)
+        self.daemon = Daemon(tempfile.mkdtemp(prefix="rexecpf-caps-"),
+                             limits=f"tunnels_per_user = {self.CAP}\nconnections_per_user = {self.CAP}").start()
+        self.addCleanup(self.daemon.stop)
+        code, self.forward = self.daemon.create("c1", self.echo.port)
+        self.assertEqual(code, 201, self.forward)
+
+    def tunnel(self) -> RawWebSocket:
+        ws = RawWebSocket(self.daemon.port)
+        self.addCleanup(ws.close)
+        ws.handshake(f"/ws/port-forward/{self.forward['id']}")
+        return ws
+
+    def local(self) -> socket.socket:
+        """:return: a connection to the forward's local_port."""
+        connection = socket.create_connection(("127.0.0.1", self.forward["local_port"]), timeout=10)
+        self.addCleanup(connection.close)
+        return connection
+
+    def assert_echoes(self, connection: socket.socket) -> None:
+        connection.sendall(b"ping")
+        self.assertEqual(connection.recv(4), b"ping")
+
+    def test_tunnels_per_user(self) -> None:
+        """One tunnel over the cap: 429 Limit exceeded in JSON, no upgrade; one closed makes room."""
+        open_ones = [self.tunnel() for _ in range(self.CAP)]
+        self.assertEqual([ws.status for ws in open_ones], [101] * self.CAP)
+        over = self.tunnel()
+        self.assertEqual(over.status, 429)
+        self.assertEqual(json.loads(over.body)["error"]["message"], "Limit exceeded")
+        self.assertNotIn("sec-websocket-accept", over.headers)
+        open_ones[0].send_frame(OP_CLOSE, struct.pack("!H", 1000))
+        open_ones[0].read_close()
+        wait_until(lambda: self.tunnel().status == 101, 10, "no room after a tunnel closed")
+
+    def test_proxied_requests_per_user(self) -> None:
+        """
+        Requests in flight to a container that does not answer count: one
+        more is 429 Limit exceeded in JSON, and so is a local_port
+        connection's share of the same cap.
+        """
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        self.addCleanup(silent.close)
+        accepted: list[socket.socket] = []  # never answered
+
+        def accept() -> None:
+            while True:
+                try:
+                    accepted.append(silent.accept()[0])
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+        self.addCleanup(lambda: [connection.close() for connection in accepted])
+        code, forward = self.daemon.create("c1", silent.getsockname()[1])
+        self.assertEqual(code, 201, forward)
+        request = (f"GET /p/{forward['id']}/ HTTP/1.1\r\nHost: x\r\n"
+                   "Authorization: Bearer alice-token\r\n\r\n").encode()
+        held = []
+        for _ in range(self.CAP - 1):
+            client = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10)
+            self.addCleanup(client.close)
+            client.sendall(request)
+            held.append(client)
+        wait_until(lambda: len(accepted) == self.CAP - 1, 10, "the proxied requests never reached the container")
+        self.assert_echoes(self.local())  # the owner's local_port connection is the other one
+        code, document, _ = self.daemon.request("GET", f"/p/{forward['id']}/", timeout=10)
+        self.assertEqual(code, 429, document)
+        self.assertEqual(document["error"]["message"], "Limit exceeded")
+        self.assertIn("limits.connections_per_user", document["error"]["detail"])
+
+    def test_local_port_connections_per_user(self) -> None:
+        """
+        A local_port connection over its owner's cap is accepted and closed
+        at once (logged); one closed makes room.
+        """
+        first, second = self.local(), self.local()
+        self.assert_echoes(first)
+        self.assert_echoes(second)
+        over = self.local()
+        self.assertEqual(over.recv(1), b"")  # closed at once
+        self.assertIn("connection closed at once", self.daemon.log_path.read_text())
+        first.close()
+        wait_until(self.echoed, 10, "no room after a connection closed")
+
+    def echoed(self) -> bool:
+        """:return: whether a new local_port connection echoes (not closed at once)."""
+        connection = self.local()
+        connection.sendall(b"ping")
+        return connection.recv(4) == b"ping"
+
+    def test_connection_flood(self) -> None:
+        """
+        2,000 connections to a local_port listener over the cap and 1,000
+        tunnel handshakes over it, one after the other: each is refused,
+        the daemon's RSS stays flat, and the refusals are not logged one by
+        one.
+        """
+        held = [self.local() for _ in range(self.CAP)]
+        for connection in held:
+            self.assert_echoes(connection)
+        tunnels = [self.tunnel() for _ in range(self.CAP)]
+        self.assertEqual([ws.status for ws in tunnels], [101] * self.CAP)
+        before = peak = self.daemon.rss()
+        started = time.monotonic()
+        for index in range(2000):
+            with socket.create_connection(("127.0.0.1", self.forward["local_port"]), timeout=10) as connection:
+                self.assertEqual(connection.recv(1), b"", index)
+            if index % 100 == 0:
+                peak = max(peak, self.daemon.rss())
+        for index in range(1000):
+            with RawWebSocket(self.daemon.port) as ws:
+                self.assertEqual(ws.handshake(f"/ws/port-forward/{self.forward['id']}"), 429, index)
+            if index % 100 == 0:
+                peak = max(peak, self.daemon.rss())
+        peak = max(peak, self.daemon.rss())
+        print(f"\nconnection flood: 2,000 local_port connections and 1,000 tunnel handshakes over the cap "
+              f"in {time.monotonic() - started:.1f} s; daemon RSS +{(peak - before) / MIB:.1f} MiB at the peak")
+        self.assertLess(peak - before, 4 * MIB)
+        # one line, then at most one every REFUSALS_LOG_SECONDS (10 s)
+        elapsed = time.monotonic() - started
+        self.assertLessEqual(self.daemon.log_path.read_text().count("connection closed at once"), 1 + elapsed // 10)
+        self.assertEqual(self.echo.open_connections(), self.CAP + self.CAP)
+        for connection in held:
+            self.assert_echoes(connection)
 
 
 if __name__ == "__main__":
