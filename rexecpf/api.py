@@ -91,9 +91,13 @@ class PublicURLs:
         }
 
 
+#: Reason phrases Twisted does not know (it would send "Unknown Status").
+_REASONS = {429: b"Too Many Requests"}
+
+
 def write_json(request: IRequest, code: int, document: Any) -> bytes:
     """Set the status and JSON headers; :return: the body."""
-    request.setResponseCode(code)
+    request.setResponseCode(code, _REASONS.get(code))
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-content-type-options", b"nosniff")

@@ -100,6 +100,11 @@ class LimitsConfig:
     tunnel_idle_seconds: float = 300.0
     local_ports: tuple[int, int] = (20000, 29999)
     local_interface: str = "127.0.0.1"
+    #: open WebSocket tunnels per user (handshakes in progress included); 0: no cap
+    tunnels_per_user: int = 256
+    #: open local_port connections (counted for the forward's owner), proxied
+    #: requests in flight and upgraded proxy connections, per user; 0: no cap
+    connections_per_user: int = 1024
 
 
 @attrs.frozen
@@ -323,6 +328,8 @@ _SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "tunnel_idle_seconds": _seconds(),
         "local_ports": _port_range,
         "local_interface": _ip_address,
+        "tunnels_per_user": _integer(0),
+        "connections_per_user": _integer(0),
     },
 }
 

@@ -175,6 +175,13 @@ class _Tracked:
     forward_id: str
     user: str | None
     kind: str
+    #: ``(user, group)`` the connection counts against in ``[limits]``, if any
+    counted: tuple[str, str] | None = None
+
+
+def _cap_group(kind: str) -> str:
+    """:return: the ``[limits]`` key that caps connections of ``kind`` per user."""
+    return "tunnels_per_user" if kind == "tunnel" else "connections_per_user"
 
 
 class ForwardObserver(Protocol):
@@ -216,6 +223,8 @@ class ForwardService(Service):
         self._reserved_ports: set[int] = set()
         self._live: dict[str, set[LiveConnection]] = {}
         self._tracked: dict[LiveConnection, _Tracked] = {}
+        #: (user, [limits] key) -> how many tracked connections count against it
+        self._per_user: dict[tuple[str, str], int] = {}
         #: how many times :meth:`reconcile` ran (for the metrics)
         self.reconcile_runs = 0
         self._observers: list[ForwardObserver] = []
@@ -377,7 +386,9 @@ class ForwardService(Service):
         shuts it down.
 
         :param user: the user it was opened for, so that revoking that
-            user's token (:meth:`shutdown_user`) closes it.
+            user's token (:meth:`shutdown_user`) closes it.  It counts
+            against that user's cap (:meth:`admit`); a connection opened for
+            nobody (``local_port``) counts against the forward's owner.
         :param kind: ``"tunnel"``, ``"listener"``, ``"proxy"``... (for the
             metrics); by default the connection's ``kind`` attribute, else
             ``"other"``.
@@ -385,21 +396,71 @@ class ForwardService(Service):
         """
         connections = self._live.setdefault(forward_id, set())
         connections.add(connection)
-        self._tracked[connection] = _Tracked(
-            forward_id, user, kind or getattr(connection, "kind", None) or "other"
-        )
+        kind = kind or getattr(connection, "kind", None) or "other"
+        counted_for = self._counted_for(forward_id, user)
+        counted = (counted_for, _cap_group(kind)) if counted_for else None
+        if counted is not None:
+            self._per_user[counted] = self._per_user.get(counted, 0) + 1
+        self._tracked[connection] = _Tracked(forward_id, user, kind, counted)
 
         def untrack() -> None:
             connections.discard(connection)
             if not connections and self._live.get(forward_id) is connections:
                 del self._live[forward_id]
-            self._tracked.pop(connection, None)
+            self._uncount(self._tracked.pop(connection, None))
 
         return untrack
+
+    def _counted_for(self, forward_id: str, user: str | None) -> str | None:
+        """
+        :return: whom a connection counts against in ``[limits]``: the user
+            it was opened for, else (a ``local_port`` connection) the owner
+            of its forward.
+        """
+        if user:
+            return user
+        forward = self._forwards.get(forward_id)
+        return forward.owner if forward is not None and forward.owner else None
+
+    def _uncount(self, tracked: _Tracked | None) -> None:
+        if tracked is None or tracked.counted is None:
+            return
+        left = self._per_user[tracked.counted] - 1
+        if left:
+            self._per_user[tracked.counted] = left
+        else:
+            del self._per_user[tracked.counted]
+
+    def admit(self, forward_id: str, kind: str, user: str | None = None) -> None:
+        """
+        Check a new connection against the per-user caps of ``[limits]``
+        (``tunnels_per_user`` for a tunnel, ``connections_per_user`` for
+        anything else); track it right after, in the same turn of the
+        reactor, so that the count it was admitted on stays true.
+
+        :param kind: as for :meth:`track`.
+        :param user: the user it is opened for; ``None`` counts it against
+            the forward's owner (a ``local_port`` connection).
+        :raises APIError: 429 Limit exceeded, when that user already has
+            as many open connections of the kind as the cap allows.
+        """
+        counted_for = self._counted_for(forward_id, user)
+        if counted_for is None:
+            return
+        group = _cap_group(kind)
+        cap: int = getattr(self.limits, group)
+        if cap and self._per_user.get((counted_for, group), 0) >= cap:
+            what = "tunnels" if group == "tunnels_per_user" else "connections"
+            raise LIMIT_EXCEEDED(f"a user may have at most {cap} open {what} (limits.{group})")
+
+    def user_count(self, user: str, kind: str) -> int:
+        """:return: how many open connections of ``kind``'s group count against ``user``."""
+        return self._per_user.get((user, _cap_group(kind)), 0)
 
     def _shutdown(self, connection: LiveConnection, reason: str) -> None:
         tracked = self._tracked.pop(connection, None)
         if tracked is not None:
+            self._uncount(tracked)
             connections = self._live.get(tracked.forward_id)
             if connections is not None:
                 connections.discard(connection)

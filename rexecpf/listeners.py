@@ -12,7 +12,9 @@ Each accepted connection stays paused while its container is looked up (at
 accept time, so a container that stopped is refused) and the container port
 is connected; then :func:`rexecpf.relay.splice_to_endpoint` joins them with
 the tunnel's limits (``tunnel_bytes_per_second`` each way,
-``tunnel_idle_seconds``).
+``tunnel_idle_seconds``).  A connection counts against the forward owner's
+``connections_per_user``; one over that cap is closed as soon as it is
+accepted (plain TCP has no way to say why) and logged.
 """
 
 from __future__ import annotations
@@ -34,12 +36,16 @@ from rexecpf.forwards import ForwardService
 from rexecpf.model import APIError, PortForward
 from rexecpf.relay import CLOSE_GOING_AWAY, CONNECT_TIMEOUT, Relay, RelayStats, TCPEnd, splice_to_endpoint
 
-__all__ = ["LISTEN_BACKLOG", "LocalListeners", "LocalConnection"]
+__all__ = ["LISTEN_BACKLOG", "REFUSALS_LOG_SECONDS", "LocalListeners", "LocalConnection"]
 
 #: The listen queue of every socket rexecpf listens on, unless an endpoint
 #: string says otherwise (Twisted's default is 50: clients past it have their
 #: handshakes dropped and, in a burst, their connections reset).  nginx's.
 LISTEN_BACKLOG = 511
+
+#: Connections closed for being over their owner's cap are logged at most
+#: once per forward in this many seconds.
+REFUSALS_LOG_SECONDS = 10.0
 
 class LocalConnection(TCPEnd):
     """One accepted connection: paused until spliced to the container."""
@@ -57,7 +63,15 @@ class LocalConnection(TCPEnd):
 
     def connectionMade(self) -> None:
         super().connectionMade()  # pauses reading until attached
-        self._untrack = self.listeners.forwards.track(self.forward_id, self)
+        forwards = self.listeners.forwards
+        try:
+            forwards.admit(self.forward_id, self.kind)
+        except APIError as error:
+            # Plain TCP has no way to say why: close at once, and log it.
+            self.listeners._refused(self.forward_id, error)
+            self._t.loseConnection()
+            return
+        self._untrack = forwards.track(self.forward_id, self)
         self.listeners._connect(self)
 
     def shutdown(self, reason: str) -> None:
@@ -128,6 +142,8 @@ class LocalListeners(Service):
         #: forward id -> its listening port (once listening)
         self.ports: dict[str, IListeningPort] = {}
         self._closing: set[Deferred[Any]] = set()
+        #: forward id -> (when its last refusal was logged, refusals since)
+        self._refusals: dict[str, tuple[float, int]] = {}
         forwards.observe(self)
 
     # -- ForwardObserver -------------------------------------------------
@@ -163,6 +179,7 @@ class LocalListeners(Service):
         endpoint.listen(_ConnectionFactory(self, forward.id)).addCallbacks(listening, failed)
 
     def forward_removed(self, forward: PortForward, reason: str) -> None:
+        self._refusals.pop(forward.id, None)
         port = self.ports.pop(forward.id, None)
         if port is not None:
             self.forwards.own_sockets.remove(port)
@@ -174,6 +191,28 @@ class LocalListeners(Service):
         d.addBoth(lambda result: self._closing.discard(d))
 
     # -- connections -----------------------------------------------------
+
+    def _refused(self, forward_id: str, error: APIError) -> None:
+        """
+        A connection over its owner's cap was closed: log it, at most one
+        line per forward every :data:`REFUSALS_LOG_SECONDS` (a flood of
+        connections must not become a flood of log lines).
+        """
+        now = self._reactor.seconds()
+        logged_at, since = self._refusals.get(forward_id, (None, 0))
+        if logged_at is not None and now - logged_at < REFUSALS_LOG_SECONDS:
+            self._refusals[forward_id] = (logged_at, since + 1)
+            return
+        self._refusals[forward_id] = (now, 0)
+        forward = self.forwards.cached(forward_id)
+        self._log.warn(
+            "forward {forward_id} of {owner}: connection closed at once: {error}"
+            " ({earlier} more since the last such line)",
+            forward_id=forward_id,
+            owner=forward.owner if forward is not None else "-",
+            error=error.detail,
+            earlier=since,
+        )
 
     def _connect(self, connection: LocalConnection) -> None:
         limits = self._limits

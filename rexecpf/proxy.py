@@ -647,6 +647,8 @@ class ProxyService(Service):
         forward, container = found
         if request.finished or request._disconnected:
             return
+        # connections_per_user: 429 over the cap (the exchange is tracked in this same turn)
+        self.forwards.admit(forward.id, "proxy", principal.name)
         exchange_class = _Upgrade if request.requestHeaders.hasHeader(b"upgrade") else _Exchange
         exchange_class(self, request, principal, forward, container, prefix).start()
 

@@ -12,7 +12,12 @@ the relay never queues a byte.  Memory is bounded by flow control instead:
       exceeded and resumes it, on the injected clock, when the bucket refills;
     - a reading side is paused while I{any} reason holds (buffer full, throttle,
       not started yet) and resumed only when none remains: the pause-set idiom
-      of magic-wormhole's C{_dilation/inbound.py}.
+      of magic-wormhole's C{_dilation/inbound.py};
+    - bytes an end receives that carry no data (WebSocket pings, pongs and
+      frame headers: L{Relay.overhead}) are charged to the token bucket too,
+      and a reply an end owes its own peer (a pong) while that peer's socket
+      is full pauses reading that peer until it drains
+      (L{Relay.hold_until_drained}) instead of being queued.
 
 An idle timer (also on the injected clock) closes both ends with code 1000
 "idle timeout" when no data flows either way and no L{Relay.activity} is
@@ -95,6 +100,9 @@ BURST_SECONDS = 0.1
 _START = "start"
 _CONSUMER = "consumer"
 _THROTTLE = "throttle"
+#: an end owes its peer a reply (a WebSocket pong) that waits for that end's
+#: own write buffer to drain: reading the peer waits with it
+_REPLY = "reply"
 
 
 class IRelayEnd(Interface):
@@ -304,6 +312,7 @@ class _Pauser:
         The consumer's write buffer has drained.
         """
         self.discard(_CONSUMER)
+        self._relay._consumer_drained(self._end)
 
     def stopProducing(self) -> None:
         """
@@ -519,6 +528,13 @@ class Relay:
             return self._b_to_a
         raise ValueError(f"{end!r} is not an end of this relay")
 
+    def _other(self, end: RelayEnd) -> RelayEnd:
+        return self.b if end is self.a else self.a
+
+    def _pauser_of(self, end: RelayEnd) -> _Pauser:
+        """:return: the pause set in front of C{end}'s producer."""
+        return self._direction_from(end).pauser
+
     def _record_close(self, code: int, reason: str) -> None:
         if self.close_code is None:
             self.close_code = code
@@ -608,6 +624,61 @@ class Relay:
         ping or pong): reset the idle timer.
         """
         self._last_activity = self.clock.seconds()
+
+    def overhead(self, end: RelayEnd, n: int) -> None:
+        """
+        C{end}'s peer sent C{n} bytes that carry nothing for the other end (a
+        WebSocket ping or pong, a frame header): they count as activity and
+        against the rate of C{end}'s direction, though not as data relayed.
+        Without this, a peer could send control frames or empty data frames
+        without limit.
+
+        :param end: the end whose protocol received the bytes.
+        :param n: how many bytes.
+        """
+        direction = self._direction_from(end)
+        if self.closing or self.finished or n <= 0:
+            return
+        self._last_activity = self.clock.seconds()
+        delay = direction.charge(n)
+        if delay > 0:
+            direction.throttle(delay, direction.unthrottle)
+
+    def write_blocked(self, end: RelayEnd) -> bool:
+        """
+        :param end: one end.
+        :return: whether C{end}'s consumer has asked not to be written to (its
+            write buffer is over its bound), so that a reply C{end} owes its
+            peer must wait (see L{hold_until_drained}).
+        """
+        return _CONSUMER in self._pauser_of(self._other(end)).reasons
+
+    def hold_until_drained(self, end: RelayEnd) -> None:
+        """
+        Stop reading C{end}'s peer until C{end}'s own write buffer has
+        drained; then call C{end.drained()}, if it has one, and read again.
+        For replies owed to a peer that reads nothing and keeps asking (a
+        WebSocket ping flood): rather than queue them, stop taking requests.
+
+        :param end: an end whose consumer is L{write_blocked}.
+        """
+        self._pauser_of(end).add(_REPLY)
+
+    def _consumer_drained(self, producer_end: RelayEnd) -> None:
+        """
+        The consumer a pauser is registered on has drained its write buffer:
+        the end that consumer belongs to may send what it held back.
+
+        :param producer_end: the end the resumed pauser manages.
+        """
+        end = self._other(producer_end)
+        pauser = self._pauser_of(end)
+        if _REPLY not in pauser.reasons:
+            return
+        drained: Callable[[], object] | None = getattr(end, "drained", None)
+        if drained is not None:
+            drained()
+        pauser.discard(_REPLY)
 
     def _idle_check(self) -> None:
         self._idle_call = None

@@ -10,10 +10,16 @@ The opening handshake does all the checking before it answers 101:
    failing: 401 with ``WWW-Authenticate: Bearer``;
 2. the forward: :meth:`ForwardService.reach` (404 unknown or not yours, 409
    container not running);
-3. the TCP connection to ``container.address:forward.container_port`` (502
+3. the user's cap on open tunnels, ``tunnels_per_user`` (429; the tunnel
+   counts from here on, while its handshake goes on);
+4. the TCP connection to ``container.address:forward.container_port`` (502
    when it is refused or times out).
 
 Only then the 101 goes out and a :class:`rexecpf.relay.Relay` joins the two.
+While it is open the server pings the client every third of
+``tunnel_idle_seconds`` (not while the client's socket is full); a pong counts
+as activity, so a browser (which cannot send pings, but answers them) keeps
+an idle tunnel open, and a client that does not answer meets the idle timeout.
 A failed handshake answers a JSON error body, as the API does.
 
 After :class:`autobahn.twisted.resource.WebSocketResource` takes the
@@ -31,6 +37,7 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -68,7 +75,8 @@ __all__ = [
     "choose_credentials",
 ]
 
-#: Seconds to wait for the container port to accept the connection.
+#: The server pings an open tunnel this many times per ``tunnel_idle_seconds``.
+PINGS_PER_IDLE_TIMEOUT = 3
 
 BEARER = "Bearer"
 HOSTED_PREFIX = "rexec.token."
@@ -134,6 +142,7 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
         self._connecting: Deferred[Any] | None = None
         self._untrack: Callable[[], None] | None = None
         self._gone = False
+        self._ping_call: Any = None
 
     def connectionMade(self) -> None:
         # WebSocketResource took the transport over from twisted.web; the
@@ -163,6 +172,11 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
                 raise FORWARD_NOT_FOUND("no port forward here")
             forward, container = yield self.factory.forwards.reach(principal, forward_id)
             self.forward_id = forward.id
+            # Counted from here on, so that handshakes in flight count too.
+            self.factory.forwards.admit(forward.id, "tunnel", principal.name)
+            self._untrack = self.factory.forwards.track(
+                forward.id, _Tracked(self), user=principal.name, kind="tunnel"
+            )
             endpoint = self.factory.endpoint(container.address, forward.container_port)
             self._connecting = endpoint.connect(Factory.forProtocol(TCPEnd))
             self._connecting.addTimeout(CONNECT_TIMEOUT, self.factory.clock)
@@ -238,10 +252,31 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
         )
         self.attach_relay(relay)
         backend.attach(relay)
-        self._untrack = self.factory.forwards.track(
-            self.forward_id, _Tracked(self), user=self.user, kind="tunnel"
-        )
         relay.start()
+        self._schedule_ping()
+
+    def _schedule_ping(self) -> None:
+        self._ping_call = self.factory.clock.callLater(
+            self.factory.limits.tunnel_idle_seconds / PINGS_PER_IDLE_TIMEOUT, self._ping
+        )
+
+    def _ping(self) -> None:
+        # A browser cannot send pings but answers ours: its pong is activity,
+        # so a tunnel with no traffic stays open while the page is there.
+        # The ping itself is not activity: a peer that does not answer still
+        # meets the idle timeout.
+        self._ping_call = None
+        relay = self.relay
+        if relay is None or relay.closing or self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        if not relay.write_blocked(self):
+            self.sendPing()
+        self._schedule_ping()
+
+    def _stop_pinging(self) -> None:
+        if self._ping_call is not None and self._ping_call.active():
+            self._ping_call.cancel()
+        self._ping_call = None
 
     def shutdown(self, reason: str) -> None:
         """The forward was deleted, its container stopped, or we stop: 1001."""
@@ -251,14 +286,22 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
             self.abort()
 
     def _ended(self, stats: RelayStats) -> None:
-        if self._untrack is not None:
-            self._untrack()
-            self._untrack = None
+        self._stop_pinging()
+        self._stop_tracking()
         assert self.forward_id is not None
         self.factory.forwards.relay_ended("tunnel", self.forward_id, self.user, stats)
 
+    def _stop_tracking(self) -> None:
+        if self._untrack is not None:
+            self._untrack()
+            self._untrack = None
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
+        self._stop_pinging()
+        if self.relay is None:
+            # The handshake failed or the client left: no relay will end.
+            self._stop_tracking()
         if self._connecting is not None:
             self._connecting.cancel()
         elif self.relay is None and self.backend is not None:

@@ -18,7 +18,13 @@ tunnel`` client.
 - its transport keeps Twisted's 64 KiB read size (Autobahn's parser costs
   time quadratic in the size of one read) but sends up to
   :data:`rexecpf.relay.TRANSPORT_BUFFER` at once;
-- a ping or pong counts as activity for the relay's idle timer.
+- a ping or pong counts as activity for the relay's idle timer, and pings,
+  pongs and frame headers count against the relay's rate like data;
+- a ping that arrives while our socket's write buffer is full is not
+  answered at once: the pong waits (only the latest, as RFC 6455 5.5.3
+  allows) and the peer is not read until the buffer drains, so a peer that
+  sends pings and reads nothing stops being read instead of growing a queue
+  of pongs.
 """
 
 from __future__ import annotations
@@ -140,6 +146,8 @@ class WebSocketEndMixin(_AutobahnProtocol):
 
     _log = Logger()
     relay: Relay | None = None
+    #: the payload of the last ping not answered yet (our socket was full)
+    _pending_pong: bytes | None = None
     # Set on the protocol at run time, and not declared by Autobahn's
     # framework-independent WebSocketProtocol: the raw transport (by
     # Twisted), the factory and, on a server, the frame-masking option.
@@ -234,15 +242,48 @@ class WebSocketEndMixin(_AutobahnProtocol):
         # Nothing was assembled: no onMessage.
         pass
 
-    def onPing(self, payload: bytes) -> None:
-        super().onPing(payload)
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)
+        # A frame header counts against the rate: a flood of empty frames
+        # is not free.
         if self.relay is not None:
-            self.relay.activity()
+            self.relay.overhead(self, self._header_size())
+
+    def _header_size(self) -> int:
+        """:return: the size of the header of the frame being received."""
+        length = self.current_frame.length
+        extended = 0 if length < 126 else 2 if length < 1 << 16 else 8
+        return 2 + extended + (4 if self.current_frame.mask else 0)
+
+    def onPing(self, payload: bytes) -> None:
+        relay = self.relay
+        if relay is None:
+            super().onPing(payload)
+            return
+        # Activity, and charged to the rate like data.
+        relay.overhead(self, self._header_size() + len(payload))
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        if relay.write_blocked(self):
+            # The peer does not read what we send: rather than queue a pong
+            # per ping, keep the last one (RFC 6455 5.5.3 allows answering
+            # only the most recent ping) and read no more until the socket
+            # drains (then drained() sends it).
+            self._pending_pong = payload
+            relay.hold_until_drained(self)
+            return
+        self.sendPong(payload)
+
+    def drained(self) -> None:
+        """Our socket's write buffer drained: send the pong held back."""
+        payload, self._pending_pong = self._pending_pong, None
+        if payload is not None:
+            self.sendPong(payload)
 
     def onPong(self, payload: bytes) -> None:
         super().onPong(payload)
         if self.relay is not None:
-            self.relay.activity()
+            self.relay.overhead(self, self._header_size() + len(payload))
 
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> Any:
         fault = _close_frame_fault(code, reasonRaw)

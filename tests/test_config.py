@@ -33,7 +33,13 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.limits.tunnel_bytes_per_second, 10485760)
         self.assertEqual(config.limits.tunnel_idle_seconds, 300)
         self.assertEqual(config.limits.local_ports, (20000, 29999))
+        self.assertEqual((config.limits.tunnels_per_user, config.limits.connections_per_user), (256, 1024))
         self.assertEqual(config.backend.owner_label, "rexecpf.owner")
+
+    def test_per_user_caps(self) -> None:
+        """The per-user caps take integers >= 0 (0: no cap)."""
+        limits = parse_config({"limits": {"tunnels_per_user": 0, "connections_per_user": 3}}).limits
+        self.assertEqual((limits.tunnels_per_user, limits.connections_per_user), (0, 3))
 
     def test_full_file(self) -> None:
         """Every section and key of the contract is read."""
@@ -68,6 +74,8 @@ class ConfigTests(SynchronousTestCase):
             ({"limits": {"local_ports": "3000-2000"}}, "limits.local_ports"),
             ({"limits": {"local_interface": "localhost"}}, "limits.local_interface"),
             ({"limits": {"tunnel_idle_seconds": -1}}, "limits.tunnel_idle_seconds"),
+            ({"limits": {"tunnels_per_user": -1}}, "limits.tunnels_per_user"),
+            ({"limits": {"connections_per_user": 1.5}}, "limits.connections_per_user"),
             ({"backend": {"kind": "k8s"}}, "backend.kind"),
             ({"auth": {"users": {"alice": 5}}}, "auth.users.alice"),
             ({"auth": {"users": {"alice": "has space"}}}, "auth.users.alice"),

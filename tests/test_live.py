@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from rexecpf.auth import Authenticator
 from rexecpf.config import LimitsConfig
 from rexecpf.forwards import GOING_AWAY, ForwardService
+from rexecpf.model import APIError
 from rexecpf.testing import FakeBackend, MemoryForwardStore
 
 
@@ -70,6 +71,58 @@ class TrackingTests(SynchronousTestCase):
         self.assertEqual((alice1.reasons, alice2.reasons, bob.reasons),
                          (["token revoked"], ["token revoked"], []))
         self.assertEqual(service.live_count(), 1)
+
+
+class CapTests(SynchronousTestCase):
+    """Per-user caps: ``tunnels_per_user`` and ``connections_per_user``."""
+
+    def setUp(self) -> None:
+        backend = FakeBackend()
+        backend.add("c1", "alice")
+        self.service = ForwardService(
+            Clock(), MemoryForwardStore(), backend,
+            LimitsConfig(tunnels_per_user=2, connections_per_user=1),
+            port_probe=lambda interface, port: True,
+        )
+        self.service.startService()
+        alice = Authenticator({"alice": "alice-token"}).require("alice-token")
+        self.forward = self.successResultOf(self.service.create(alice, "c1", b'{"container_port": 80}'))
+
+    def assert_over(self, kind: str, user: str | None, key: str) -> None:
+        error = self.assertRaises(APIError, self.service.admit, self.forward.id, kind, user)
+        self.assertEqual((error.code, error.message), (429, "Limit exceeded"))
+        self.assertIn(f"limits.{key}", error.detail)
+
+    def test_tunnels(self) -> None:
+        """A user's tunnels up to the cap are admitted, one more is 429; one ending makes room."""
+        untrack = [self.service.track(self.forward.id, Live(), user="alice", kind="tunnel") for _ in range(2)]
+        self.assert_over("tunnel", "alice", "tunnels_per_user")
+        self.service.admit(self.forward.id, "tunnel", "bob")  # nobody else's count
+        self.service.admit(self.forward.id, "proxy", "alice")  # nor the other cap
+        untrack[0]()
+        self.service.admit(self.forward.id, "tunnel", "alice")
+
+    def test_listener_connections_count_for_the_owner(self) -> None:
+        """A local_port connection (no user) counts against the forward's owner, with proxied requests."""
+        self.service.track(self.forward.id, Live("listener"))
+        self.assertEqual(self.service.user_count("alice", "listener"), 1)
+        self.assert_over("listener", None, "connections_per_user")
+        self.assert_over("proxy", "alice", "connections_per_user")
+
+    def test_shut_connections_are_uncounted(self) -> None:
+        """Connections shut by the service (a revoked token, a deleted forward) no longer count."""
+        untrack = self.service.track(self.forward.id, Live(), user="alice", kind="proxy")
+        self.service.shutdown_user("alice", "token revoked")
+        untrack()  # what the connection does once closed: counted once only
+        self.assertEqual(self.service.user_count("alice", "proxy"), 0)
+        self.service.admit(self.forward.id, "proxy", "alice")
+
+    def test_zero_is_no_cap(self) -> None:
+        """A cap of 0 admits any number."""
+        self.service.limits = LimitsConfig(connections_per_user=0)
+        for _ in range(5):
+            self.service.track(self.forward.id, Live(), user="alice", kind="proxy")
+        self.service.admit(self.forward.id, "proxy", "alice")
 
 
 class DrainTests(SynchronousTestCase):

@@ -513,6 +513,37 @@ class ProxyServiceTests(SynchronousTestCase):
         self.assertEqual(forwards.shutdown_user("bob", TOKEN_REVOKED), 0)
         self.assertEqual(forwards.shutdown_user("alice", TOKEN_REVOKED), 1)
 
+    def test_connections_per_user(self) -> None:
+        """
+        Over ``connections_per_user`` (here 1: a request in flight): 429
+        Limit exceeded with a JSON error, nothing connected; once the first
+        is answered there is room again.
+        """
+        service, forwards, forward = make_proxy(self.reactor, metrics=self.metrics)
+        forwards.limits = LimitsConfig(connections_per_user=1)
+        root = Resource()
+        root.putChild(b"p", ProxyResource(service))
+        site = server.Site(root)
+
+        def get() -> StringTransport:
+            channel, transport = channel_for(site)
+            channel.dataReceived(b"GET /p/" + forward.id.encode() + b"/ HTTP/1.1\r\nHost: h\r\n"
+                                 b"Authorization: Bearer alice-token\r\n\r\n")
+            return transport
+
+        get()
+        second = get()
+        head, _, body = second.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), head)
+        self.assertIn(b'"detail": "a user may have at most 1 open connections (limits.connections_per_user)"', body)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        protocol, _ = self.container()
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(forwards.live_count(), 0)
+        get()
+        self.assertEqual(forwards.live_count(), 1)
+        self.assertEqual(self.counted(), {"204": 1, "429": 1})
+
     def test_revoked_while_waiting(self) -> None:
         """Revoking the user's token while the container has not answered: 401, the container connection closed."""
         transport, forwards = self.request()

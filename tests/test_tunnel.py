@@ -9,6 +9,7 @@ import json
 import struct
 from typing import Any
 
+import attrs
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
@@ -237,11 +238,14 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.ws_transport.clear()
         [(self.container, self.container_transport)] = self.endpoint.connected
 
-    def sent_frames(self) -> list[tuple[bool, int, bytes]]:
-        """:return: the frames written to the client since the last call."""
+    def sent_frames(self, pings: bool = False) -> list[tuple[bool, int, bytes]]:
+        """
+        :param pings: whether to keep the server's own pings.
+        :return: the frames written to the client since the last call.
+        """
         frames = server_frames(self.ws_transport.value())
         self.ws_transport.clear()
-        return frames
+        return [frame for frame in frames if pings or frame[1] != 9]
 
     def test_open_splices_both_ways(self) -> None:
         """
@@ -342,6 +346,56 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.assertEqual(self.sent_frames(), [])
         self.clock.advance(1)
         self.assertEqual(close_frame_of(self.sent_frames()[0]), (1000, "idle timeout"))
+
+    def test_pings_while_client_does_not_read(self) -> None:
+        """
+        Pings that arrive while the client's socket is full get no pong
+        queued each: reading the client stops, and once the socket drains
+        one pong answers the most recent ping and reading resumes.
+        """
+        self.open()
+        self.ws_transport.producer.pauseProducing()  # the client's socket is full
+        self.ws.dataReceived(b"".join(client_frame(b"ping %d" % i, opcode=9) for i in range(3)))
+        self.assertEqual(self.sent_frames(), [])
+        self.assertEqual(self.ws_transport.producerState, "paused")
+        self.ws_transport.producer.resumeProducing()
+        self.assertEqual(self.sent_frames(), [(True, 10, b"ping 2")])
+        self.clock.advance(1)  # (with a rate, the pings' bytes were charged)
+        self.assertEqual(self.ws_transport.producerState, "producing")
+        self.assertEqual(self.container_transport.producerState, "producing")
+
+    def test_server_pings(self) -> None:
+        """
+        The server pings every third of the idle timeout; a client that
+        answers (as a browser does) keeps a tunnel without data open.
+        """
+        self.open()
+        for _ in range(10):
+            self.clock.advance(self.idle_seconds / 3)
+            [frame] = self.sent_frames(pings=True)
+            self.assertEqual(frame[1], 9)
+            self.ws.dataReceived(client_frame(frame[2], opcode=10))
+        self.assertFalse(self.container_transport.disconnecting)
+
+    def test_unanswered_pings(self) -> None:
+        """The server's pings are not activity: a client that does not answer meets the idle timeout."""
+        self.open()
+        self.clock.pump([1] * int(self.idle_seconds - 1))
+        self.assertEqual([opcode for _, opcode, _ in self.sent_frames(pings=True)], [9, 9])
+        self.clock.advance(1)
+        self.assertEqual(close_frame_of(self.sent_frames()[0]), (1000, "idle timeout"))
+        self.clock.advance(self.idle_seconds)
+        self.assertEqual(self.sent_frames(pings=True), [])
+
+    def test_no_ping_into_a_full_socket(self) -> None:
+        """No ping is written while the client's socket is full."""
+        self.open()
+        self.ws_transport.producer.pauseProducing()
+        self.clock.advance(self.idle_seconds / 3)
+        self.assertEqual(self.sent_frames(pings=True), [])
+        self.ws_transport.producer.resumeProducing()
+        self.clock.advance(self.idle_seconds / 3)
+        self.assertEqual([opcode for _, opcode, _ in self.sent_frames(pings=True)], [9])
 
     def test_container_closes(self) -> None:
         """
@@ -454,6 +508,25 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.ws.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(cancelled, [True])
 
+    def test_tunnels_per_user(self) -> None:
+        """
+        Over ``tunnels_per_user`` (a handshake in flight counts): 429 Limit
+        exceeded with a JSON error, before any upgrade or connection to the
+        container; once a tunnel ends there is room again.
+        """
+        self.forwards.limits = attrs.evolve(self.limits, tunnels_per_user=1)
+        self.endpoint.result = Deferred()  # the first one is still connecting
+        self.connect()
+        first, self.endpoint.result = self.ws, None
+        self.connect()
+        head, _, body = self.ws_transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 429 "), head)
+        self.assertEqual(json.loads(body)["error"]["message"], "Limit exceeded")
+        self.assertIn("limits.tunnels_per_user", json.loads(body)["error"]["detail"])
+        self.assertEqual(len(self.endpoint.addresses), 1)
+        first.connectionLost(Failure(ConnectionLost()))
+        self.open()
+
     def test_unauthorized(self) -> None:
         """A bad token: 401 before any connection to the container."""
         self.connect(token="wrong")
@@ -491,6 +564,30 @@ class TunnelThrottleTests(TunnelProtocolTests):
         """The client sends more than the bucket holds: reading from it pauses, then resumes."""
         self.open()
         self.ws.dataReceived(client_frame(b"x" * (self.rate // 2)))
+        self.assertEqual(self.ws_transport.producerState, "paused")
+        self.clock.advance(0.51)
+        self.assertEqual(self.ws_transport.producerState, "producing")
+
+    def test_pings_count_against_the_rate(self) -> None:
+        """
+        Pings count as bytes against ``tunnel_bytes_per_second``: more
+        than the bucket holds pauses reading the client, as data would.
+        """
+        self.open()
+        ping = client_frame(b"p" * 125, opcode=9)  # 131 bytes on the wire
+        count = self.rate // 2 // len(ping) + 1
+        self.ws.dataReceived(ping * count)
+        self.assertEqual(self.ws_transport.producerState, "paused")
+        self.assertEqual(len(self.sent_frames()), count)
+        self.clock.advance(0.51)
+        self.assertEqual(self.ws_transport.producerState, "producing")
+
+    def test_empty_frames_count_against_the_rate(self) -> None:
+        """Headers count too: a flood of empty data frames is throttled."""
+        self.open()
+        empty = client_frame(b"")  # 6 bytes on the wire
+        self.ws.dataReceived(empty * (self.rate // 2 // len(empty) + 1))
+        self.assertEqual(self.container_transport.value(), b"")
         self.assertEqual(self.ws_transport.producerState, "paused")
         self.clock.advance(0.51)
         self.assertEqual(self.ws_transport.producerState, "producing")

@@ -183,13 +183,21 @@ class DataTests(TunnelTestsMixin, TestCase):
 
 
 class IdleTests(TunnelTestsMixin, TestCase):
+    """With a client that does not answer the server's pings (see tests/functional/test_server_pings.py)."""
+
     limits = {"tunnel_idle_seconds": 1.0}
+
+    @inlineCallbacks
+    def open(self, *args, **kwargs):
+        client, factory = yield super().open(*args, **kwargs)
+        client.onPing = lambda payload: None
+        return client, factory
 
     @inlineCallbacks
     def test_idle_timeout(self):
         """
-        No data and no ping for ``tunnel_idle_seconds``: close 1000 "idle
-        timeout".
+        No data, no ping and no pong for ``tunnel_idle_seconds``: close 1000
+        "idle timeout".
         """
         client, factory = yield self.open(["Bearer", ALICE])
         code, reason = yield factory.closed
