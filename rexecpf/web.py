@@ -558,6 +558,8 @@ def _host_error(request: IRequest) -> APIError | None:
     hosts = request.requestHeaders.getRawHeaders(b"host", [])
     if len(hosts) > 1:
         return INVALID_REQUEST("a request has one Host header (RFC 9112 3.2)")
+    if not hosts and request.clientproto == b"HTTP/1.1":
+        return INVALID_REQUEST("the Host header is required (RFC 9112 3.2)")
     if hosts and not _HOST_VALUE.match(hosts[0]):
         return INVALID_REQUEST("the Host header is not a host and port (RFC 9112 3.2)")
     return None

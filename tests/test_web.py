@@ -209,7 +209,7 @@ class TakeoverTests(SynchronousTestCase):
 
 
 class HostHeaderTests(SiteCase):
-    """RFC 9112 3.2: a request with more than one Host line, or a bad Host, is 400 before any routing."""
+    """RFC 9112 3.2: more than one Host line, a bad Host, or none in HTTP/1.1, is 400 before any routing."""
 
     def test_duplicate_or_bad_host_refused(self) -> None:
         """
@@ -226,6 +226,7 @@ class HostHeaderTests(SiteCase):
             (b"/", [b"a.example b"]),
             (b"/", [b"a.example/x"]),
             (b"/", [b"a.example:80x"]),
+            (b"/api/containers/c1/port-forwards", []),  # HTTP/1.1 without Host
         ):
             with self.subTest(target=target, hosts=hosts):
                 channel, transport = self.connect()
@@ -256,3 +257,6 @@ class HostHeaderTests(SiteCase):
                 channel, transport = self.connect()
                 channel.dataReceived(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")  # type: ignore[attr-defined]
                 self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value())
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.0\r\n\r\n")  # type: ignore[attr-defined]
+        self.assertIn(b" 200 ", transport.value().partition(b"\r\n")[0], "HTTP/1.0 needs no Host")
