@@ -505,7 +505,10 @@ class ForwardService(Service):
     def _forget(self, forwards: Iterable[PortForward], reason: str) -> None:
         for forward in forwards:
             self._bury(forward.id)
-            if self._forwards.pop(forward.id, None) is None and self._creating:
+            # (Known or not: the change feed may have brought a create's own
+            # forward before the create ended.)
+            self._forwards.pop(forward.id, None)
+            if self._creating:
                 self._removed_while_creating.add(forward.id)
             for connection in list(self._live.get(forward.id, ())):
                 self._shutdown(connection, reason)
