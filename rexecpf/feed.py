@@ -163,6 +163,10 @@ class FeedConsumer(Protocol):
 #: The close reason of every connection of a node cut off from the store.
 CUT_OFF = "cut off from the store"
 
+#: How soon a failed resync is tried again while the node is cut off (or has
+#: never read the store).
+RESYNC_RETRY_SECONDS = 1.0
+
 
 class ChangeFollower(Service):
     """
@@ -198,6 +202,7 @@ class ChangeFollower(Service):
         self._cut_off = False
         self._grace: IDelayedCall | None = None
         self._periodic: LoopingCall | None = None
+        self._retry: IDelayedCall | None = None
         #: how many resyncs finished (for tests and the log)
         self.resyncs = 0
 
@@ -219,16 +224,20 @@ class ChangeFollower(Service):
         super().stopService()
         if self._periodic is not None and self._periodic.running:
             self._periodic.stop()
-        if self._grace is not None and self._grace.active():
-            self._grace.cancel()
-        self._grace = None
+        for timer in (self._grace, self._retry):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._grace = self._retry = None
         return self._feed.stop()
 
     # --- health
 
     def check(self) -> Deferred[None]:
-        """:return: fires when the feed is connected; fails with 503 otherwise (never touches the store)."""
-        if self.up:
+        """
+        :return: fires when the feed is connected (and, after a cut-off,
+            resynced); fails with 503 otherwise.  Never touches the store.
+        """
+        if self.up and not self._cut_off:
             return succeed(None)
         return fail(STORE_UNAVAILABLE("cut off from the store's change feed"))
 
@@ -314,6 +323,9 @@ class ChangeFollower(Service):
 
         def failed(failure: Failure) -> None:
             self._log.warn("resync failed: {error}", error=failure.getErrorMessage())
+            if self.running and (self._cut_off or self.rev is None) and not (self._retry and self._retry.active()):
+                # Not in touch yet: try again soon, not in resync_seconds.
+                self._retry = self._clock.callLater(RESYNC_RETRY_SECONDS, self.resync)
 
         def after(_: object) -> None:
             self._resyncing = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -26,7 +26,7 @@ from rexecpf.feed import (
     encode_change,
 )
 from rexecpf.forwards import CONTAINER_STOPPED, DELETED, ForwardService
-from rexecpf.model import APIError, PortForward, Principal, new_forward_id
+from rexecpf.model import STORE_UNAVAILABLE, APIError, PortForward, Principal, new_forward_id
 from rexecpf.testing import FakeBackend, MemoryForwardStore
 
 ALICE = Principal("alice")
@@ -303,6 +303,25 @@ class FollowerTests(SynchronousTestCase):
         self.feed.connected(True)
         self.successResultOf(health.check())
         self.assertEqual(self.reach(one.id)[0], one)
+
+    def test_a_failed_resync_is_retried_soon_when_cut_off(self) -> None:
+        """Back after a cut-off, the first resync fails: tried again within a second, then connections are taken."""
+        self.feed.connected(False)
+        self.clock.advance(10)
+        failing = [True]
+        original = self.store.snapshot
+
+        def snapshot() -> Deferred[Any]:
+            if failing.pop(0) if failing else False:
+                return fail(APIError(STORE_UNAVAILABLE, "still starting"))
+            return original()
+
+        self.store.snapshot = snapshot  # type: ignore[method-assign]
+        self.feed.connected(True)
+        self.failureResultOf(self.follower.check(), APIError)
+        self.clock.advance(1)
+        self.successResultOf(self.follower.check())
+        self.assertEqual(self.refused("pf_" + "b" * 24), 404)
 
     def test_back_within_grace_closes_nothing(self) -> None:
         """A short outage (a database restart) closes nothing."""
