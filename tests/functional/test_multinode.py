@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.server
 import random
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -273,6 +274,12 @@ class PostgresRestartTests(Nodes):
         code, web = self.a.create("c1", self.web.server_address[1])
         self.assertEqual(code, 201, web)
         self.assertEqual(self.b.request("GET", f"/p/{web['id']}/")[0:2], (200, b"hello from the container"))
+        # SIGTERM ends a node promptly, even while its feed is reconnecting.
+        cluster.pg_ctl("stop", "-m", "immediate")
+        poll(lambda: self.health(self.b) == 503, 5, "B 503")
+        started = time.monotonic()
+        self.assertEqual(self.b.kill(signal.SIGTERM), 0)
+        self.assertLess(time.monotonic() - started, 5)
 
     def test_immediate_restart(self) -> None:
         """
