@@ -203,6 +203,8 @@ class ChangeFollower(Service):
         self._grace: IDelayedCall | None = None
         self._periodic: LoopingCall | None = None
         self._retry: IDelayedCall | None = None
+        #: /healthz checks waiting for the first resync
+        self._starting: list[Deferred[None]] = []
         #: how many resyncs finished (for tests and the log)
         self.resyncs = 0
 
@@ -228,6 +230,7 @@ class ChangeFollower(Service):
             if timer is not None and timer.active():
                 timer.cancel()
         self._grace = self._retry = None
+        self._started(Failure(STORE_UNAVAILABLE("stopping")))
         return self._feed.stop()
 
     # --- health
@@ -237,9 +240,23 @@ class ChangeFollower(Service):
         :return: fires when the feed is connected (and, after a cut-off,
             resynced); fails with 503 otherwise.  Never touches the store.
         """
-        if self.up and not self._cut_off:
+        if self.up and not self._cut_off and self.rev is not None:
             return succeed(None)
+        if self.running and self.rev is None and not self._cut_off:
+            # Starting: wait for the first resync (within the grace period),
+            # so that the first /healthz of a node just started is not 503.
+            waiter: Deferred[None] = Deferred()
+            self._starting.append(waiter)
+            return waiter
         return fail(STORE_UNAVAILABLE("cut off from the store's change feed"))
+
+    def _started(self, failure: Failure | None) -> None:
+        starting, self._starting = self._starting, []
+        for waiter in starting:
+            if failure is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(failure)
 
     # --- the feed's events
 
@@ -264,6 +281,7 @@ class ChangeFollower(Service):
         # (A resync that succeeds while the feed is up cancels this.)
         self._grace = None
         self._cut_off = True
+        self._started(Failure(STORE_UNAVAILABLE("cut off from the store's change feed")))
         self._log.warn("cut off from the store for {grace}s: closing every connection", grace=self._grace_seconds)
         self._consumer.cut_off(CUT_OFF)
 
@@ -320,6 +338,8 @@ class ChangeFollower(Service):
             if self.up and self._grace is not None and self._grace.active():
                 self._grace.cancel()
                 self._grace = None
+            if self.up and not self._cut_off:
+                self._started(None)
 
         def failed(failure: Failure) -> None:
             self._log.warn("resync failed: {error}", error=failure.getErrorMessage())

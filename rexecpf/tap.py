@@ -369,7 +369,7 @@ def build(
         )
 
     waits: list[Any] = [(lambda listener=listener: listening(listener)) for listener in listeners]
-    waits += [store.check, counted.check, lambda: branch(forwards.ready)]
+    waits += [store.check, counted.check, lambda: branch(forwards.ready), follower.check]
     readiness = Readiness(reactor, notifier, waits)
     readiness.setServiceParent(top)
     top.stop_order([readiness, follower, *listeners, local_listeners], forwards, store)

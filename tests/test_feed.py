@@ -342,9 +342,27 @@ class FollowerTests(SynchronousTestCase):
         follower = ChangeFollower(self.clock, feed, self.forwards, resync_seconds=30, grace_seconds=10)
         follower.startService()
         self.addCleanup(follower.stopService)
-        self.failureResultOf(follower.check(), APIError)
         self.clock.advance(10)
+        self.failureResultOf(follower.check(), APIError)
         self.assertEqual(self.refused("pf_" + "a" * 24), 503)
+
+    def test_health_waits_for_the_first_resync(self) -> None:
+        """A node just started: /healthz waits for the feed's first connection instead of answering 503."""
+        feed = FakeFeed()
+        follower = ChangeFollower(self.clock, feed, self.forwards, resync_seconds=30, grace_seconds=10)
+        follower.startService()
+        self.addCleanup(follower.stopService)
+        waiting, late = follower.check(), follower.check()
+        self.assertNoResult(waiting)
+        feed.connected(True)
+        self.successResultOf(waiting)
+        self.successResultOf(late)
+        never = ChangeFollower(self.clock, FakeFeed(), self.forwards, resync_seconds=30, grace_seconds=10)
+        never.startService()
+        self.addCleanup(never.stopService)
+        waiting = never.check()
+        self.clock.advance(10)
+        self.assertEqual(self.failureResultOf(waiting, APIError).value.code, 503)
 
     def test_stop_stops_the_feed(self) -> None:
         self.successResultOf(self.follower.stopService())
