@@ -71,6 +71,12 @@ class ServerConfig:
 class StoreConfig:
     #: ``postgresql://...``: the PostgreSQL store; empty: SQLite at ``server.state``
     url: str = ""
+    #: how often a node re-reads every forward from the store (besides the
+    #: change feed, and whenever the feed reconnects)
+    resync_seconds: float = 30.0
+    #: how long a node cut off from the store's change feed keeps its open
+    #: connections before it closes them (``/healthz`` is 503 at once)
+    cut_off_grace_seconds: float = 10.0
 
 
 @attrs.frozen
@@ -307,6 +313,8 @@ _SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
     },
     "store": {
         "url": _store_url,
+        "resync_seconds": _seconds(),
+        "cut_off_grace_seconds": _seconds(),
     },
     "auth": {
         "users": lambda value: value,  # checked below, key by key

@@ -12,6 +12,7 @@ container closes them at once.
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ from twisted.logger import Logger
 from rexecpf.backends import IContainerBackend
 from rexecpf.config import LimitsConfig
 from rexecpf.endpoints import OwnSockets, listener_reaches
+from rexecpf.feed import ADD, REAP, Change, MissLookups
 from rexecpf.model import (
     CONTAINER_NOT_FOUND,
     CONTAINER_NOT_RUNNING,
@@ -35,6 +37,7 @@ from rexecpf.model import (
     LOCAL_PORT_UNAVAILABLE,
     PORT_ALREADY_FORWARDED,
     PORT_NOT_ALLOWED,
+    STORE_UNAVAILABLE,
     APIError,
     Container,
     PortForward,
@@ -60,6 +63,18 @@ __all__ = [
 #: Why a forward went away; live connections get it as their close reason.
 DELETED = "forward deleted"
 CONTAINER_STOPPED = "container stopped"
+
+#: What a forward id looks like (:func:`rexecpf.model.new_forward_id`): anything
+#: else is not found without a store read.
+_FORWARD_ID = re.compile(r"pf_[a-z0-9]{24}")
+
+#: How long a removed forward's id is remembered, so that a late store read
+#: (a cache miss, a resync) cannot bring it back.
+TOMBSTONE_SECONDS = 300.0
+
+#: How many times a create that picked its ``local_port`` picks another when
+#: another node took that one meanwhile.
+LOCAL_PORT_ATTEMPTS = 8
 
 _FIELDS = {"container_port", "local_port", "name", "pass_preflight"}
 
@@ -239,6 +254,12 @@ class ForwardService(Service):
         self._reaping: set[str] = set()
         #: fires once the stored forwards are loaded and reconciled
         self.ready: Deferred[None] = Deferred()
+        #: removed forward id -> until when it is remembered (oldest first)
+        self._tombstones: dict[str, float] = {}
+        #: store reads for ids not in memory (another node's new forwards)
+        self._misses = MissLookups(clock, store.get)
+        #: why new connections are refused (cut off from the store), or None
+        self._cut_off: str | None = None
         backend.subscribe(self._container_stopped)
 
     # --- lifecycle
@@ -255,10 +276,13 @@ class ForwardService(Service):
     @inlineCallbacks
     def _start(self) -> Any:
         stored = yield self._store.list_forwards()
-        self._forwards = {forward.id: forward for forward in stored}
+        # (The change feed may have brought some already: kept, not announced twice.)
+        fresh = [f for f in stored if f.id not in self._forwards and f.id not in self._tombstones]
+        self._forwards.update((forward.id, forward) for forward in fresh)
         yield self.reconcile()
-        for forward in self._forwards.values():
-            self._notify_added(forward)
+        for forward in fresh:
+            if forward.id in self._forwards:
+                self._notify_added(forward)
         self._log.info("{count} forwards restored", count=len(self._forwards))
         self.ready.callback(None)
 
@@ -541,7 +565,11 @@ class ForwardService(Service):
 
     def _forget(self, forwards: Iterable[PortForward], reason: str) -> None:
         for forward in forwards:
-            if self._forwards.pop(forward.id, None) is None and self._creating:
+            self._bury(forward.id)
+            # (Known or not: the change feed may have brought a create's own
+            # forward before the create ended.)
+            self._forwards.pop(forward.id, None)
+            if self._creating:
                 self._removed_while_creating.add(forward.id)
             for connection in list(self._live.get(forward.id, ())):
                 self._shutdown(connection, reason)
@@ -587,8 +615,12 @@ class ForwardService(Service):
             409 Container not running.
         """
         forward = self._forwards.get(forward_id)
-        if forward is None:
-            return fail(FORWARD_NOT_FOUND(f"no port forward {forward_id!r}"))
+        if forward is None or self._cut_off is not None:
+            return self.find(forward_id).addCallback(lambda found: self._reach(principal, found))
+        return self._reach(principal, forward)
+
+    def _reach(self, principal: Principal, forward: PortForward) -> Deferred[tuple[PortForward, Container]]:
+        forward_id = forward.id
 
         def usable(container: Container | None) -> tuple[PortForward, Container]:
             if container is None or not principal.may_use(container):
@@ -609,9 +641,7 @@ class ForwardService(Service):
         :return: a Deferred firing with ``(forward, container)``; fails with
             404 Port forward not found or 409 Container not running.
         """
-        forward = self._forwards.get(forward_id)
-        if forward is None:
-            raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r}")
+        forward = yield self.find(forward_id)
         container = yield self._backend.inspect(forward.container_id)
         if container is None or not container.running or not container.address:
             detail = container.detail if container is not None else ""
@@ -638,6 +668,110 @@ class ForwardService(Service):
             raise PORT_NOT_ALLOWED(
                 f"port {port} at {address} is a socket of rexecpf itself: a forward may not lead there"
             )
+
+    # --- the change feed (rexecpf.feed.ChangeFollower drives these)
+
+    def apply(self, change: Change) -> None:
+        """
+        Apply a change another node (or this one) committed: an added
+        forward is kept and its ``local_port`` listened on; a deleted or
+        reaped one is dropped and everything open on its behalf closed
+        (1001).  Idempotent: this node's own changes come back, too.
+        """
+        if change.op == ADD:
+            if change.forward is not None:
+                self._learn(change.forward)
+            return
+        ids = set(change.ids)
+        reaped = change.op == REAP
+        gone = [
+            f for f in self._forwards.values()
+            if f.id in ids or (reaped and f.container_id == change.container_id)
+        ]
+        if self._creating:
+            # A create in flight here whose forward another node reaped.
+            self._removed_while_creating.update(i for i in ids if i not in self._forwards)
+        for forward_id in ids:
+            self._bury(forward_id)
+        self._forget(gone, CONTAINER_STOPPED if reaped else DELETED)
+
+    @inlineCallbacks
+    def resync(self) -> Any:
+        """
+        Re-read every forward from the store and apply the differences:
+        forwards not known here are kept (and listened on), forwards known
+        here but no longer stored are dropped.  A forward this node added
+        while the store was being read is kept (the read may predate it).
+
+        :return: a Deferred firing with the store's revision read.
+        """
+        known = set(self._forwards)
+        rev, stored = yield self._store.snapshot()
+        ids = {forward.id for forward in stored}
+        gone = [f for forward_id, f in self._forwards.items() if forward_id in known and forward_id not in ids]
+        self._forget(gone, DELETED)
+        for forward in stored:
+            self._learn(forward)
+        return rev
+
+    def cut_off(self, reason: str) -> None:
+        """
+        This node is cut off from the store: nothing it knows can be trusted,
+        so every live connection is closed (1001, ``reason``) and new ones
+        are refused (503) until :meth:`rejoin`.
+        """
+        self._cut_off = reason
+        for connection in list(self._tracked):
+            self._shutdown(connection, reason)
+
+    def rejoin(self) -> None:
+        """In touch with the store again (after a resync): connections are taken again."""
+        self._cut_off = None
+
+    def find(self, forward_id: str) -> Deferred[PortForward]:
+        """
+        A forward for a connection: from memory, else (a forward another
+        node created that this one has not heard of yet) from the store,
+        within :class:`rexecpf.feed.MissLookups`'s bounds.
+
+        :return: a Deferred firing with the forward; fails with 404 Port
+            forward not found, or 503 while cut off from the store.
+        """
+        if self._cut_off is not None:
+            return fail(STORE_UNAVAILABLE(self._cut_off))
+        forward = self._forwards.get(forward_id)
+        if forward is not None:
+            return succeed(forward)
+        if not _FORWARD_ID.fullmatch(forward_id) or forward_id in self._tombstones:
+            return fail(FORWARD_NOT_FOUND(f"no port forward {forward_id!r}"))
+
+        def found(forward: PortForward | None) -> PortForward:
+            if forward is None or forward.id in self._tombstones:
+                raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r}")
+            self._learn(forward)
+            return forward
+
+        return self._misses.lookup(forward_id).addCallback(found)
+
+    def _learn(self, forward: PortForward) -> None:
+        """Keep ``forward`` (heard of from the store) and announce it, once."""
+        if forward.id in self._forwards or forward.id in self._tombstones:
+            return
+        self._misses.forget(forward.id)
+        self._forwards[forward.id] = forward
+        self._notify_added(forward)
+
+    def _bury(self, forward_id: str) -> None:
+        """Remember that ``forward_id`` was removed (for :data:`TOMBSTONE_SECONDS`)."""
+        now = self._clock.seconds()
+        tombstones = self._tombstones
+        while tombstones:
+            oldest = next(iter(tombstones))
+            if tombstones[oldest] > now:
+                break
+            del tombstones[oldest]
+        tombstones.pop(forward_id, None)
+        tombstones[forward_id] = now + TOMBSTONE_SECONDS
 
     # --- the API's operations
 
@@ -685,7 +819,44 @@ class ForwardService(Service):
         limit = self.limits.forwards_per_container
         if len(existing) >= limit:
             raise LIMIT_EXCEEDED(f"a container may have at most {limit} forwards")
-        local_port = self._reserve_local_port(request.local_port)
+        taken_elsewhere: set[int] = set()
+        for attempt in range(1, LOCAL_PORT_ATTEMPTS + 1):
+            try:
+                forward = yield self._add(principal, container, request, limit, stop_mark, taken_elsewhere)
+            except APIError as error:
+                # Picked here, taken meanwhile on another node (whose forward
+                # this node has not heard of yet): pick another.
+                if request.local_port is not None or error.kind is not LOCAL_PORT_UNAVAILABLE:
+                    raise
+                if attempt == LOCAL_PORT_ATTEMPTS:
+                    raise
+                continue
+            break
+        if forward.id in self._removed_while_creating:
+            # A reap removed it between its write and now.
+            raise CONTAINER_NOT_RUNNING("the container stopped while the forward was being created")
+        if forward.id not in self._forwards and forward.id not in self._tombstones:
+            # (Not when the change feed brought it first, nor once it is gone.)
+            self._forwards[forward.id] = forward
+            self._notify_added(forward)
+        return forward
+
+    @inlineCallbacks
+    def _add(
+        self,
+        principal: Principal,
+        container: Container,
+        request: CreateRequest,
+        limit: int,
+        stop_mark: int | None,
+        taken_elsewhere: set[int],
+    ) -> Any:
+        """
+        :meth:`_create`'s last step: pick the ``local_port`` and store the
+        forward.  A picked port the store finds taken is added to
+        ``taken_elsewhere``, which the next pick avoids.
+        """
+        local_port = self._reserve_local_port(request.local_port, taken_elsewhere)
         try:
             if container.address:
                 # Its own local_port as its target: a loop.
@@ -704,13 +875,12 @@ class ForwardService(Service):
                 pass_preflight=request.pass_preflight,
             )
             yield self._store.add(forward, limit, stop_mark)
+        except APIError as error:
+            if error.kind is LOCAL_PORT_UNAVAILABLE:
+                taken_elsewhere.add(local_port)
+            raise
         finally:
             self._reserved_ports.discard(local_port)
-        if forward.id in self._removed_while_creating:
-            # A reap removed it between its write and now.
-            raise CONTAINER_NOT_RUNNING("the container stopped while the forward was being created")
-        self._forwards[forward.id] = forward
-        self._notify_added(forward)
         return forward
 
     @inlineCallbacks
@@ -726,10 +896,10 @@ class ForwardService(Service):
             if container is not None and container.address and listener_reaches(interface, container.address):
                 raise LOCAL_PORT_UNAVAILABLE(f"local port {local_port} is where another forward leads")
 
-    def _reserve_local_port(self, requested: int | None) -> int:
+    def _reserve_local_port(self, requested: int | None, taken_elsewhere: set[int] | None = None) -> int:
         low, high = self.limits.local_ports
         interface = self.limits.local_interface
-        taken = {f.local_port for f in self._forwards.values()} | self._reserved_ports
+        taken = {f.local_port for f in self._forwards.values()} | self._reserved_ports | (taken_elsewhere or set())
         if requested is not None:
             if not low <= requested <= high:
                 raise LOCAL_PORT_UNAVAILABLE(f"local_port must be within {low}-{high}")

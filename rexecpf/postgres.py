@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rexecpf.config import mask_url_password
+from rexecpf.feed import ADD, CHANNEL, DELETE, REAP, encode_change
 from rexecpf.model import (
     CONTAINER_NOT_RUNNING,
     LIMIT_EXCEEDED,
@@ -86,6 +87,12 @@ _MIGRATIONS: list[list[str]] = [
             stop BIGINT NOT NULL
         )""",
         "CREATE INDEX container_stops_by_stop ON container_stops (stop)",
+    ],
+    # 1 -> 2: the change feed (rexecpf.feed): every write bumps the revision
+    # (its row lock orders the writes as they commit) and notifies
+    [
+        "CREATE TABLE revision (rev BIGINT NOT NULL)",
+        "INSERT INTO revision (rev) VALUES (0)",
     ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -345,6 +352,7 @@ class PostgresForwardStore:
                     forward.pass_preflight,
                 ),
             )
+            _publish(connection, ADD, forward=forward)
             return forward
 
         return self._run(add)
@@ -374,7 +382,10 @@ class PostgresForwardStore:
     def remove(self, forward_id: str) -> Deferred[bool]:
         def remove(connection: psycopg.Connection[Any]) -> bool:
             cursor = connection.execute("DELETE FROM forwards WHERE id = %s", (forward_id,))
-            return cursor.rowcount > 0
+            if cursor.rowcount > 0:
+                _publish(connection, DELETE, ids=[forward_id])
+                return True
+            return False
 
         return self._run(remove)
 
@@ -394,9 +405,21 @@ class PostgresForwardStore:
                 (container_id, stop),
             )
             connection.execute("DELETE FROM container_stops WHERE stop <= %s", (stop - STOPS_KEPT,))
-            return [_row(row) for row in sorted(rows, key=lambda row: (row[5], row[8]))]
+            removed = [_row(row) for row in sorted(rows, key=lambda row: (row[5], row[8]))]
+            _publish(connection, REAP, ids=[f.id for f in removed], container_id=container_id)
+            return removed
 
         return self._run(remove)
+
+    def snapshot(self) -> Deferred[tuple[int, list[PortForward]]]:
+        def snapshot(connection: psycopg.Connection[Any]) -> tuple[int, list[PortForward]]:
+            # Both reads at one snapshot of the database.
+            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            (rev,) = _one(connection, "SELECT rev FROM revision")
+            cursor = connection.execute(f"SELECT {_COLUMNS} FROM forwards ORDER BY created_ms, seq")
+            return int(rev), [_row(row) for row in cursor.fetchall()]
+
+        return self._run(snapshot, read_only=True)
 
     def stop_mark(self) -> Deferred[int]:
         def stop_mark(connection: psycopg.Connection[Any]) -> int:
@@ -437,6 +460,16 @@ class PostgresForwardStore:
         # Idempotent: graceful shutdown closes the store, and so may its owner.
         if self._pool.running:
             self._pool.close()
+
+
+def _publish(connection: psycopg.Connection[Any], op: str, **fields: Any) -> None:
+    """
+    Bump the revision and notify every node, inside the write's transaction:
+    ``NOTIFY`` is delivered on commit, in commit order, and the revision's
+    row lock (held to the commit) makes that the revision order.
+    """
+    (rev,) = _one(connection, "UPDATE revision SET rev = rev + 1 RETURNING rev")
+    connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, encode_change(int(rev), op, **fields)))
 
 
 def _one(connection: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...]:

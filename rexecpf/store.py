@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from rexecpf.feed import ADD, CHANGES_KEPT, DELETE, REAP, encode_change
 from rexecpf.model import (
     CONTAINER_NOT_RUNNING,
     LIMIT_EXCEEDED,
@@ -87,6 +88,14 @@ class IForwardStore(Interface):
         :return: fires with the forwards removed.
         """
 
+    def snapshot() -> Deferred[tuple[int, list[PortForward]]]:
+        """
+        :return: fires with the store's revision (bumped by every add,
+            remove and reap, each of which publishes its change:
+            :mod:`rexecpf.feed`) and every forward, oldest first, read at
+            that one revision.
+        """
+
     def secret(name: str) -> Deferred[bytes]:
         """
         :return: fires with a random 32-byte secret kept under ``name``,
@@ -130,6 +139,13 @@ _MIGRATIONS: list[list[str]] = [
         "ALTER TABLE forwards ADD COLUMN pass_preflight INTEGER NOT NULL DEFAULT 0"
         " CHECK (pass_preflight IN (0, 1))",
     ],
+    # 3 -> 4: the change feed (rexecpf.feed): every write bumps the revision
+    # and leaves its change, so that other processes sharing the file hear of it
+    [
+        "CREATE TABLE revision (rev INTEGER NOT NULL)",
+        "INSERT INTO revision (rev) VALUES (0)",
+        "CREATE TABLE changes (rev INTEGER PRIMARY KEY, payload TEXT NOT NULL)",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -154,6 +170,15 @@ def _row(row: tuple[Any, ...]) -> PortForward:
         owner=row[6],
         pass_preflight=bool(row[7]),
     )
+
+
+def _publish(connection: sqlite3.Connection, op: str, **fields: Any) -> None:
+    """Bump the revision and leave the change for the other processes (inside the write's transaction)."""
+    ((rev,),) = connection.execute("UPDATE revision SET rev = rev + 1 RETURNING rev").fetchall()
+    connection.execute(
+        "INSERT INTO changes (rev, payload) VALUES (?, ?)", (rev, encode_change(rev, op, **fields))
+    )
+    connection.execute("DELETE FROM changes WHERE rev <= ?", (rev - CHANGES_KEPT,))
 
 
 def _open(connection: sqlite3.Connection) -> None:
@@ -334,6 +359,7 @@ class SQLiteForwardStore:
                     int(forward.pass_preflight),
                 ),
             )
+            _publish(connection, ADD, forward=forward)
             return forward
 
         return self._run(add)
@@ -366,7 +392,10 @@ class SQLiteForwardStore:
     def remove(self, forward_id: str) -> Deferred[bool]:
         def remove(connection: sqlite3.Connection) -> bool:
             cursor = connection.execute("DELETE FROM forwards WHERE id = ?", (forward_id,))
-            return cursor.rowcount > 0
+            if cursor.rowcount > 0:
+                _publish(connection, DELETE, ids=[forward_id])
+                return True
+            return False
 
         return self._run(remove)
 
@@ -383,9 +412,18 @@ class SQLiteForwardStore:
                 (container_id, last + 1),
             )
             connection.execute("DELETE FROM container_stops WHERE stop <= ?", (last + 1 - STOPS_KEPT,))
+            _publish(connection, REAP, ids=[row[0] for row in rows], container_id=container_id)
             return [_row(row) for row in rows]
 
         return self._run(remove)
+
+    def snapshot(self) -> Deferred[tuple[int, list[PortForward]]]:
+        def snapshot(connection: sqlite3.Connection) -> tuple[int, list[PortForward]]:
+            (rev,) = connection.execute("SELECT rev FROM revision").fetchone()
+            rows = connection.execute(f"SELECT {_COLUMNS} FROM forwards ORDER BY created_ms, rowid")
+            return int(rev), [_row(row) for row in rows.fetchall()]
+
+        return self._run(snapshot, read_only=True)
 
     def stop_mark(self) -> Deferred[int]:
         def stop_mark(connection: sqlite3.Connection) -> int:

@@ -40,6 +40,7 @@ from rexecpf.config import (
     mask_url_password,
 )
 from rexecpf.endpoints import OwnSockets
+from rexecpf.feed import ChangeFollower, FeedHealth, IChangeFeed, PostgresChangeFeed, SQLiteChangeFeed
 from rexecpf.forwards import ForwardService
 from rexecpf.listeners import LISTEN_BACKLOG, LocalListeners
 from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
@@ -254,6 +255,7 @@ class Components:
     listeners: list[EndpointListener]
     local_listeners: LocalListeners | None = None
     proxy: ProxyService | None = None
+    follower: ChangeFollower | None = None
 
 
 def build(
@@ -299,6 +301,17 @@ def build(
         # Every reconcile_seconds and whenever the event stream (re)connects.
         backend.set_reconciler(forwards.reconcile)
     metrics.observe_forwards(forwards)
+    # Every node (or process sharing the SQLite file) hears of every other's
+    # writes: it keeps their forwards, listens on their local_ports, and
+    # closes what a delete or a reap elsewhere ends.
+    follower = ChangeFollower(
+        reactor,
+        _feed(config, reactor),
+        forwards,
+        resync_seconds=config.store.resync_seconds,
+        grace_seconds=config.store.cut_off_grace_seconds,
+    )
+    follower.setServiceParent(top)
 
     authenticator = Authenticator(config.auth.users, config.auth.admins)
     urls = PublicURLs(config.server.public_url, config.server.proxy_domain)
@@ -322,7 +335,7 @@ def build(
     host_router = HostRouter(proxy, config.server.proxy_domain) if config.server.proxy_domain else None
     root = Root(
         api.resource(),
-        Health(CachedCheck(reactor, store), counted),
+        Health(FeedHealth(follower, CachedCheck(reactor, store)), counted),
         proxy=ProxyResource(proxy),
         tunnel=tunnel,
         host_router=host_router,
@@ -356,15 +369,22 @@ def build(
         )
 
     waits: list[Any] = [(lambda listener=listener: listening(listener)) for listener in listeners]
-    waits += [store.check, counted.check, lambda: branch(forwards.ready)]
+    waits += [store.check, counted.check, lambda: branch(forwards.ready), follower.check]
     readiness = Readiness(reactor, notifier, waits)
     readiness.setServiceParent(top)
-    top.stop_order([readiness, *listeners, local_listeners], forwards, store)
+    top.stop_order([readiness, follower, *listeners, local_listeners], forwards, store)
 
     return Components(
         config, top, forwards, api, site, backend, store, authenticator, metrics, readiness, reloader,
-        listeners, local_listeners, proxy,
+        listeners, local_listeners, proxy, follower,
     )
+
+
+def _feed(config: Config, reactor: Any) -> IChangeFeed:
+    """:return: the change feed of the store ``config`` names (see :func:`_store`)."""
+    if config.store.url:
+        return PostgresChangeFeed(reactor, config.store.url)
+    return SQLiteChangeFeed(reactor, reactor, config.server.state)
 
 
 def _store(config: Config, reactor: Any) -> Any:

@@ -217,6 +217,8 @@ class MemoryForwardStore:
         self._secrets: dict[str, bytes] = {}
         #: container id -> the number of its latest stop
         self.stops: dict[str, int] = {}
+        #: bumped by every write (:meth:`snapshot`); no change is published
+        self.rev = 0
 
     def _ordered(self) -> list[PortForward]:
         return sorted(self.forwards.values(), key=lambda f: f.created_ms)
@@ -232,6 +234,7 @@ class MemoryForwardStore:
         if any(f.local_port == forward.local_port for f in self.forwards.values()):
             return fail(LOCAL_PORT_UNAVAILABLE("in use"))
         self.forwards[forward.id] = forward
+        self.rev += 1
         return succeed(forward)
 
     def get(self, forward_id: str) -> Deferred[PortForward | None]:
@@ -243,14 +246,20 @@ class MemoryForwardStore:
         )
 
     def remove(self, forward_id: str) -> Deferred[bool]:
-        return succeed(self.forwards.pop(forward_id, None) is not None)
+        removed = self.forwards.pop(forward_id, None) is not None
+        self.rev += removed
+        return succeed(removed)
 
     def remove_container(self, container_id: str) -> Deferred[list[PortForward]]:
         removed = [f for f in self._ordered() if f.container_id == container_id]
         for forward in removed:
             del self.forwards[forward.id]
         self.stops[container_id] = max(self.stops.values(), default=0) + 1
+        self.rev += 1
         return succeed(removed)
+
+    def snapshot(self) -> Deferred[tuple[int, list[PortForward]]]:
+        return succeed((self.rev, self._ordered()))
 
     def stop_mark(self) -> Deferred[int]:
         return succeed(max(self.stops.values(), default=0))

@@ -120,6 +120,17 @@ class ConfigTests(SynchronousTestCase):
         self.assertTrue(self.error({"store": {"url": 5}}).startswith("store.url: must be a string"))
         self.assertTrue(self.error({"store": {"uri": ""}}).startswith("store.uri: unknown key"))
 
+    def test_store_feed_timings(self) -> None:
+        """[store] resync_seconds and cut_off_grace_seconds: positive numbers, named when wrong."""
+        store = parse_config({}).store
+        self.assertEqual((store.resync_seconds, store.cut_off_grace_seconds), (30.0, 10.0))
+        store = parse_config({"store": {"resync_seconds": 5, "cut_off_grace_seconds": 0.5}}).store
+        self.assertEqual((store.resync_seconds, store.cut_off_grace_seconds), (5.0, 0.5))
+        for key in ("resync_seconds", "cut_off_grace_seconds"):
+            for bad in (0, -1, "30", True, float("inf")):
+                message = self.error({"store": {key: bad}})
+                self.assertTrue(message.startswith(f"store.{key}: must be a number of seconds"), message)
+
     def test_mask_url_password(self) -> None:
         """The password of a store URL never reaches a log line: user part and parameter."""
         from rexecpf.config import mask_url_password

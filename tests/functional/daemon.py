@@ -52,13 +52,14 @@ def http_request(
     token: str | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
+    host: str = "127.0.0.1",
 ) -> tuple[int, Any, dict[str, str]]:
     """
-    One request to 127.0.0.1:port.
+    One request to host:port.
 
     :return: (status, JSON document or raw bytes or None, lower-cased headers)
     """
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
     all_headers = dict(headers or {})
     if token is not None:
         all_headers["Authorization"] = f"Bearer {token}"
@@ -85,6 +86,12 @@ class Daemon:
     :param users: the ``[auth] users`` table.
     :param containers: inventory entries (dicts with id, owner, address, state).
     :param extra: more TOML appended to the config.
+    :param host: the loopback address it listens on (a node of several:
+        127.0.0.2, 127.0.0.3...).
+    :param state: the SQLite state file (several daemons may share one).
+    :param inventory: the static inventory file (several daemons may share
+        one); by default ``containers.toml`` in ``directory``, written from
+        ``containers`` (a given one is written only when ``containers`` is).
     """
 
     def __init__(
@@ -95,12 +102,17 @@ class Daemon:
         containers: list[dict[str, str]] | None = None,
         extra: str = "",
         limits: str = "",
+        host: str = "127.0.0.1",
+        state: str = "state.sqlite3",
+        inventory: str | Path | None = None,
     ) -> None:
         self.directory = Path(directory)
-        self.port = free_port()
+        self.host = host
+        self.port = free_port(host)
         self.users = users or {"alice": "alice-token", "bob": "bob-token"}
-        self.inventory = self.directory / "containers.toml"
-        self.write_inventory(containers or [{"id": "c1", "owner": "alice"}])
+        self.inventory = Path(inventory) if inventory is not None else self.directory / "containers.toml"
+        if inventory is None or containers is not None:
+            self.write_inventory(containers or [{"id": "c1", "owner": "alice"}])
         users_toml = ", ".join(f'{name} = "{token}"' for name, token in self.users.items())
         admins_toml = ", ".join(f'"{name}"' for name in admins)
         self.config = self.directory / "rexecpf.toml"
@@ -108,9 +120,9 @@ class Daemon:
             textwrap.dedent(
                 f"""
                 [server]
-                listen = ["tcp:{self.port}:interface=127.0.0.1"]
-                public_url = "http://127.0.0.1:{self.port}"
-                state = "state.sqlite3"
+                listen = ["tcp:{self.port}:interface={host}"]
+                public_url = "http://{host}:{self.port}"
+                state = "{state}"
 
                 [auth]
                 users = {{ {users_toml} }}
@@ -118,7 +130,7 @@ class Daemon:
 
                 [backend]
                 kind = "static"
-                inventory = "containers.toml"
+                inventory = "{self.inventory}"
 
                 [limits]
                 {limits}
@@ -160,7 +172,7 @@ class Daemon:
             if self.process.poll() is not None:
                 raise RuntimeError(f"rexecpf exited with {self.process.returncode}: {self.log()}")
             try:
-                if http_request(self.port, "GET", "/healthz", timeout=2)[0] == 200:
+                if http_request(self.port, "GET", "/healthz", timeout=2, host=self.host)[0] == 200:
                     return self
             except OSError:
                 pass
@@ -197,7 +209,7 @@ class Daemon:
     def request(self, method: str, path: str, body: Any = None, user: str | None = "alice",
                 **kwargs: Any) -> tuple[int, Any, dict[str, str]]:
         token = self.users[user] if user else None
-        return http_request(self.port, method, path, body, token=token, **kwargs)
+        return http_request(self.port, method, path, body, token=token, host=self.host, **kwargs)
 
     def create(self, container: str, port: int, user: str = "alice", **extra: Any) -> tuple[int, Any]:
         code, document, _ = self.request(

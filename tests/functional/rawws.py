@@ -92,9 +92,10 @@ class RawWebSocket:
     and write frames byte for byte.
     """
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
+    def __init__(self, port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
         self.port = port
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.host = host
+        self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buffer = b""
         self.status: int | None = None
         self.headers: dict[str, str] = {}
@@ -132,7 +133,7 @@ class RawWebSocket:
         """
         key = key if key is not None else base64.b64encode(os.urandom(16)).decode()
         headers = {
-            "host": f"127.0.0.1:{self.port}",
+            "host": f"{self.host}:{self.port}",
             "upgrade": "websocket",
             "connection": "Upgrade",
             "sec-websocket-key": key,
