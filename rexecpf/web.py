@@ -547,7 +547,7 @@ def _not_proxied(path: bytes) -> bool:
 _HOST_VALUE = re.compile(rb"(?:\[[0-9A-Za-z:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
 
 
-def _host_error(request: IRequest) -> APIError | None:
+def _host_error(request: server.Request) -> APIError | None:
     """
     :return: the error for a request whose ``Host`` cannot say which site
         it is for (RFC 9112 3.2: 400 for more than one ``Host`` line, or an
