@@ -36,6 +36,7 @@ from rexecpf.model import (
     PORT_ALREADY_FORWARDED,
     PORT_NOT_ALLOWED,
     APIError,
+    CloseReason,
     Container,
     PortForward,
     Principal,
@@ -58,8 +59,8 @@ __all__ = [
 ]
 
 #: Why a forward went away; live connections get it as their close reason.
-DELETED = "forward deleted"
-CONTAINER_STOPPED = "container stopped"
+DELETED = CloseReason.DELETED
+CONTAINER_STOPPED = CloseReason.CONTAINER_STOPPED
 
 _FIELDS = {"container_port", "local_port", "name", "pass_preflight"}
 
@@ -167,7 +168,7 @@ class LiveConnection(Protocol):
 
 
 #: The close reason of every live connection on a stop.
-GOING_AWAY = "going away"
+GOING_AWAY = CloseReason.GOING_AWAY
 
 
 @attrs.define

@@ -27,6 +27,7 @@ from rexecpf.auth import Authenticator
 from rexecpf.backends.static import StaticBackend, read_inventory
 from rexecpf.config import ConfigError, load_config
 from rexecpf.forwards import ForwardService
+from rexecpf.model import CloseReason
 
 __all__ = [
     "GracefulService",
@@ -37,12 +38,6 @@ __all__ = [
     "json_log_observer",
     "notifier_from_environ",
 ]
-
-#: The close reason given to the connections of a user whose token was revoked.
-TOKEN_REVOKED = "token revoked"
-#: ... and to those of a user who may no longer use the container (admin
-#: right removed, the container given to someone else).
-ACCESS_REVOKED = "access revoked"
 
 
 class Notifier:
@@ -330,10 +325,10 @@ class Reloader(Service):
             self._log.error("reload failed, configuration kept: {error}", error=str(error))
             return False
         revoked = self._authenticator.replace(config.auth.users, config.auth.admins)
-        closed = sum(self._forwards.shutdown_user(name, TOKEN_REVOKED) for name in sorted(revoked))
+        closed = sum(self._forwards.shutdown_user(name, CloseReason.TOKEN_REVOKED) for name in sorted(revoked))
         if entries is not None:
             self._backend.replace(entries)
-        self.rechecked = self._forwards.recheck_access(self._authenticator.user, ACCESS_REVOKED)
+        self.rechecked = self._forwards.recheck_access(self._authenticator.user, CloseReason.ACCESS_REVOKED)
         self.rechecked.addErrback(lambda failure: self._log.failure("access re-check failed", failure))
         self._log.info(
             "reloaded {path}: {users} users, {revoked} revoked, {closed} connections closed",

@@ -70,7 +70,7 @@ from zope.interface import implementer
 from rexecpf.api import PublicURLs, write_json
 from rexecpf.auth import Authenticator, bearer_token
 from rexecpf.endpoints import container_endpoint
-from rexecpf.forwards import CONTAINER_STOPPED, DELETED, GOING_AWAY, ForwardService
+from rexecpf.forwards import ForwardService
 from rexecpf.http1 import (
     ChunkedDecoder,
     Framing,
@@ -90,12 +90,12 @@ from rexecpf.model import (
     NOT_FOUND,
     UNAUTHORIZED,
     APIError,
+    CloseReason,
     Container,
     ErrorKind,
     PortForward,
     Principal,
 )
-from rexecpf.ops import TOKEN_REVOKED
 from rexecpf.relay import CONNECT_TIMEOUT, IRelayEnd, Relay, RelayStats, TCPEnd, widen_transport
 from rexecpf.web import RequestBodyStream, release_from_http_channel
 
@@ -932,11 +932,11 @@ def _closed_error(reason: str) -> APIError:
     :param reason: why :meth:`ForwardService` shut the exchange down.
     :return: the answer to a request closed before its response headers came.
     """
-    if reason in (DELETED, CONTAINER_STOPPED):
+    if reason in (CloseReason.DELETED, CloseReason.CONTAINER_STOPPED):
         return FORWARD_NOT_FOUND(f"the port forward is gone: {reason}")
-    if reason == GOING_AWAY:
+    if reason == CloseReason.GOING_AWAY:
         return SERVICE_UNAVAILABLE("rexecpf is stopping")
-    if reason == TOKEN_REVOKED:
+    if reason == CloseReason.TOKEN_REVOKED:
         return UNAUTHORIZED(
             "the token of this session was revoked",
             headers={"WWW-Authenticate": 'Bearer realm="rexecpf"'},
@@ -1661,7 +1661,7 @@ class _Upgrade(_Exchange):
     def drain(self) -> Deferred[None]:
         """A graceful stop: an upgraded connection is closed at once (as a tunnel is)."""
         if self.relay is not None:
-            self.shutdown(GOING_AWAY)
+            self.shutdown(CloseReason.GOING_AWAY)
             return succeed(None)
         return super().drain()
 

@@ -37,6 +37,7 @@ from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.logger import Logger
 
+from rexecpf.model import CloseReason
 from rexecpf.relay import Relay, widen_transport
 
 __all__ = [
@@ -204,8 +205,9 @@ class WebSocketEndMixin(_AutobahnProtocol):
         if self.state == WebSocketProtocol.STATE_OPEN:
             # sendClose() refuses the 1001 and 1011 a relay needs: send the
             # close frame directly (any code valid on the wire is allowed).
+            # (str(): Autobahn takes exactly a str, not a CloseReason)
             self.sendCloseFrame(
-                code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False
+                code=code, reasonUtf8=encode_truncate(str(reason), 123), isReply=False
             )
         elif self.state == WebSocketProtocol.STATE_CONNECTING and self.transport is not None:
             self.transport.loseConnection()
@@ -302,7 +304,7 @@ class WebSocketEndMixin(_AutobahnProtocol):
         # The peer is done: close the other side now rather than when the
         # socket finally goes away.
         if self.relay is not None and not self.relay.closing:
-            self.relay.close(1000, "peer closed")
+            self.relay.close(1000, CloseReason.PEER_CLOSED)
         return result
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:

@@ -25,8 +25,7 @@ from rexecpf.auth import Authenticator
 from rexecpf.config import LimitsConfig
 from rexecpf.forwards import ForwardService
 from rexecpf.metrics import Metrics
-from rexecpf.model import PortForward, Principal
-from rexecpf.ops import TOKEN_REVOKED
+from rexecpf.model import CloseReason, PortForward, Principal
 from rexecpf.proxy import (
     POOLED_IDLE_SECONDS,
     HostRouter,
@@ -510,8 +509,8 @@ class ProxyServiceTests(SynchronousTestCase):
         """A proxied request is tracked under its forward, as kind "proxy", for the user it serves."""
         _, forwards = self.request()
         self.assertEqual(forwards.live_counts(), {"proxy": 1})
-        self.assertEqual(forwards.shutdown_user("bob", TOKEN_REVOKED), 0)
-        self.assertEqual(forwards.shutdown_user("alice", TOKEN_REVOKED), 1)
+        self.assertEqual(forwards.shutdown_user("bob", CloseReason.TOKEN_REVOKED), 0)
+        self.assertEqual(forwards.shutdown_user("alice", CloseReason.TOKEN_REVOKED), 1)
 
     def test_connections_per_user(self) -> None:
         """
@@ -548,7 +547,7 @@ class ProxyServiceTests(SynchronousTestCase):
         """Revoking the user's token while the container has not answered: 401, the container connection closed."""
         transport, forwards = self.request()
         _, container = self.container()
-        forwards.shutdown_user("alice", TOKEN_REVOKED)
+        forwards.shutdown_user("alice", CloseReason.TOKEN_REVOKED)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 "))
         self.assertIn(b"revoked", transport.value())
         self.assertTrue(container.disconnecting)
@@ -564,7 +563,7 @@ class ProxyServiceTests(SynchronousTestCase):
         protocol, container = self.container()
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
         self.assertIn(b"Content-Length: 1000", transport.value())
-        forwards.shutdown_user("alice", TOKEN_REVOKED)
+        forwards.shutdown_user("alice", CloseReason.TOKEN_REVOKED)
         self.assertTrue(transport.disconnected)  # aborted, not closed after a complete response
         self.assertTrue(container.disconnected)  # the container connection aborted too
         self.assertEqual(forwards.live_count(), 0)
