@@ -10,7 +10,6 @@ identifies itself only as ``rexecpf``.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from io import BytesIO
@@ -24,9 +23,10 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IRequest
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
-from rexecpf.api import MAX_BODY_BYTES, write_error, write_json
+from rexecpf.api import MAX_BODY_BYTES
 from rexecpf.auth import bearer_token
 from rexecpf.backends import IContainerBackend
+from rexecpf.http.errors import error_body, error_response, write_error, write_json
 from rexecpf.model import (
     INVALID_REQUEST,
     METHOD_NOT_ALLOWED,
@@ -423,7 +423,7 @@ class LimitedRequest(server.Request):
                 require(bearer_token(self.requestHeaders.getRawHeaders(b"authorization", [None])[0]))
             except APIError as unauthorized:
                 error = unauthorized
-        _answer_and_close(channel.transport, error)
+        channel.transport.write(error_response(error))
         channel.persistent = False
         from twisted.internet import reactor
 
@@ -484,22 +484,6 @@ def _origin_form(target: bytes, headers: Any) -> bytes:
     return rest if rest.startswith(b"/") else b"/" + rest
 
 
-def _answer_and_close(transport: Any, error: APIError) -> None:
-    """
-    Write ``error`` as a complete JSON answer, straight to the client's
-    transport, that says the connection closes: for answers made while a
-    request is still being read (no ``Request`` can answer yet).
-    """
-    body = json.dumps(error.body()).encode("utf-8") + b"\n"
-    extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in error.headers.items())
-    transport.write(
-        b"HTTP/1.1 %d %s\r\n" % (error.code, error.message.encode())
-        + extra
-        + b"Content-Type: application/json\r\nCache-Control: no-store\r\nConnection: close\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-
-
 def _line_too_long(channel: Any) -> None:
     """
     A request line or header line over the channel's ``MAX_LENGTH`` (16 KiB):
@@ -507,7 +491,7 @@ def _line_too_long(channel: Any) -> None:
     """
     first_line = getattr(channel, "_HTTPChannel__first_line", 0)
     kind = ErrorKind(414, "URI Too Long") if first_line else ErrorKind(431, "Request Header Fields Too Large")
-    _answer_and_close(channel.transport, kind("the request line or a header is too long"))
+    channel.transport.write(error_response(kind("the request line or a header is too long")))
     channel.transport.loseConnection()
 
 
@@ -517,7 +501,7 @@ def _bad_request(channel: Any) -> None:
     header, a garbled request line): answer a JSON 400 and close, where
     Twisted writes a bare ``400 Bad Request`` with no body.
     """
-    _answer_and_close(channel.transport, INVALID_REQUEST("the request is not well-formed HTTP/1.1"))
+    channel.transport.write(error_response(INVALID_REQUEST("the request is not well-formed HTTP/1.1")))
     channel.loseConnection()
 
 
@@ -573,10 +557,7 @@ class _Refused(Resource):
         self._error = error
 
     def render(self, request: Any) -> bytes:
-        # The proxy's error page (an HTML one for browsers); imported here
-        # because rexecpf.proxy imports this module.
-        from rexecpf.proxy import error_body
-
+        # The proxy's error page (an HTML one for browsers).
         # What else the connection carries is not to be trusted either.
         request.setHeader(b"connection", b"close")
         request.channel.persistent = False

@@ -26,19 +26,11 @@ from rexecpf.config import LimitsConfig
 from rexecpf.forwards import ForwardService
 from rexecpf.metrics import Metrics
 from rexecpf.model import CloseReason, PortForward, Principal
-from rexecpf.proxy import (
-    POOLED_IDLE_SECONDS,
-    HostRouter,
-    ProxyResource,
-    ProxyService,
-    SessionCookies,
-    _carries_token,
-    _Exchange,
-    _origin,
-    _rewrite_location,
-    _split_token,
-    _without_session_cookie,
-)
+from rexecpf.proxy import HostRouter, ProxyResource, ProxyService, SessionCookies
+from rexecpf.proxy.exchange import Exchange
+from rexecpf.proxy.headers import rewrite_location
+from rexecpf.proxy.pool import POOLED_IDLE_SECONDS
+from rexecpf.proxy.sessions import carries_token, origin, split_token, without_session_cookie
 from rexecpf.relay import CONNECT_TIMEOUT
 from rexecpf.testing import FakeBackend, MemoryForwardStore
 from rexecpf.web import STREAM_HIGH_WATER, NotFoundResource, RexecSite, Root
@@ -373,11 +365,11 @@ class HelperTests(SynchronousTestCase):
         the query, the app's own token parameters included, is kept byte for byte.
         """
         is_token = Authenticator({"alice": "t", "bob": "b-t"}).is_token
-        self.assertEqual(_split_token(b"a=1&token=t&b=%20", is_token), (["t"], b"a=1&b=%20"))
-        self.assertEqual(_split_token(b"a=1", is_token), (None, b"a=1"))
-        self.assertEqual(_split_token(b"to%6Ben=t", is_token), (["t"], b""))
-        self.assertEqual(_split_token(b"token=b%2Dt&token=x", is_token), (["b-t"], b"token=x"))
-        self.assertEqual(_split_token(b"token=x&a=%ff", is_token), ([], b"token=x&a=%ff"))
+        self.assertEqual(split_token(b"a=1&token=t&b=%20", is_token), (["t"], b"a=1&b=%20"))
+        self.assertEqual(split_token(b"a=1", is_token), (None, b"a=1"))
+        self.assertEqual(split_token(b"to%6Ben=t", is_token), (["t"], b""))
+        self.assertEqual(split_token(b"token=b%2Dt&token=x", is_token), (["b-t"], b"token=x"))
+        self.assertEqual(split_token(b"token=x&a=%ff", is_token), ([], b"token=x&a=%ff"))
 
     def test_carries_token(self) -> None:
         """An Authorization value holds a rexecpf token whatever its scheme, case or spacing, Basic included."""
@@ -394,32 +386,32 @@ class HelperTests(SynchronousTestCase):
             b"basic   " + basic + b" ",
         ):
             with self.subTest(value=value):
-                self.assertTrue(_carries_token(value, is_token))
+                self.assertTrue(carries_token(value, is_token))
         for value in (b"Bearer app-own", b"Basic " + base64.b64encode(b"me:secret"), b"Bearer alice-token2", b"\xff"):
             with self.subTest(value=value):
-                self.assertFalse(_carries_token(value, is_token))
+                self.assertFalse(carries_token(value, is_token))
 
     def test_origin(self) -> None:
         """Origins compare by scheme, host and port, the default port filled in; anything else is no origin."""
-        self.assertEqual(_origin("https://Rexec.Example"), ("https", "rexec.example", 443))
-        self.assertEqual(_origin("http://h:80/path/"), ("http", "h", 80))
-        self.assertEqual(_origin("http://[::1]:8080"), ("http", "::1", 8080))
+        self.assertEqual(origin("https://Rexec.Example"), ("https", "rexec.example", 443))
+        self.assertEqual(origin("http://h:80/path/"), ("http", "h", 80))
+        self.assertEqual(origin("http://[::1]:8080"), ("http", "::1", 8080))
         for value in ("null", "", "file://x", "http://", "http://h:99999", "ws://h"):
             with self.subTest(value=value):
-                self.assertIsNone(_origin(value))
+                self.assertIsNone(origin(value))
 
     def test_session_cookie_removed(self) -> None:
         """rexecpf's cookie is removed from Cookie headers, other cookies kept."""
         self.assertEqual(
-            _without_session_cookie([b"a=1; rexecpf_session=x; b=2", b"rexecpf_session=y"]), [b"a=1; b=2"]
+            without_session_cookie([b"a=1; rexecpf_session=x; b=2", b"rexecpf_session=y"]), [b"a=1; b=2"]
         )
 
     def test_rewrite_location(self) -> None:
         """Only path-absolute Locations are put under the prefix."""
-        self.assertEqual(_rewrite_location(b"/login", b"/p/pf_a"), b"/p/pf_a/login")
-        self.assertEqual(_rewrite_location(b"login", b"/p/pf_a"), b"login")
-        self.assertEqual(_rewrite_location(b"//h/x", b"/p/pf_a"), b"//h/x")
-        self.assertEqual(_rewrite_location(b"https://h/x", b"/p/pf_a"), b"https://h/x")
+        self.assertEqual(rewrite_location(b"/login", b"/p/pf_a"), b"/p/pf_a/login")
+        self.assertEqual(rewrite_location(b"login", b"/p/pf_a"), b"login")
+        self.assertEqual(rewrite_location(b"//h/x", b"/p/pf_a"), b"//h/x")
+        self.assertEqual(rewrite_location(b"https://h/x", b"/p/pf_a"), b"https://h/x")
 
 
 class SessionCookieTests(SynchronousTestCase):
@@ -926,7 +918,7 @@ class ContainerClientTests(SynchronousTestCase):
         def broken(*args: object) -> None:
             raise RuntimeError("a bug")
 
-        self.patch(_Exchange, "_respond", broken)
+        self.patch(Exchange, "_respond", broken)
         client = self.send()
         protocol, container = self.container()
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
@@ -941,7 +933,7 @@ class ContainerClientTests(SynchronousTestCase):
         def broken(*args: object) -> None:
             raise RuntimeError("a bug")
 
-        self.patch(_Exchange, "_respond", broken)
+        self.patch(Exchange, "_respond", broken)
         client = self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n", b"hello")
         protocol, container = self.container()
         self.assertIsNotNone(container.producer)
