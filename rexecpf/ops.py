@@ -34,7 +34,6 @@ __all__ = [
     "Notifier",
     "Readiness",
     "Reloader",
-    "forget_exit_signal",
     "json_log_observer",
     "notifier_from_environ",
 ]
@@ -233,17 +232,6 @@ class GracefulService(MultiService):
 
     def _log_failure(self, failure: Any) -> None:
         self._log.failure("while stopping", failure)
-
-
-def forget_exit_signal(reactor: Any) -> None:
-    """
-    After a graceful stop, let twistd exit with status 0: twistd re-raises
-    the signal that stopped the reactor (exit status -15 for SIGTERM) unless
-    the reactor's ``_exitSignal`` is cleared.  Pinned by
-    ``tests.functional.test_ops`` (a SIGTERM ends with status 0).
-    """
-    if getattr(reactor, "_exitSignal", None) is not None:
-        reactor._exitSignal = None
 
 
 class Reloader(Service):

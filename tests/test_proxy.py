@@ -106,7 +106,7 @@ class LimitedRequestTests(SynchronousTestCase):
         )
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
         self.assertNotIn(b"100 Continue", transport.value())
-        request = channel._channel.requests[-1]
+        request = channel.requests[-1]
         self.assertIsNone(request.content)
         channel.dataReceived(b"a" * 5000)  # read and dropped
         self.assertIsNone(request.content)
@@ -176,7 +176,7 @@ class StreamedBodyTests(SynchronousTestCase):
         site = RexecSite(self.resource, proxy_body_bytes=10_000_000, reactor=self.clock)
         self.channel, self.transport = channel_for(site)
         site.timeOut = 60
-        self.channel._channel.setTimeout(60)
+        self.channel.setTimeout(60)
 
     def head(self, framing: bytes = b"Content-Length: 300000", path: bytes = b"/p/x/") -> Any:
         self.channel.dataReceived(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")

@@ -19,6 +19,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from rexecpf.endpoints import container_endpoint
+from rexecpf.http._twisted import request_disconnected
 from rexecpf.http.errors import abort_client, finish_with_error
 from rexecpf.model import (
     BAD_GATEWAY,
@@ -521,7 +522,7 @@ class Exchange:
             request.unregisterProducer()
         if connection is not None:
             connection.release(keep)
-        if not request.finished and not request._disconnected:
+        if not request.finished and not request_disconnected(request):
             request.finish()
 
     def broken(self, why: str, at_once: bool = False) -> None:
@@ -664,10 +665,7 @@ class Upgrade(Exchange):
         if rest:
             TCPEnd.dataReceived(backend, rest)
         client = _ClientEnd(transport)
-        buffered = b"".join(channel._dataBuffer)
-        channel._dataBuffer = []
-        channel.dataReceived = client.dataReceived
-        channel.connectionLost = client.connectionLost
+        buffered = channel.hand_over(client)
         transport.pauseProducing()
         release_from_http_channel(transport)
         transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
