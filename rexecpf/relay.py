@@ -722,7 +722,7 @@ class Relay:
         other = self._direction_from(direction.sink)
         if other.eof:
             # Both directions finished: the ends close themselves; make sure.
-            self._record_close(CLOSE_NORMAL, "peer closed")
+            self._record_close(CLOSE_NORMAL, CloseReason.PEER_CLOSED)
             self._start_closing()
 
     def lost(self, end: RelayEnd, clean: bool) -> None:
