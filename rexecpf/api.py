@@ -11,7 +11,6 @@ token check, so an unauthenticated client learns nothing of the routes.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -28,6 +27,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from rexecpf.auth import Authenticator, bearer_token
 from rexecpf.forwards import ForwardService
+from rexecpf.http.errors import write_error, write_json
 from rexecpf.model import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
@@ -40,7 +40,7 @@ from rexecpf.model import (
 )
 from rexecpf.openapi import openapi_document
 
-__all__ = ["API", "PublicURLs", "write_json", "write_error"]
+__all__ = ["API", "PublicURLs"]
 
 #: A create request is a few dozen bytes; anything near this is not one.
 MAX_BODY_BYTES = 64 * 1024
@@ -89,26 +89,6 @@ class PublicURLs:
             "created_at": forward.created_at,
             "pass_preflight": forward.pass_preflight,
         }
-
-
-#: Reason phrases Twisted does not know (it would send "Unknown Status").
-_REASONS = {429: b"Too Many Requests"}
-
-
-def write_json(request: IRequest, code: int, document: Any) -> bytes:
-    """Set the status and JSON headers; :return: the body."""
-    request.setResponseCode(code, _REASONS.get(code))
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    request.setHeader(b"x-content-type-options", b"nosniff")
-    return json.dumps(document).encode("utf-8") + b"\n"
-
-
-def write_error(request: IRequest, error: APIError) -> bytes:
-    """Set status, headers and :return: the JSON body of ``error``."""
-    for name, value in error.headers.items():
-        request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    return write_json(request, error.code, error.body())
 
 
 def shielded(work: Deferred[Any]) -> Deferred[Any]:

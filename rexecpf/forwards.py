@@ -39,6 +39,7 @@ from rexecpf.model import (
     PORT_NOT_ALLOWED,
     STORE_UNAVAILABLE,
     APIError,
+    CloseReason,
     Container,
     PortForward,
     Principal,
@@ -61,8 +62,8 @@ __all__ = [
 ]
 
 #: Why a forward went away; live connections get it as their close reason.
-DELETED = "forward deleted"
-CONTAINER_STOPPED = "container stopped"
+DELETED = CloseReason.DELETED
+CONTAINER_STOPPED = CloseReason.CONTAINER_STOPPED
 
 #: What a forward id looks like (:func:`rexecpf.model.new_forward_id`): anything
 #: else is not found without a store read.
@@ -182,7 +183,7 @@ class LiveConnection(Protocol):
 
 
 #: The close reason of every live connection on a stop.
-GOING_AWAY = "going away"
+GOING_AWAY = CloseReason.GOING_AWAY
 
 
 @attrs.define

@@ -12,18 +12,49 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import attrs
 
 __all__ = [
     "APIError",
+    "CloseReason",
     "Container",
     "ErrorKind",
     "PortForward",
     "Principal",
     "new_forward_id",
 ]
+
+
+class CloseReason(StrEnum):
+    """
+    Why rexecpf closes a live connection (a tunnel, a listener's connection,
+    a proxied request or upgrade): the text the peer is told where its
+    protocol can say it (a WebSocket close reason, an error detail) and that
+    the relay's end-of-connection log line gives.  Each is a ``str``.
+    """
+
+    #: the forward was deleted
+    DELETED = "forward deleted"
+    #: the forward's container stopped or went away
+    CONTAINER_STOPPED = "container stopped"
+    #: rexecpf is stopping
+    GOING_AWAY = "going away"
+    #: the user's token was revoked
+    TOKEN_REVOKED = "token revoked"
+    #: the user may no longer use the container (admin right removed, the
+    #: container given to someone else)
+    ACCESS_REVOKED = "access revoked"
+    #: no data flowed either way for the relay's idle time
+    IDLE = "idle timeout"
+    #: the other side closed cleanly
+    PEER_CLOSED = "peer closed"
+    #: the other side's connection was lost
+    PEER_LOST = "peer connection lost"
+    #: the container port could not be reached
+    CONNECT_FAILED = "connect failed"
 
 
 @attrs.frozen

@@ -27,22 +27,16 @@ from rexecpf.auth import Authenticator
 from rexecpf.backends.static import StaticBackend, read_inventory
 from rexecpf.config import ConfigError, load_config
 from rexecpf.forwards import ForwardService
+from rexecpf.model import CloseReason
 
 __all__ = [
     "GracefulService",
     "Notifier",
     "Readiness",
     "Reloader",
-    "forget_exit_signal",
     "json_log_observer",
     "notifier_from_environ",
 ]
-
-#: The close reason given to the connections of a user whose token was revoked.
-TOKEN_REVOKED = "token revoked"
-#: ... and to those of a user who may no longer use the container (admin
-#: right removed, the container given to someone else).
-ACCESS_REVOKED = "access revoked"
 
 
 class Notifier:
@@ -240,17 +234,6 @@ class GracefulService(MultiService):
         self._log.failure("while stopping", failure)
 
 
-def forget_exit_signal(reactor: Any) -> None:
-    """
-    After a graceful stop, let twistd exit with status 0: twistd re-raises
-    the signal that stopped the reactor (exit status -15 for SIGTERM) unless
-    the reactor's ``_exitSignal`` is cleared.  Pinned by
-    ``tests.functional.test_ops`` (a SIGTERM ends with status 0).
-    """
-    if getattr(reactor, "_exitSignal", None) is not None:
-        reactor._exitSignal = None
-
-
 class Reloader(Service):
     """
     Re-reads the configuration file on ``SIGHUP``: users, tokens and admins
@@ -330,10 +313,10 @@ class Reloader(Service):
             self._log.error("reload failed, configuration kept: {error}", error=str(error))
             return False
         revoked = self._authenticator.replace(config.auth.users, config.auth.admins)
-        closed = sum(self._forwards.shutdown_user(name, TOKEN_REVOKED) for name in sorted(revoked))
+        closed = sum(self._forwards.shutdown_user(name, CloseReason.TOKEN_REVOKED) for name in sorted(revoked))
         if entries is not None:
             self._backend.replace(entries)
-        self.rechecked = self._forwards.recheck_access(self._authenticator.user, ACCESS_REVOKED)
+        self.rechecked = self._forwards.recheck_access(self._authenticator.user, CloseReason.ACCESS_REVOKED)
         self.rechecked.addErrback(lambda failure: self._log.failure("access re-check failed", failure))
         self._log.info(
             "reloaded {path}: {users} users, {revoked} revoked, {closed} connections closed",

@@ -51,6 +51,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from rexecpf.model import CloseReason
+
 __all__ = [
     "CONNECT_TIMEOUT",
     "CLOSE_ABORTED",
@@ -690,7 +692,7 @@ class Relay:
             self._idle_call = self.clock.callLater(remaining, self._idle_check)
             return
         self._log.info("relay idle for {seconds}s: closing", seconds=idle_for)
-        self.close(CLOSE_NORMAL, "idle timeout")
+        self.close(CLOSE_NORMAL, CloseReason.IDLE)
 
     def read_closed(self, end: RelayEnd) -> None:
         """
@@ -714,13 +716,13 @@ class Relay:
             direction.sink, "close_write", None
         )
         if self._is_gone(direction.sink) or close_write is None or not close_write():
-            self.close(CLOSE_NORMAL, "peer closed")
+            self.close(CLOSE_NORMAL, CloseReason.PEER_CLOSED)
             return
         self._log.debug("relay half-closed")
         other = self._direction_from(direction.sink)
         if other.eof:
             # Both directions finished: the ends close themselves; make sure.
-            self._record_close(CLOSE_NORMAL, "peer closed")
+            self._record_close(CLOSE_NORMAL, CloseReason.PEER_CLOSED)
             self._start_closing()
 
     def lost(self, end: RelayEnd, clean: bool) -> None:
@@ -742,9 +744,9 @@ class Relay:
             self._finish()
             return
         if clean:
-            self.close(CLOSE_NORMAL, "peer closed")
+            self.close(CLOSE_NORMAL, CloseReason.PEER_CLOSED)
         else:
-            self.close(CLOSE_PEER_LOST, "peer connection lost")
+            self.close(CLOSE_PEER_LOST, CloseReason.PEER_LOST)
 
     def _consumer_stopped(self, producer_end: RelayEnd) -> None:
         """
@@ -1129,7 +1131,7 @@ def splice_to_endpoint(
         Relay._log.info(
             "relay connect failed: {error}", error=failure.getErrorMessage()
         )
-        accepted.close(CLOSE_PEER_LOST, "connect failed")
+        accepted.close(CLOSE_PEER_LOST, CloseReason.CONNECT_FAILED)
         return failure
 
     return d.addCallbacks(connected, failed)

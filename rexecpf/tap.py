@@ -42,6 +42,7 @@ from rexecpf.config import (
 from rexecpf.endpoints import OwnSockets
 from rexecpf.feed import ChangeFollower, FeedHealth, IChangeFeed, PostgresChangeFeed, SQLiteChangeFeed
 from rexecpf.forwards import ForwardService
+from rexecpf.http._twisted import forget_exit_signal
 from rexecpf.listeners import LISTEN_BACKLOG, LocalListeners
 from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
 from rexecpf.ops import (
@@ -50,7 +51,6 @@ from rexecpf.ops import (
     Readiness,
     Reloader,
     branch,
-    forget_exit_signal,
     notifier_from_environ,
 )
 from rexecpf.proxy import HostRouter, ProxyResource, ProxyService

@@ -31,7 +31,6 @@ transport's pause and resume signals.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -49,11 +48,11 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
-from rexecpf.api import write_error
 from rexecpf.auth import Authenticator, bearer_token
 from rexecpf.config import LimitsConfig
 from rexecpf.endpoints import container_endpoint
 from rexecpf.forwards import ForwardService
+from rexecpf.http.errors import error_response, write_error
 from rexecpf.model import (
     BAD_GATEWAY,
     FORWARD_NOT_FOUND,
@@ -223,16 +222,7 @@ class TunnelProtocol(WebSocketEndMixin, WebSocketServerProtocol):
         error = self._deny or (METHOD_NOT_ALLOWED(reason, {"Allow": "GET"}) if code == 405
                                else INVALID_REQUEST(reason, dict(responseHeaders or ())))
         self.wasNotCleanReason = reason
-        body = json.dumps(error.body()).encode("utf-8") + b"\n"
-        head = [f"HTTP/1.1 {error.code} {error.message}"]
-        head += [f"{name}: {value}" for name, value in error.headers.items()]
-        head += [
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-            "Cache-Control: no-store",
-            "Connection: close",
-        ]
-        self.sendData(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        self.sendData(error_response(error))
         self.dropConnection(abort=False)
 
     # -- open ------------------------------------------------------------

@@ -10,7 +10,6 @@ identifies itself only as ``rexecpf``.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from io import BytesIO
@@ -24,9 +23,11 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IRequest
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
-from rexecpf.api import MAX_BODY_BYTES, write_error, write_json
+from rexecpf.api import MAX_BODY_BYTES
 from rexecpf.auth import bearer_token
 from rexecpf.backends import IContainerBackend
+from rexecpf.http._twisted import HTTPChannel, Request
+from rexecpf.http.errors import error_body, error_response, write_error, write_json
 from rexecpf.model import (
     INVALID_REQUEST,
     METHOD_NOT_ALLOWED,
@@ -281,7 +282,7 @@ class RequestBodyStream:
         self._set_paused(waiting)
 
 
-class LimitedRequest(server.Request):
+class LimitedRequest(Request):
     """
     A request whose body is refused with 413 as soon as it is known to be too
     large for its path (:meth:`RexecSite.max_body_for`): from ``Content-Length``
@@ -312,7 +313,8 @@ class LimitedRequest(server.Request):
         self._link = self.channel
         site = getattr(self.channel, "site", None)
         policy = getattr(site, "max_body_for", None)
-        path = getattr(self.channel, "_path", b"") or b""
+        channel: Any = self.channel
+        path = channel.target()
         self._limit = policy(path) if policy is not None else None
         if self._limit is not None and length is not None and length > self._limit:
             self._refuse()
@@ -330,10 +332,11 @@ class LimitedRequest(server.Request):
         # Twisted answers "Expect: 100-continue" once gotLength returns, after
         # any answer made now: answer it first.
         expect = self.requestHeaders.getRawHeaders(b"expect", [])
-        if expect and expect[0].lower() == b"100-continue" and channel._version == b"HTTP/1.1":
+        command, target, version = channel.request_line()
+        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
             channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.requestHeaders.removeHeader(b"expect")
-        super().requestReceived(channel._command, _origin_form(channel._path, self.requestHeaders), channel._version)
+        super().requestReceived(command, _origin_form(target, self.requestHeaders), version)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -362,14 +365,14 @@ class LimitedRequest(server.Request):
                 # The channel has just put its idle timeout aside for the
                 # response, but ours was already: put ours there instead.
                 self._set_paused(False)
-                self._link._savedTimeOut = self._link.setTimeout(None)
+                self._link.put_timeout_aside()
             self.body_stream.ended()
             if self._waiting_for_body:
-                super()._cleanup()
+                super().cleanup()
             return
         super().requestReceived(command, _origin_form(path, self.requestHeaders), version)
 
-    def _cleanup(self) -> None:
+    def cleanup(self) -> None:
         stream = self.body_stream
         if stream is not None and not stream.complete and not self._refused:
             # Answered before the body has all arrived: the channel may go on
@@ -377,7 +380,7 @@ class LimitedRequest(server.Request):
             self._waiting_for_body = True
             stream.drop()
             return
-        super()._cleanup()
+        super().cleanup()
 
     def _set_paused(self, paused: bool) -> None:
         """
@@ -385,7 +388,7 @@ class LimitedRequest(server.Request):
         waits for a consumer; its idle timeout does not run meanwhile.
         """
         channel = self._link
-        if channel is None or channel.transport is None or self._disconnected:
+        if channel is None or channel.transport is None or self.disconnected:
             self._paused = paused  # nothing to read, and no idle timer to start again
             return
         if paused:
@@ -399,7 +402,7 @@ class LimitedRequest(server.Request):
             channel.setTimeout(self._idle)
             channel.transport.resumeProducing()
 
-    def _hold_reads(self) -> None:
+    def hold_reads(self) -> None:
         """The channel has just resumed reading from the client: paused again if the body waits for its consumer."""
         if self._paused:
             self._set_paused(True)
@@ -416,14 +419,14 @@ class LimitedRequest(server.Request):
         channel = self._link
         error = REQUEST_TOO_LARGE(f"a request body here may be at most {self._limit} bytes")
         require = getattr(getattr(channel, "site", None), "authenticate_api", None)
-        if require is not None and _not_proxied(getattr(channel, "_path", b"") or b""):
+        if require is not None and _not_proxied(channel.target()):
             # The API answers 401 before anything else, a body too large
             # included: the client without a good token learns that first.
             try:
                 require(bearer_token(self.requestHeaders.getRawHeaders(b"authorization", [None])[0]))
             except APIError as unauthorized:
                 error = unauthorized
-        _answer_and_close(channel.transport, error)
+        channel.transport.write(error_response(error))
         channel.persistent = False
         from twisted.internet import reactor
 
@@ -484,56 +487,23 @@ def _origin_form(target: bytes, headers: Any) -> bytes:
     return rest if rest.startswith(b"/") else b"/" + rest
 
 
-def _answer_and_close(transport: Any, error: APIError) -> None:
+class RexecChannel(HTTPChannel):
     """
-    Write ``error`` as a complete JSON answer, straight to the client's
-    transport, that says the connection closes: for answers made while a
-    request is still being read (no ``Request`` can answer yet).
+    The site's protocol: a request it cannot read gets a JSON error before
+    the connection closes (a line over ``MAX_LENGTH``, 16 KiB: 414 or 431,
+    where Twisted closes without a word; one it cannot parse, such as
+    smuggling framing, control bytes in a header or a garbled request line:
+    400, where Twisted writes a bare ``400 Bad Request``).
     """
-    body = json.dumps(error.body()).encode("utf-8") + b"\n"
-    extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in error.headers.items())
-    transport.write(
-        b"HTTP/1.1 %d %s\r\n" % (error.code, error.message.encode())
-        + extra
-        + b"Content-Type: application/json\r\nCache-Control: no-store\r\nConnection: close\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
 
+    def line_too_long(self, in_request_line: bool) -> None:
+        kind = ErrorKind(414, "URI Too Long") if in_request_line else ErrorKind(431, "Request Header Fields Too Large")
+        self.transport.write(error_response(kind("the request line or a header is too long")))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
-def _line_too_long(channel: Any) -> None:
-    """
-    A request line or header line over the channel's ``MAX_LENGTH`` (16 KiB):
-    answer 414 or 431 and close, where Twisted would close without a word.
-    """
-    first_line = getattr(channel, "_HTTPChannel__first_line", 0)
-    kind = ErrorKind(414, "URI Too Long") if first_line else ErrorKind(431, "Request Header Fields Too Large")
-    _answer_and_close(channel.transport, kind("the request line or a header is too long"))
-    channel.transport.loseConnection()
-
-
-def _bad_request(channel: Any) -> None:
-    """
-    A request Twisted cannot parse (smuggling framing, control bytes in a
-    header, a garbled request line): answer a JSON 400 and close, where
-    Twisted writes a bare ``400 Bad Request`` with no body.
-    """
-    _answer_and_close(channel.transport, INVALID_REQUEST("the request is not well-formed HTTP/1.1"))
-    channel.loseConnection()
-
-
-def _resume_producing(channel: Any) -> None:
-    """
-    ``HTTPChannel.resumeProducing``, for a channel whose writes to the client
-    have drained: it resumes reading from the client as well (while no
-    request is being handled).  A request whose streamed body waits for its
-    consumer pauses it again at once, before anything is read: otherwise
-    each drain (as often as an answer streaming to the client makes one)
-    would let one more read of the body in, with no bound.
-    """
-    type(channel).resumeProducing(channel)
-    for request in channel.requests:
-        if isinstance(request, LimitedRequest):
-            request._hold_reads()
+    def bad_request(self) -> None:
+        self.transport.write(error_response(INVALID_REQUEST("the request is not well-formed HTTP/1.1")))  # type: ignore[union-attr]
+        self.loseConnection()
 
 
 def _not_proxied(path: bytes) -> bool:
@@ -575,10 +545,7 @@ class _Refused(Resource):
         self._error = error
 
     def render(self, request: Any) -> bytes:
-        # The proxy's error page (an HTML one for browsers); imported here
-        # because rexecpf.proxy imports this module.
-        from rexecpf.proxy import error_body
-
+        # The proxy's error page (an HTML one for browsers).
         # What else the connection carries is not to be trusted either.
         request.setHeader(b"connection", b"close")
         request.channel.persistent = False
@@ -594,6 +561,9 @@ class RexecSite(server.Site):
     """
 
     displayTracebacks = False
+    #: HTTP/1.1 only (rexecpf offers no HTTP/2): the channel itself, not
+    #: Twisted's wrapper that would switch to HTTP/2 after ALPN
+    protocol = RexecChannel  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -614,17 +584,6 @@ class RexecSite(server.Site):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kwargs)
         self.displayTracebacks = False
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        channel = getattr(protocol, "_channel", protocol)
-        if hasattr(channel, "lineLengthExceeded"):
-            channel.lineLengthExceeded = lambda line: _line_too_long(channel)
-        if hasattr(channel, "_respondToBadRequestAndDisconnect"):
-            channel._respondToBadRequestAndDisconnect = lambda: _bad_request(channel)
-        if hasattr(channel, "requests"):
-            channel.resumeProducing = lambda: _resume_producing(channel)
-        return protocol
 
     def getResourceFor(self, request: Any) -> Any:
         """:return: the resource for ``request``, or a 400 for its ``Host`` (:func:`_host_error`)."""

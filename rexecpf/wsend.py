@@ -37,6 +37,8 @@ from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.logger import Logger
 
+from rexecpf.http._twisted import frame_header_size, parse_websocket_data, writes_plain_frames
+from rexecpf.model import CloseReason
 from rexecpf.relay import Relay, widen_transport
 
 __all__ = [
@@ -195,8 +197,7 @@ class WebSocketEndMixin(_AutobahnProtocol):
         return (
             self.factory.isServer
             and not self.maskServerFrames
-            and self._perMessageCompress is None
-            and not self.send_queue
+            and writes_plain_frames(self)
         )
 
     def close(self, code: int, reason: str) -> None:
@@ -204,8 +205,9 @@ class WebSocketEndMixin(_AutobahnProtocol):
         if self.state == WebSocketProtocol.STATE_OPEN:
             # sendClose() refuses the 1001 and 1011 a relay needs: send the
             # close frame directly (any code valid on the wire is allowed).
+            # (str(): Autobahn takes exactly a str, not a CloseReason)
             self.sendCloseFrame(
-                code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False
+                code=code, reasonUtf8=encode_truncate(str(reason), 123), isReply=False
             )
         elif self.state == WebSocketProtocol.STATE_CONNECTING and self.transport is not None:
             self.transport.loseConnection()
@@ -226,7 +228,7 @@ class WebSocketEndMixin(_AutobahnProtocol):
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's Twisted adapter only logs (formatting the log fields even
         # when debug is off) before handing the bytes to its parser.
-        self._dataReceived(data)
+        parse_websocket_data(self, data)
 
     def onMessageFrameData(self, payload: bytes) -> None:
         # Stream: hand each chunk to the relay as it is unmasked (Autobahn's
@@ -247,13 +249,7 @@ class WebSocketEndMixin(_AutobahnProtocol):
         # A frame header counts against the rate: a flood of empty frames
         # is not free.
         if self.relay is not None:
-            self.relay.overhead(self, self._header_size())
-
-    def _header_size(self) -> int:
-        """:return: the size of the header of the frame being received."""
-        length = self.current_frame.length
-        extended = 0 if length < 126 else 2 if length < 1 << 16 else 8
-        return 2 + extended + (4 if self.current_frame.mask else 0)
+            self.relay.overhead(self, frame_header_size(self))
 
     def onPing(self, payload: bytes) -> None:
         relay = self.relay
@@ -261,7 +257,7 @@ class WebSocketEndMixin(_AutobahnProtocol):
             super().onPing(payload)
             return
         # Activity, and charged to the rate like data.
-        relay.overhead(self, self._header_size() + len(payload))
+        relay.overhead(self, frame_header_size(self) + len(payload))
         if self.state != WebSocketProtocol.STATE_OPEN:
             return
         if relay.write_blocked(self):
@@ -283,7 +279,7 @@ class WebSocketEndMixin(_AutobahnProtocol):
     def onPong(self, payload: bytes) -> None:
         super().onPong(payload)
         if self.relay is not None:
-            self.relay.overhead(self, self._header_size() + len(payload))
+            self.relay.overhead(self, frame_header_size(self) + len(payload))
 
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> Any:
         fault = _close_frame_fault(code, reasonRaw)
@@ -302,7 +298,7 @@ class WebSocketEndMixin(_AutobahnProtocol):
         # The peer is done: close the other side now rather than when the
         # socket finally goes away.
         if self.relay is not None and not self.relay.closing:
-            self.relay.close(1000, "peer closed")
+            self.relay.close(1000, CloseReason.PEER_CLOSED)
         return result
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:

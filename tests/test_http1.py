@@ -1,4 +1,4 @@
-"""The proxy's strict HTTP/1.1 response parser (:mod:`rexecpf.http1`), without I/O."""
+"""The proxy's strict HTTP/1.1 response parser (:mod:`rexecpf.proxy.parser`), without I/O."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from rexecpf.http1 import (
+from rexecpf.proxy.parser import (
     MAX_CHUNK_LINE,
     MAX_FIELDS,
     MAX_HEAD_BYTES,

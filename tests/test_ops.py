@@ -28,12 +28,12 @@ from rexecpf.auth import Authenticator
 from rexecpf.backends.static import StaticBackend, read_inventory
 from rexecpf.config import LimitsConfig
 from rexecpf.forwards import GOING_AWAY, ForwardService
+from rexecpf.http._twisted import forget_exit_signal
 from rexecpf.ops import (
     GracefulService,
     Notifier,
     Readiness,
     Reloader,
-    forget_exit_signal,
     json_log_observer,
     notifier_from_environ,
 )

@@ -25,21 +25,12 @@ from rexecpf.auth import Authenticator
 from rexecpf.config import LimitsConfig
 from rexecpf.forwards import ForwardService
 from rexecpf.metrics import Metrics
-from rexecpf.model import PortForward, Principal
-from rexecpf.ops import TOKEN_REVOKED
-from rexecpf.proxy import (
-    POOLED_IDLE_SECONDS,
-    HostRouter,
-    ProxyResource,
-    ProxyService,
-    SessionCookies,
-    _carries_token,
-    _Exchange,
-    _origin,
-    _rewrite_location,
-    _split_token,
-    _without_session_cookie,
-)
+from rexecpf.model import CloseReason, PortForward, Principal
+from rexecpf.proxy import HostRouter, ProxyResource, ProxyService, SessionCookies
+from rexecpf.proxy.exchange import Exchange
+from rexecpf.proxy.headers import rewrite_location
+from rexecpf.proxy.pool import POOLED_IDLE_SECONDS
+from rexecpf.proxy.sessions import carries_token, origin, split_token, without_session_cookie
 from rexecpf.relay import CONNECT_TIMEOUT
 from rexecpf.testing import FakeBackend, MemoryForwardStore
 from rexecpf.web import STREAM_HIGH_WATER, NotFoundResource, RexecSite, Root
@@ -115,7 +106,7 @@ class LimitedRequestTests(SynchronousTestCase):
         )
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
         self.assertNotIn(b"100 Continue", transport.value())
-        request = channel._channel.requests[-1]
+        request = channel.requests[-1]
         self.assertIsNone(request.content)
         channel.dataReceived(b"a" * 5000)  # read and dropped
         self.assertIsNone(request.content)
@@ -185,7 +176,7 @@ class StreamedBodyTests(SynchronousTestCase):
         site = RexecSite(self.resource, proxy_body_bytes=10_000_000, reactor=self.clock)
         self.channel, self.transport = channel_for(site)
         site.timeOut = 60
-        self.channel._channel.setTimeout(60)
+        self.channel.setTimeout(60)
 
     def head(self, framing: bytes = b"Content-Length: 300000", path: bytes = b"/p/x/") -> Any:
         self.channel.dataReceived(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
@@ -374,11 +365,11 @@ class HelperTests(SynchronousTestCase):
         the query, the app's own token parameters included, is kept byte for byte.
         """
         is_token = Authenticator({"alice": "t", "bob": "b-t"}).is_token
-        self.assertEqual(_split_token(b"a=1&token=t&b=%20", is_token), (["t"], b"a=1&b=%20"))
-        self.assertEqual(_split_token(b"a=1", is_token), (None, b"a=1"))
-        self.assertEqual(_split_token(b"to%6Ben=t", is_token), (["t"], b""))
-        self.assertEqual(_split_token(b"token=b%2Dt&token=x", is_token), (["b-t"], b"token=x"))
-        self.assertEqual(_split_token(b"token=x&a=%ff", is_token), ([], b"token=x&a=%ff"))
+        self.assertEqual(split_token(b"a=1&token=t&b=%20", is_token), (["t"], b"a=1&b=%20"))
+        self.assertEqual(split_token(b"a=1", is_token), (None, b"a=1"))
+        self.assertEqual(split_token(b"to%6Ben=t", is_token), (["t"], b""))
+        self.assertEqual(split_token(b"token=b%2Dt&token=x", is_token), (["b-t"], b"token=x"))
+        self.assertEqual(split_token(b"token=x&a=%ff", is_token), ([], b"token=x&a=%ff"))
 
     def test_carries_token(self) -> None:
         """An Authorization value holds a rexecpf token whatever its scheme, case or spacing, Basic included."""
@@ -395,32 +386,32 @@ class HelperTests(SynchronousTestCase):
             b"basic   " + basic + b" ",
         ):
             with self.subTest(value=value):
-                self.assertTrue(_carries_token(value, is_token))
+                self.assertTrue(carries_token(value, is_token))
         for value in (b"Bearer app-own", b"Basic " + base64.b64encode(b"me:secret"), b"Bearer alice-token2", b"\xff"):
             with self.subTest(value=value):
-                self.assertFalse(_carries_token(value, is_token))
+                self.assertFalse(carries_token(value, is_token))
 
     def test_origin(self) -> None:
         """Origins compare by scheme, host and port, the default port filled in; anything else is no origin."""
-        self.assertEqual(_origin("https://Rexec.Example"), ("https", "rexec.example", 443))
-        self.assertEqual(_origin("http://h:80/path/"), ("http", "h", 80))
-        self.assertEqual(_origin("http://[::1]:8080"), ("http", "::1", 8080))
+        self.assertEqual(origin("https://Rexec.Example"), ("https", "rexec.example", 443))
+        self.assertEqual(origin("http://h:80/path/"), ("http", "h", 80))
+        self.assertEqual(origin("http://[::1]:8080"), ("http", "::1", 8080))
         for value in ("null", "", "file://x", "http://", "http://h:99999", "ws://h"):
             with self.subTest(value=value):
-                self.assertIsNone(_origin(value))
+                self.assertIsNone(origin(value))
 
     def test_session_cookie_removed(self) -> None:
         """rexecpf's cookie is removed from Cookie headers, other cookies kept."""
         self.assertEqual(
-            _without_session_cookie([b"a=1; rexecpf_session=x; b=2", b"rexecpf_session=y"]), [b"a=1; b=2"]
+            without_session_cookie([b"a=1; rexecpf_session=x; b=2", b"rexecpf_session=y"]), [b"a=1; b=2"]
         )
 
     def test_rewrite_location(self) -> None:
         """Only path-absolute Locations are put under the prefix."""
-        self.assertEqual(_rewrite_location(b"/login", b"/p/pf_a"), b"/p/pf_a/login")
-        self.assertEqual(_rewrite_location(b"login", b"/p/pf_a"), b"login")
-        self.assertEqual(_rewrite_location(b"//h/x", b"/p/pf_a"), b"//h/x")
-        self.assertEqual(_rewrite_location(b"https://h/x", b"/p/pf_a"), b"https://h/x")
+        self.assertEqual(rewrite_location(b"/login", b"/p/pf_a"), b"/p/pf_a/login")
+        self.assertEqual(rewrite_location(b"login", b"/p/pf_a"), b"login")
+        self.assertEqual(rewrite_location(b"//h/x", b"/p/pf_a"), b"//h/x")
+        self.assertEqual(rewrite_location(b"https://h/x", b"/p/pf_a"), b"https://h/x")
 
 
 class SessionCookieTests(SynchronousTestCase):
@@ -510,8 +501,8 @@ class ProxyServiceTests(SynchronousTestCase):
         """A proxied request is tracked under its forward, as kind "proxy", for the user it serves."""
         _, forwards = self.request()
         self.assertEqual(forwards.live_counts(), {"proxy": 1})
-        self.assertEqual(forwards.shutdown_user("bob", TOKEN_REVOKED), 0)
-        self.assertEqual(forwards.shutdown_user("alice", TOKEN_REVOKED), 1)
+        self.assertEqual(forwards.shutdown_user("bob", CloseReason.TOKEN_REVOKED), 0)
+        self.assertEqual(forwards.shutdown_user("alice", CloseReason.TOKEN_REVOKED), 1)
 
     def test_connections_per_user(self) -> None:
         """
@@ -548,7 +539,7 @@ class ProxyServiceTests(SynchronousTestCase):
         """Revoking the user's token while the container has not answered: 401, the container connection closed."""
         transport, forwards = self.request()
         _, container = self.container()
-        forwards.shutdown_user("alice", TOKEN_REVOKED)
+        forwards.shutdown_user("alice", CloseReason.TOKEN_REVOKED)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 "))
         self.assertIn(b"revoked", transport.value())
         self.assertTrue(container.disconnecting)
@@ -564,7 +555,7 @@ class ProxyServiceTests(SynchronousTestCase):
         protocol, container = self.container()
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
         self.assertIn(b"Content-Length: 1000", transport.value())
-        forwards.shutdown_user("alice", TOKEN_REVOKED)
+        forwards.shutdown_user("alice", CloseReason.TOKEN_REVOKED)
         self.assertTrue(transport.disconnected)  # aborted, not closed after a complete response
         self.assertTrue(container.disconnected)  # the container connection aborted too
         self.assertEqual(forwards.live_count(), 0)
@@ -927,7 +918,7 @@ class ContainerClientTests(SynchronousTestCase):
         def broken(*args: object) -> None:
             raise RuntimeError("a bug")
 
-        self.patch(_Exchange, "_respond", broken)
+        self.patch(Exchange, "_respond", broken)
         client = self.send()
         protocol, container = self.container()
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
@@ -942,7 +933,7 @@ class ContainerClientTests(SynchronousTestCase):
         def broken(*args: object) -> None:
             raise RuntimeError("a bug")
 
-        self.patch(_Exchange, "_respond", broken)
+        self.patch(Exchange, "_respond", broken)
         client = self.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n", b"hello")
         protocol, container = self.container()
         self.assertIsNotNone(container.producer)

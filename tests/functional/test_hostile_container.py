@@ -18,7 +18,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from rexecpf.http1 import MAX_FIELDS, MAX_HEAD_BYTES
+from rexecpf.proxy.parser import MAX_FIELDS, MAX_HEAD_BYTES
 from tests.functional.inprocess import until
 from tests.functional.proxyenv import RawClient, listen, real_reactor, start_rexec
 

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from rexecpf.ops import TOKEN_REVOKED
+from rexecpf.model import CloseReason
 from tests.functional.inprocess import close_ws, connect_ws
 from tests.functional.proxyenv import (
     TOKENS,
@@ -126,8 +126,8 @@ class LiveProxyTests(TestCase):
         self.assertEqual(self.rex.forwards.live_counts().get("proxy"), 2)
         revoked = self.rex.components.authenticator.replace({"bob": TOKENS["bob"]}, [])
         self.assertEqual(revoked, {"alice"})
-        self.assertEqual(self.rex.forwards.shutdown_user("bob", TOKEN_REVOKED), 0)
-        self.assertEqual(self.rex.forwards.shutdown_user("alice", TOKEN_REVOKED), 2)
+        self.assertEqual(self.rex.forwards.shutdown_user("bob", CloseReason.TOKEN_REVOKED), 0)
+        self.assertEqual(self.rex.forwards.shutdown_user("alice", CloseReason.TOKEN_REVOKED), 2)
         data = yield client.ended.addTimeout(5, real_reactor())
         _, headers, body = split_response(data)
         self.assertIn((b"content-length", b"%d" % BODY_LENGTH), headers)
