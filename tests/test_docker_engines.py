@@ -344,21 +344,19 @@ class EnginesConfigTests(SynchronousTestCase):
                 self.assertNotIn("\n", message)
 
 
-class BuildTests(TestCase):
-    """tap.build: several engines make one :class:`DockerEngines`, one engine a :class:`DockerBackend`."""
+class BuildTests(SynchronousTestCase):
+    """tap: several engines make one :class:`DockerEngines`, one engine a :class:`DockerBackend`."""
 
     def build(self, engines: list[dict[str, str]]) -> Any:
-        from twisted.internet import reactor
+        from twisted.application.service import MultiService
 
-        from rexecpf.tap import build
+        from rexecpf.tap import _docker_backend
 
         backend: dict[str, Any] = {"kind": "docker", "reconcile_seconds": 7}
         if engines:
             backend["engines"] = engines
-        config = parse_config({"server": {"state": self.mktemp()}, "backend": backend})
-        components = build(config, reactor)
-        self.addCleanup(components.store.close)
-        return components.backend
+        self.top = MultiService()
+        return _docker_backend(parse_config({"backend": backend}), Clock(), self.top)
 
     def test_several(self) -> None:
         backend = self.build([{"url": "unix:///a.sock"}, {"url": "unix:///b.sock", "network": "n"}])
@@ -367,6 +365,8 @@ class BuildTests(TestCase):
         self.assertEqual([b._network for b in backend.engines], ["", "n"])
         self.assertEqual([b._reconcile_seconds for b in backend.engines], [None, None])
         self.assertEqual(backend._reconcile_seconds, 7)
+        # each engine's runtime, started before the backends
+        self.assertEqual([runtime.url for runtime in self.top], ["unix:///a.sock", "unix:///b.sock"])
 
     def test_one(self) -> None:
         backend = self.build([])
