@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -90,9 +89,9 @@ class DockerEngines(MultiService):
         self._reconcile_seconds = reconcile_seconds
         self._periodic = LoopingCall(self.reconcile)
         self._periodic.clock = clock
-        for index, backend in enumerate(self.engines):
+        for backend in self.engines:
             backend.setServiceParent(self)
-            backend.subscribe(partial(self._stopped, index))
+            backend.subscribe(self._stopped)
             backend.set_reconciler(self._reconcile_on_connect)
 
     @property
@@ -150,7 +149,7 @@ class DockerEngines(MultiService):
 
     # --- events
 
-    def _stopped(self, index: int, container_id: str) -> None:
+    def _stopped(self, container_id: str) -> None:
         for callback in list(self._subscribers):
             try:
                 callback(container_id)
