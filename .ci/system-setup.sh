@@ -43,6 +43,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # ---------------------------------------------------------------- packages
+# (iproute2: tests/functional/second_engine.py makes the bridge of a second
+# dockerd with `ip link`; that engine is started and removed by the tests.)
 PACKAGES=(
     docker.io busybox-static chromium openssh-server openssh-client
     postgresql nginx wrk curl systemd iproute2 procps ca-certificates

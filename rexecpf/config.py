@@ -30,6 +30,7 @@ __all__ = [
     "BackendConfig",
     "Config",
     "ConfigError",
+    "EngineConfig",
     "LimitsConfig",
     "ServerConfig",
     "StoreConfig",
@@ -89,6 +90,15 @@ class AuthConfig:
 
 
 @attrs.frozen
+class EngineConfig:
+    """One Docker engine: a ``[[backend.engines]]`` table, or ``[backend] url``."""
+
+    url: str = "unix:///var/run/docker.sock"
+    network: str = ""
+    owner_label: str = "rexecpf.owner"
+
+
+@attrs.frozen
 class BackendConfig:
     kind: str = "static"
     inventory: str = "containers.toml"
@@ -96,6 +106,12 @@ class BackendConfig:
     network: str = ""
     owner_label: str = "rexecpf.owner"
     reconcile_seconds: float = 30.0
+    #: ``[[backend.engines]]``; empty: the one engine at ``url``
+    engines: tuple[EngineConfig, ...] = ()
+
+    def docker_engines(self) -> tuple[EngineConfig, ...]:
+        """:return: every Docker engine to follow (at least one)."""
+        return self.engines or (EngineConfig(self.url, self.network, self.owner_label),)
 
 
 @attrs.frozen
@@ -328,6 +344,7 @@ _SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "network": _string,
         "owner_label": _nonempty_string,
         "reconcile_seconds": _seconds(),
+        "engines": lambda value: value,  # checked below, engine by engine
     },
     "limits": {
         "forwards_per_container": _integer(1),
@@ -384,6 +401,51 @@ def _admins(value: Any, users: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(value)
 
 
+_ENGINE_KEYS: dict[str, Callable[[Any], Any]] = {
+    "url": _nonempty_string,
+    "network": _string,
+    "owner_label": _nonempty_string,
+}
+
+
+def _engines(backend: Mapping[str, Any]) -> tuple[EngineConfig, ...]:
+    """
+    ``[[backend.engines]]``: each table's ``network`` and ``owner_label``
+    default to ``[backend]``'s; ``url`` is required and unique.
+    """
+    defaults = BackendConfig()
+    value = backend["engines"]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(
+            f"backend.engines: must be a non-empty array of tables ([[backend.engines]]), got {_show(value)}"
+        )
+    if backend.get("kind", defaults.kind) != "docker":
+        raise ConfigError('backend.engines: only for kind = "docker"')
+    if "url" in backend:
+        raise ConfigError("backend.url: give either url (one engine) or [[backend.engines]], not both")
+    engines: list[EngineConfig] = []
+    for index, item in enumerate(value):
+        where = f"backend.engines[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: must be a table, got {_show(item)}")
+        values: dict[str, Any] = {}
+        for key, setting in item.items():
+            if key not in _ENGINE_KEYS:
+                raise ConfigError(f"{where}.{_name(key)}: unknown key (known: {', '.join(_ENGINE_KEYS)})")
+            try:
+                values[key] = _ENGINE_KEYS[key](setting)
+            except ValueError as error:
+                raise ConfigError(f"{where}.{key}: {error}") from None
+        if "url" not in values:
+            raise ConfigError(f"{where}.url: missing (each engine needs its url)")
+        if any(engine.url == values["url"] for engine in engines):
+            raise ConfigError(f"{where}.url: {values['url']!r} appears twice")
+        values.setdefault("network", backend.get("network", defaults.network))
+        values.setdefault("owner_label", backend.get("owner_label", defaults.owner_label))
+        engines.append(EngineConfig(**values))
+    return tuple(engines)
+
+
 def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
     """
     Validate parsed TOML and build a :class:`Config`.
@@ -417,6 +479,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         auth["users"] = _users(auth["users"])
     if "admins" in auth:
         auth["admins"] = _admins(auth["admins"], auth.get("users", {}))
+
+    backend = sections.get("backend", {})
+    if "engines" in backend:
+        backend["engines"] = _engines(backend)
 
     if base_dir is not None:
         for section_name, key in (("server", "state"), ("backend", "inventory")):

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from rexecpf.api import API, PublicURLs
 from rexecpf.auth import Authenticator
 from rexecpf.backends.docker import DockerBackend, DockerRuntime
+from rexecpf.backends.engines import DockerEngines
 from rexecpf.backends.static import StaticBackend, read_inventory
 from rexecpf.config import (
     DEMO_CONTAINER,
@@ -278,7 +279,7 @@ def build(
     top = GracefulService(config.server.shutdown_grace_seconds, reactor)
     metrics = Metrics()
 
-    backend: StaticBackend | DockerBackend
+    backend: StaticBackend | DockerBackend | DockerEngines
     inventory: str | None = None
     if config.demo_inventory is not None:
         backend = StaticBackend(reactor, None, config.demo_inventory, config.limits.local_interface)
@@ -297,8 +298,8 @@ def build(
     own_sockets = OwnSockets()
     forwards = ForwardService(reactor, store, counted, config.limits, own_sockets=own_sockets)
     forwards.setServiceParent(top)
-    if isinstance(backend, DockerBackend):
-        # Every reconcile_seconds and whenever the event stream (re)connects.
+    if isinstance(backend, DockerBackend | DockerEngines):
+        # Every reconcile_seconds and whenever an event stream (re)connects.
         backend.set_reconciler(forwards.reconcile)
     metrics.observe_forwards(forwards)
     # Every node (or process sharing the SQLite file) hears of every other's
@@ -419,25 +420,38 @@ def _not_listening(listener: EndpointListener) -> None:
     raise RuntimeError(f"not listening on {listener.description}")
 
 
-def _docker_backend(config: Config, reactor: Any, top: MultiService) -> DockerBackend:
+def _docker_backend(config: Config, reactor: Any, top: MultiService) -> DockerBackend | DockerEngines:
     """
-    :return: the Docker backend; its runtime (the SDK's thread pool) is a
-        child of ``top`` started before it and stopped after it.  The engine
-        need not answer at start-up: until it does, the API answers 503.
+    :return: the Docker backend: one engine's, or for several
+        ``[[backend.engines]]`` a :class:`DockerEngines` over one per engine.
+        Each engine's runtime (the SDK's thread pool) is a child of ``top``
+        started before the backends and stopped after them.  An engine need
+        not answer at start-up: until it does, its containers answer 503.
     """
     try:
         import docker  # noqa: F401
     except ImportError:
         raise StartupError("backend.kind: \"docker\" needs the docker package (pip install docker)") from None
-    runtime = DockerRuntime(reactor, config.backend.url)
-    runtime.setServiceParent(top)
-    return DockerBackend(
-        reactor,
-        runtime,
-        network=config.backend.network,
-        owner_label=config.backend.owner_label,
-        reconcile_seconds=config.backend.reconcile_seconds,
-    )
+    settings = config.backend
+    engines = settings.docker_engines()
+    several = len(engines) > 1
+    backends = []
+    for engine in engines:
+        runtime = DockerRuntime(reactor, engine.url)
+        runtime.setServiceParent(top)
+        backend = DockerBackend(
+            reactor,
+            runtime,
+            network=engine.network,
+            owner_label=engine.owner_label,
+            # DockerEngines runs one periodic reconcile for all of them.
+            reconcile_seconds=None if several else settings.reconcile_seconds,
+        )
+        backends.append((engine.url, backend))
+    if not several:
+        return backends[0][1]
+    _log.info("Docker engines: {urls}", urls=", ".join(engine.url for engine in engines))
+    return DockerEngines(reactor, backends, reconcile_seconds=settings.reconcile_seconds)
 
 
 def makeService(options: Options, reactor: Any = None) -> IServiceCollection:

@@ -26,7 +26,9 @@ class IContainerBackend(Interface):
         """
         :return: fires with the container, or ``None`` when there is none of
             that id; fails with ``APIError`` 503 (Backend unavailable) when
-            the backend cannot answer.
+            the backend cannot answer, or (several Docker engines) with 404
+            Container not found, saying why, for a name that names
+            containers on two engines.
         """
 
     def subscribe(callback: StoppedCallback) -> None:

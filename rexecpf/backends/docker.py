@@ -485,7 +485,10 @@ class DockerBackend(Service):
     :param runtime: the engine.
     :param network: ``[backend] network``.
     :param owner_label: ``[backend] owner_label``.
-    :param reconcile_seconds: how often to call the reconciler.
+    :param reconcile_seconds: how often to call the reconciler (``None``:
+        never periodically, as for an engine of
+        :class:`~rexecpf.backends.engines.DockerEngines`, which runs one
+        periodic reconcile for all its engines).
     """
 
     _log = Logger()
@@ -496,7 +499,7 @@ class DockerBackend(Service):
         runtime: IDockerRuntime,
         network: str = "",
         owner_label: str = "rexecpf.owner",
-        reconcile_seconds: float = 30.0,
+        reconcile_seconds: float | None = 30.0,
     ) -> None:
         self._clock = clock
         self._runtime = runtime
@@ -535,7 +538,8 @@ class DockerBackend(Service):
     def startService(self) -> None:
         super().startService()
         self._connect()
-        self._periodic.start(self._reconcile_seconds, now=False)
+        if self._reconcile_seconds is not None:
+            self._periodic.start(self._reconcile_seconds, now=False)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()

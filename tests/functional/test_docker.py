@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,9 @@ def poll(condition: Callable[[], Any], timeout: float, what: str, interval: floa
 class Rexecpf:
     """A ``twistd -n rexecpf`` process on a free port, with the Docker backend."""
 
-    def __init__(self, directory: Path, reconcile_seconds: float = 30, url: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, reconcile_seconds: float = 30, url: str | None = None, engines: Sequence[str] = ()
+    ) -> None:
         directory = directory.resolve()
         directory.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
@@ -75,7 +77,11 @@ class Rexecpf:
         self.log_path = directory / "twistd.log"
         users = ", ".join(f'{user} = "{token}"' for user, token in TOKENS.items())
         low = min(_free_port(), 65535 - 50)
-        backend_url = f'url = "{url or DOCKER_URL}"'
+        backend_url = (
+            "".join(f'\n[[backend.engines]]\nurl = "{engine}"' for engine in engines)
+            if engines
+            else f'url = "{url or DOCKER_URL}"'
+        )
         self.config.write_text(
             f"""
 [server]
