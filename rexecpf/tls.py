@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.ssl import CertificateOptions, DiffieHellmanParameters
@@ -110,9 +110,9 @@ def load_pem(chain_path: Path, key_path: Path | None, host: str | None = None) -
             )
     try:
         options = CertificateOptions(
-            privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-            certificate=crypto.X509.from_cryptography(chain[0]),
-            extraCertChain=[crypto.X509.from_cryptography(extra) for extra in chain[1:]],
+            privateKey=key,  # type: ignore[arg-type]
+            certificate=chain[0],  # type: ignore[arg-type]
+            extraCertChain=chain[1:],  # type: ignore[arg-type]  # pyOpenSSL >= 25 takes cryptography objects
         )
         options.getContext()
     except (SSL.Error, ValueError, TypeError) as error:
@@ -304,7 +304,7 @@ def sni_server_endpoint(reactor: Any, description: str, directory: CertificateDi
     if "extraCertChain" in arguments:
         try:
             chain_data = _read(Path(arguments["extraCertChain"]))
-            extra += [crypto.X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(chain_data)]
+            extra += x509.load_pem_x509_certificates(chain_data)
         except (CertificateError, ValueError) as error:
             raise ValueError(f"extraCertChain: {error}") from None
     dh = None

@@ -78,8 +78,8 @@ class TestCA:
 
     def issue(self, common: str, *names: str) -> tuple[bytes, bytes]:
         """
-        :param common: the subject's common name (also a DNS name unless
-            ``names`` are given).
+        :param common: the subject's common name, and its first DNS name.
+        :param names: more DNS names.
         :return: (the certificate then the CA's, as PEM; the private key as PEM).
         """
         key = ec.generate_private_key(ec.SECP256R1())
@@ -92,7 +92,7 @@ class TestCA:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in (names or (common,))]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in (common, *names)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(self.key, hashes.SHA256())
