@@ -45,7 +45,7 @@ fi
 # ---------------------------------------------------------------- packages
 PACKAGES=(
     docker.io busybox-static chromium openssh-server openssh-client
-    postgresql nginx wrk curl systemd iproute2 procps ca-certificates
+    postgresql nginx wrk curl openssl systemd iproute2 procps ca-certificates
 )
 
 apt_install() {
