@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.functional.daemon import Daemon as TwistdDaemon
-from tests.functional.daemon import http_request
+from tests.functional.daemon import http_request, subprocess_env, twistd_argv
 from tests.functional.inprocess import Daemon, _http, free_port
 from tests.functional.test_proxy_browser import CHROMIUM, dump_dom
 from tests.functional.testca import TestCA, common_name, spki_hash
@@ -253,3 +253,48 @@ def _wait(condition: Any, daemon: TwistdDaemon, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s: {daemon.log()}")
         time.sleep(0.05)
+
+
+class StartupErrorTests(TestCase):
+    """What is wrong with the TLS settings stops start-up with one line naming the key."""
+
+    timeout = 120
+
+    def start(self, toml: str) -> str:
+        """:return: the output of a twistd that must fail to start with ``toml``."""
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        (directory / "containers.toml").write_text("")
+        (directory / "rexecpf.toml").write_text(toml)
+        result = subprocess.run(
+            twistd_argv("--config", str(directory / "rexecpf.toml")), cwd=directory, capture_output=True,
+            timeout=60, stdin=subprocess.DEVNULL, env=subprocess_env(),
+        )
+        output = (result.stdout + result.stderr).decode()
+        self.assertNotEqual(result.returncode, 0, output)
+        self.assertNotIn("Traceback", output)
+        lines = [line for line in output.splitlines() if line.strip()]
+        self.assertEqual(len(lines), 1, output)
+        return lines[0]
+
+    def test_errors(self) -> None:
+        certs = Certificates(self)
+        port = free_port()
+        ssl = f"ssl:{port}:interface=127.0.0.1:privateKey={certs.own}"
+        tls = f'[tls]\ncertificates = "{certs.directory}"\n'
+        cases = [
+            (f'[server]\nlisten = ["{ssl}"]\n[tls]\ncertificates = "/nonexistent"\n',
+             ["tls.certificates", "/nonexistent", "not a directory"]),
+            (f'[server]\nlisten = ["ssl:{port}:privateKey=/nonexistent.pem"]\n{tls}',
+             ["server.listen", "nonexistent.pem", "cannot read"]),
+            (f'[server]\nlisten = ["ssl:{port}:privateKey={certs.ca.path}"]\n{tls}',
+             ["server.listen", "no usable PEM private key"]),
+            (f'[server]\nlisten = ["{ssl}:sslmethod=TLSv1_2_METHOD"]\n{tls}',
+             ["server.listen", "sslmethod"]),
+            (f'[server]\nlisten = ["tcp:{port}"]\n{tls}', ["tls.certificates", "no ssl: endpoint"]),
+            ('[tls]\nask_listen = "nonsense:1"\n', ["tls.ask_listen", "nonsense:1"]),
+        ]
+        for toml, words in cases:
+            line = self.start(toml)
+            for word in words:
+                self.assertIn(word, line, toml)
