@@ -47,7 +47,7 @@ fi
 # dockerd with `ip link`; that engine is started and removed by the tests.)
 PACKAGES=(
     docker.io busybox-static chromium openssh-server openssh-client
-    postgresql nginx wrk curl systemd iproute2 procps ca-certificates
+    postgresql nginx wrk curl openssl systemd iproute2 procps ca-certificates
 )
 
 apt_install() {

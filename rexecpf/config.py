@@ -34,6 +34,7 @@ __all__ = [
     "LimitsConfig",
     "ServerConfig",
     "StoreConfig",
+    "TLSConfig",
     "TOKEN_PATTERN",
     "demo_config",
     "load_config",
@@ -130,6 +131,16 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class TLSConfig:
+    #: a directory of ``{host}.pem`` certificates served by SNI on every
+    #: ``ssl:`` endpoint of ``server.listen`` (empty: none; see rexecpf.tls)
+    certificates: str = ""
+    #: an endpoint answering ``GET /tls/ask?domain=NAME`` (Caddy's on-demand
+    #: TLS ``ask``): 200 when a forward claims the name (empty: none)
+    ask_listen: str = ""
+
+
+@attrs.frozen
 class InventoryEntry:
     """One ``[[container]]`` of a static inventory."""
 
@@ -146,6 +157,7 @@ class Config:
     auth: AuthConfig = AuthConfig()
     backend: BackendConfig = BackendConfig()
     limits: LimitsConfig = LimitsConfig()
+    tls: TLSConfig = TLSConfig()
     #: Set for ``--demo``: the static inventory held in memory, not in a file.
     demo_inventory: tuple[InventoryEntry, ...] | None = None
 
@@ -356,6 +368,10 @@ _SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "tunnels_per_user": _integer(0),
         "connections_per_user": _integer(0),
     },
+    "tls": {
+        "certificates": _endpoint_or_empty,
+        "ask_listen": _endpoint_or_empty,
+    },
 }
 
 _CLASSES: dict[str, type] = {
@@ -364,6 +380,7 @@ _CLASSES: dict[str, type] = {
     "auth": AuthConfig,
     "backend": BackendConfig,
     "limits": LimitsConfig,
+    "tls": TLSConfig,
 }
 
 
@@ -483,11 +500,16 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     backend = sections.get("backend", {})
     if "engines" in backend:
         backend["engines"] = _engines(backend)
+    tls = sections.get("tls", {})
+    if tls.get("certificates"):
+        listen = sections.get("server", {}).get("listen", ServerConfig().listen)
+        if not any(description.startswith("ssl:") for description in listen):
+            raise ConfigError("tls.certificates: no ssl: endpoint in server.listen would serve them")
 
     if base_dir is not None:
-        for section_name, key in (("server", "state"), ("backend", "inventory")):
+        for section_name, key in (("server", "state"), ("backend", "inventory"), ("tls", "certificates")):
             value = sections.get(section_name, {}).get(key)
-            if value is not None:
+            if value:
                 sections[section_name][key] = str(base_dir / Path(value).expanduser())
 
     built = {name: _CLASSES[name](**sections.get(name, {})) for name in _SECTIONS}

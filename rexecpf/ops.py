@@ -254,6 +254,9 @@ class Reloader(Service):
     :param inventory: the inventory file the backend was started with.
     :param install_signal: whether ``startService`` installs the ``SIGHUP``
         handler (restored at ``stopService``).
+    :param also: called first on every reload, whatever the file holds (the
+        TLS certificate directory); each logs its own problems, and one that
+        raises is logged and changes nothing else.
     """
 
     _log = Logger()
@@ -267,8 +270,10 @@ class Reloader(Service):
         backend: Any,
         inventory: str | None,
         install_signal: bool = False,
+        also: Iterable[Callable[[], object]] = (),
     ) -> None:
         self._reactor = reactor
+        self._also = list(also)
         self._path = path
         self._authenticator = authenticator
         self._forwards = forwards
@@ -299,6 +304,11 @@ class Reloader(Service):
 
         :return: whether the new configuration was taken.
         """
+        for reload_more in self._also:
+            try:
+                reload_more()
+            except Exception:
+                self._log.failure("reload: {what} failed", what=reload_more)
         if self._path is None:
             self._log.warn("reload: no configuration file (--demo): nothing to reload")
             return False

@@ -44,6 +44,7 @@ from rexecpf.endpoints import OwnSockets
 from rexecpf.feed import ChangeFollower, FeedHealth, IChangeFeed, PostgresChangeFeed, SQLiteChangeFeed
 from rexecpf.forwards import ForwardService
 from rexecpf.http._twisted import forget_exit_signal
+from rexecpf.http.ask import AskResource, forward_host_claims
 from rexecpf.listeners import LISTEN_BACKLOG, LocalListeners
 from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
 from rexecpf.ops import (
@@ -347,20 +348,31 @@ def build(
     )
 
     listeners = []
-    endpoints = [(description, site) for description in config.server.listen]
+    endpoints: list[tuple[str, Any, str]] = [(description, site, "server.listen") for description in config.server.listen]
     if config.server.metrics_listen:
-        endpoints.append((config.server.metrics_listen, RexecSite(MetricsResource(metrics))))
-    for description, factory in endpoints:
+        endpoints.append((config.server.metrics_listen, RexecSite(MetricsResource(metrics)), "server.metrics_listen"))
+    if config.tls.ask_listen:
+        claimed = forward_host_claims(forwards, config.server.proxy_domain, getattr(forwards, "domain_claimed", None))
+        endpoints.append((config.tls.ask_listen, RexecSite(AskResource(claimed, reactor)), "tls.ask_listen"))
+    certificates = _certificates(config)
+    for description, factory, key in endpoints:
         try:
-            endpoint = serverFromString(reactor, with_backlog(description))
+            if certificates is not None and factory is site and description.startswith("ssl:"):
+                from rexecpf.tls import sni_server_endpoint
+
+                endpoint = sni_server_endpoint(reactor, with_backlog(description), certificates)
+            else:
+                endpoint = serverFromString(reactor, with_backlog(description))
         except (ValueError, TypeError, KeyError) as error:
-            key = "server.metrics_listen" if factory is not site else "server.listen"
             raise StartupError(f"{key}: {description!r} is not a valid endpoint: {error}") from None
         listener = EndpointListener(endpoint, factory, description, own_sockets)
         listener.setServiceParent(top)
         listeners.append(listener)
 
-    reloader = Reloader(reactor, config_path, authenticator, forwards, backend, inventory, install_signals)
+    reloader = Reloader(
+        reactor, config_path, authenticator, forwards, backend, inventory, install_signals,
+        also=[certificates.load] if certificates is not None else [],
+    )
     reloader.setServiceParent(top)
 
     def listening(listener: EndpointListener) -> Deferred[Any]:
@@ -379,6 +391,26 @@ def build(
         config, top, forwards, api, site, backend, store, authenticator, metrics, readiness, reloader,
         listeners, local_listeners, proxy, follower,
     )
+
+
+def _certificates(config: Config) -> Any:
+    """
+    :return: the :class:`rexecpf.tls.CertificateDirectory` of ``[tls]
+        certificates``, loaded, or ``None`` when it is not set (then no TLS
+        module is imported).
+    """
+    if not config.tls.certificates:
+        return None
+    from rexecpf.tls import CertificateDirectory
+
+    path = config.tls.certificates
+    if not os.path.isdir(path) or not os.access(path, os.R_OK | os.X_OK):
+        raise StartupError(f"tls.certificates: {path} is not a directory rexecpf can read")
+    if not any(description.startswith("ssl:") for description in config.server.listen):
+        _log.warn("tls.certificates: no ssl: endpoint in server.listen serves them")
+    certificates = CertificateDirectory(path)
+    certificates.load()
+    return certificates
 
 
 def _feed(config: Config, reactor: Any) -> IChangeFeed:

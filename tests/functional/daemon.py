@@ -105,6 +105,7 @@ class Daemon:
         host: str = "127.0.0.1",
         state: str = "state.sqlite3",
         inventory: str | Path | None = None,
+        listen: tuple[str, ...] = (),
     ) -> None:
         self.directory = Path(directory)
         self.host = host
@@ -115,12 +116,13 @@ class Daemon:
             self.write_inventory(containers or [{"id": "c1", "owner": "alice"}])
         users_toml = ", ".join(f'{name} = "{token}"' for name, token in self.users.items())
         admins_toml = ", ".join(f'"{name}"' for name in admins)
+        listen_toml = ", ".join(f'"{endpoint}"' for endpoint in (f"tcp:{self.port}:interface={host}", *listen))
         self.config = self.directory / "rexecpf.toml"
         self.config.write_text(
             textwrap.dedent(
                 f"""
                 [server]
-                listen = ["tcp:{self.port}:interface={host}"]
+                listen = [{listen_toml}]
                 public_url = "http://{host}:{self.port}"
                 state = "{state}"
 

@@ -93,6 +93,7 @@ class Daemon:
         ``c1`` of alice's and ``c2`` of bob's, all at 127.0.0.1.
     :param sections: ``section={key: value}`` merged into the configuration.
     :param limits: keys of the ``[limits]`` section.
+    :param listen: more endpoints for ``[server] listen`` (after its ``tcp:`` one).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class Daemon:
         directory: str,
         containers: dict[str, tuple[str, str]] | None = None,
         sections: dict[str, dict[str, Any]] | None = None,
+        listen: tuple[str, ...] = (),
         **limits: Any,
     ) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -111,7 +113,7 @@ class Daemon:
         write_inventory(self.inventory, self.containers)
         data: dict[str, dict[str, Any]] = {
             "server": {
-                "listen": [f"tcp:{self.port}:interface=127.0.0.1"],
+                "listen": [f"tcp:{self.port}:interface=127.0.0.1", *listen],
                 "public_url": self.base,
                 "state": os.path.join(directory, "state.sqlite3"),
             },
