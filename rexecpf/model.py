@@ -10,7 +10,7 @@ body ``{"error": {"code": N, "message": "...", "detail": "..."}}``.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -145,6 +145,11 @@ class Container:
     detail: str = ""
 
 
+def _names(values: Iterable[str]) -> tuple[str, ...]:
+    """A list (as JSON gives it: the change feed) kept as a tuple."""
+    return tuple(values)
+
+
 @attrs.frozen
 class PortForward:
     """A stored forward."""
@@ -164,10 +169,10 @@ class PortForward:
     #: a stable name: the host ``{slug}--{owner}.{proxy_domain}`` (unique per owner)
     slug: str | None = None
     #: custom domains, in the order they were added (lowercase, no trailing dot)
-    domains: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    domains: tuple[str, ...] = attrs.field(default=(), converter=_names)
     #: those of :attr:`domains` whose ownership is proven (routed, and
     #: claimed: no other forward may have them)
-    verified_domains: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    verified_domains: tuple[str, ...] = attrs.field(default=(), converter=_names)
 
     @property
     def created_at(self) -> str:
