@@ -1210,7 +1210,8 @@ class ForwardService(Service):
         def found(forward: PortForward | None) -> PortForward:
             if forward is None or forward.id in self._tombstones:
                 raise FORWARD_NOT_FOUND(f"no port forward at {host!r}")
-            self._learn(forward)
+            # (Known here, maybe, but not yet with this domain: the feed is behind.)
+            self._update(forward)
             return forward
 
         return self._host_misses.lookup(key).addCallback(found)
