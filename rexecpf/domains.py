@@ -171,11 +171,13 @@ class TXTVerifier:
     Looks for a domain's proof: a TXT record ``_rexecpf.{domain}`` one of
     whose values is the token.
 
-    :param resolver: a :class:`twisted.names` resolver (:meth:`for_address`).
+    :param resolver: a :class:`twisted.names` resolver, or a function that
+        makes one on first use (:meth:`for_address`).
     """
 
     def __init__(self, resolver: Any) -> None:
-        self._resolver = resolver
+        self._resolver = resolver if not callable(resolver) else None
+        self._make = resolver if callable(resolver) else None
 
     @classmethod
     def for_address(cls, reactor: Any, address: str) -> TXTVerifier:
@@ -184,7 +186,9 @@ class TXTVerifier:
             for the system's resolvers.
         """
         if not address:
-            return cls(client.Resolver(resolv="/etc/resolv.conf", reactor=reactor))
+            # Made on first use: it re-reads resolv.conf every minute from
+            # then on (a timer that a daemon without custom domains need not run).
+            return cls(lambda: client.Resolver(resolv="/etc/resolv.conf", reactor=reactor))
         return cls(client.Resolver(servers=[resolver_address(address)], reactor=reactor))
 
     def verify(self, domain: str, token: str) -> Deferred[bool]:
@@ -213,5 +217,8 @@ class TXTVerifier:
                 )
             return False
 
+        if self._resolver is None:
+            assert self._make is not None
+            self._resolver = self._make()
         d: Deferred[Any] = self._resolver.lookupText(name, timeout=LOOKUP_TIMEOUT)
         return d.addCallbacks(answered, failed)
