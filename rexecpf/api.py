@@ -26,6 +26,7 @@ from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from rexecpf.auth import Authenticator, bearer_token
+from rexecpf.domains import TXT_PREFIX, slug_label
 from rexecpf.forwards import ForwardService
 from rexecpf.http.errors import write_error, write_json
 from rexecpf.model import (
@@ -55,6 +56,22 @@ class PublicURLs:
     public_url: str
     proxy_domain: str = ""
 
+    def host_url(self, host: str) -> str:
+        """:return: the root URL of a host served by host routing: ``public_url``'s scheme and port."""
+        parts = urlsplit(self.public_url)
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}/"
+
+    def forward_url(self, forward: PortForward) -> str:
+        """
+        :return: a forward's ``proxy_url``: its stable host
+            ``{slug}--{owner}.{proxy_domain}`` when it has a slug (and there
+            is a ``proxy_domain``), else :meth:`proxy_url`.
+        """
+        if forward.slug is not None and self.proxy_domain:
+            return self.host_url(f"{slug_label(forward.slug, forward.owner)}.{self.proxy_domain}")
+        return self.proxy_url(forward.id)
+
     def proxy_url(self, forward_id: str) -> str:
         """:return: ``{public_url}/p/{id}/``, or the forward's own origin."""
         if self.proxy_domain:
@@ -76,7 +93,28 @@ class PublicURLs:
             f"{quote(forward.container_id, safe='')}/port-forwards/{forward.id}"
         )
 
-    def describe(self, forward: PortForward) -> dict[str, Any]:
+    def describe_domain(
+        self, forward: PortForward, domain: str, token_for: Callable[[str, str], str | None]
+    ) -> dict[str, Any]:
+        """
+        :param token_for: ``(user, domain) -> token``
+            (:meth:`ForwardService.verification_token`).
+        :return: the domain object of the API.
+        """
+        return {
+            "domain": domain,
+            "verified": domain in forward.verified_domains,
+            "url": self.host_url(domain),
+            "verification": {
+                "type": "TXT",
+                "name": TXT_PREFIX + domain,
+                "value": token_for(forward.owner, domain) or "",
+            },
+        }
+
+    def describe(
+        self, forward: PortForward, token_for: Callable[[str, str], str | None] = lambda user, domain: None
+    ) -> dict[str, Any]:
         """:return: the forward object of the API."""
         return {
             "id": forward.id,
@@ -84,11 +122,28 @@ class PublicURLs:
             "container_port": forward.container_port,
             "local_port": forward.local_port,
             "name": forward.name,
-            "proxy_url": self.proxy_url(forward.id),
+            "proxy_url": self.forward_url(forward),
             "websocket_url": self.websocket_url(forward.id),
             "created_at": forward.created_at,
             "pass_preflight": forward.pass_preflight,
+            "slug": forward.slug,
+            "domains": [self.describe_domain(forward, domain, token_for) for domain in forward.domains],
         }
+
+
+@attrs.frozen
+class _Domain:
+    """A route's answer: one domain of a forward."""
+
+    forward: PortForward
+    domain: str
+
+
+@attrs.frozen
+class _Domains:
+    """A route's answer: every domain of a forward."""
+
+    forward: PortForward
 
 
 def shielded(work: Deferred[Any]) -> Deferred[Any]:
@@ -202,12 +257,26 @@ class API:
         if code == 204:
             request.setResponseCode(204)
             return b""
+        if isinstance(document, (PortForward, list)):
+            # (the tokens of the forwards' domains)
+            await self._forwards.domain_key()
+        token_for = self._forwards.verification_token
         if isinstance(document, PortForward):
             if code == 201:
                 request.setHeader(b"location", self._urls.forward_path(document).encode("utf-8"))
-            document = self._urls.describe(document)
+            document = self._urls.describe(document, token_for)
         elif isinstance(document, list):
-            document = [self._urls.describe(forward) for forward in document]
+            document = [self._urls.describe(forward, token_for) for forward in document]
+        elif isinstance(document, _Domain):
+            if code == 201:
+                path = self._urls.forward_path(document.forward) + "/domains/" + document.domain
+                request.setHeader(b"location", path.encode("utf-8"))
+            await self._forwards.domain_key()
+            document = self._urls.describe_domain(document.forward, document.domain, token_for)
+        elif isinstance(document, _Domains):
+            await self._forwards.domain_key()
+            forward = document.forward
+            document = [self._urls.describe_domain(forward, domain, token_for) for domain in forward.domains]
         return write_json(request, code, document)
 
     def _log_call(
@@ -261,6 +330,41 @@ class API:
 
         async def get(principal: Principal) -> tuple[int, Any]:
             return 200, await self._forwards.get(principal, container_id, forward_id)
+
+        return await self._call(request, container_id, forward_id, get)
+
+    @app.route("/containers/<container_id>/port-forwards/<forward_id>/domains", methods=["GET"])
+    async def domains(self, request: IRequest, container_id: str, forward_id: str) -> bytes:
+        async def list_(principal: Principal) -> tuple[int, Any]:
+            return 200, _Domains(await self._forwards.get(principal, container_id, forward_id))
+
+        return await self._call(request, container_id, forward_id, list_)
+
+    @app.route(
+        "/containers/<container_id>/port-forwards/<forward_id>/domains/<domain>",
+        methods=["GET", "PUT", "DELETE"],
+    )
+    async def domain(self, request: IRequest, container_id: str, forward_id: str, domain: str) -> bytes:
+        if request.method == b"PUT":
+
+            async def put(principal: Principal) -> tuple[int, Any]:
+                created, forward, name = await self._forwards.put_domain(
+                    principal, container_id, forward_id, domain
+                )
+                return (201 if created else 200), _Domain(forward, name)
+
+            return await self._call(request, container_id, forward_id, put)
+        if request.method == b"DELETE":
+
+            async def delete(principal: Principal) -> tuple[int, Any]:
+                await self._forwards.delete_domain(principal, container_id, forward_id, domain)
+                return 204, None
+
+            return await self._call(request, container_id, forward_id, delete)
+
+        async def get(principal: Principal) -> tuple[int, Any]:
+            forward, name = await self._forwards.get_domain(principal, container_id, forward_id, domain)
+            return 200, _Domain(forward, name)
 
         return await self._call(request, container_id, forward_id, get)
 

@@ -5,8 +5,12 @@ The ``rexecpf`` command.
 ::
 
     rexecpf forward create CONTAINER PORT [--name N] [--local-port P] [--pass-preflight]
+                                          [--domain D]... [--slug S]
     rexecpf forward list CONTAINER
     rexecpf forward delete CONTAINER FORWARD_ID
+    rexecpf domain add CONTAINER FORWARD_ID DOMAIN     (again: re-check its TXT record)
+    rexecpf domain list CONTAINER FORWARD_ID
+    rexecpf domain remove CONTAINER FORWARD_ID DOMAIN
     rexecpf tunnel FORWARD_ID_OR_WEBSOCKET_URL [--listen [HOST:]PORT | --stdio]
 
 ``--url`` / ``REXECPF_URL`` (default ``http://127.0.0.1:8080``) and
@@ -16,7 +20,10 @@ listens on a free local port.
 
 Output: ``forward create`` and ``forward list`` print a table (``ID PORT
 LOCAL NAME CREATED``, one forward a line); with ``--json`` they print the API's
-JSON instead.  ``forward delete`` prints ``deleted FORWARD_ID``.
+JSON instead.  ``forward delete`` prints ``deleted FORWARD_ID``.  ``domain
+add`` and ``domain list`` print ``DOMAIN VERIFIED TXT-NAME TXT-VALUE``, one
+domain a line (the TXT record to make, until it is verified); ``domain
+remove`` prints ``removed DOMAIN``.
 
 ``tunnel --stdio`` carries stdin/stdout over one WebSocket (an ssh
 ``ProxyCommand``); end of stdin closes the tunnel.  ``tunnel --listen``
@@ -147,6 +154,10 @@ async def _forward(reactor: Any, args: argparse.Namespace) -> int:
             body["local_port"] = args.local_port
         if args.pass_preflight:
             body["pass_preflight"] = True
+        if args.domain:
+            body["domains"] = args.domain
+        if args.slug is not None:
+            body["slug"] = args.slug
         forward = await _request(reactor, args, "POST", base, body)
         _check_forwards([forward], args.url)
         print(json.dumps(forward, indent=2) if args.json else _table([forward]))
@@ -157,6 +168,36 @@ async def _forward(reactor: Any, args: argparse.Namespace) -> int:
     else:
         await _request(reactor, args, "DELETE", f"{base}/{quote(args.forward_id, safe='')}")
         print(f"deleted {args.forward_id}")
+    return 0
+
+
+def _domain_table(domains: list[dict[str, Any]]) -> str:
+    rows = [("DOMAIN", "VERIFIED", "TXT-NAME", "TXT-VALUE")]
+    for d in domains:
+        verification = d.get("verification") or {}
+        rows.append(
+            (d["domain"], "yes" if d.get("verified") else "no", verification.get("name", ""), verification.get("value", ""))
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+async def _domain(reactor: Any, args: argparse.Namespace) -> int:
+    container = quote(args.container, safe="")
+    base = f"/api/containers/{container}/port-forwards/{quote(args.forward_id, safe='')}/domains"
+    if args.action == "list":
+        domains = await _request(reactor, args, "GET", base)
+    elif args.action == "add":
+        domains = [await _request(reactor, args, "PUT", f"{base}/{quote(args.domain, safe='')}")]
+    else:
+        await _request(reactor, args, "DELETE", f"{base}/{quote(args.domain, safe='')}")
+        print(f"removed {args.domain}")
+        return 0
+    if not isinstance(domains, list) or not all(isinstance(d, dict) and "domain" in d for d in domains):
+        raise CLIError(f"the answer of {args.url} is not domains: is it a rexecpf server?")
+    print(json.dumps(domains if args.action == "list" else domains[0], indent=2) if args.json else _domain_table(domains))
     return 0
 
 
@@ -405,6 +446,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="pass CORS preflights to the container (without credentials) instead of answering them",
     )
+    create.add_argument(
+        "--domain", action="append", metavar="DOMAIN", help="a custom domain (repeatable)"
+    )
+    create.add_argument("--slug", help="a stable name: the host {slug}--{user}.{proxy_domain}")
     create.add_argument("--json", action="store_true", help="print JSON")
     listing = actions.add_parser("list", help="list a container's forwards", parents=[common])
     listing.add_argument("container")
@@ -412,6 +457,21 @@ def _parser() -> argparse.ArgumentParser:
     delete = actions.add_parser("delete", help="delete a forward", parents=[common])
     delete.add_argument("container")
     delete.add_argument("forward_id")
+
+    domain = commands.add_parser("domain", help="add, list and remove a forward's custom domains")
+    domain_actions = domain.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for name, text in (
+        ("add", "give a forward a custom domain (again: re-check its TXT record)"),
+        ("list", "list a forward's custom domains"),
+        ("remove", "take a custom domain from a forward"),
+    ):
+        action = domain_actions.add_parser(name, help=text, parents=[common])
+        action.add_argument("container")
+        action.add_argument("forward_id")
+        if name != "list":
+            action.add_argument("domain")
+        if name != "remove":
+            action.add_argument("--json", action="store_true", help="print JSON")
 
     tunnel = commands.add_parser(
         "tunnel",
@@ -432,6 +492,8 @@ async def _run(reactor: Any, args: argparse.Namespace) -> None:
             raise CLIError("no token: give --token or set REXECPF_TOKEN")
         if args.command == "forward":
             status = await _forward(reactor, args)
+        elif args.command == "domain":
+            status = await _domain(reactor, args)
         else:
             status = await _tunnel(reactor, args)
     except CLIError as error:

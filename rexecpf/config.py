@@ -31,6 +31,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "EngineConfig",
+    "DomainsConfig",
     "LimitsConfig",
     "ServerConfig",
     "StoreConfig",
@@ -86,6 +87,8 @@ class AuthConfig:
     #: user -> token, or user -> "sha256:<hex>"
     users: Mapping[str, str] = attrs.field(factory=dict)
     admins: tuple[str, ...] = ()
+    #: users who may give their forwards custom domains (``["*"]``: every user)
+    custom_domains: tuple[str, ...] = ()
     #: lifetime of a browser session cookie for the HTTP proxy
     session_seconds: float = 12 * 3600.0
 
@@ -141,6 +144,19 @@ class TLSConfig:
 
 
 @attrs.frozen
+class DomainsConfig:
+    #: prove each custom domain by a DNS TXT record ``_rexecpf.{domain}``;
+    #: false: every domain a permitted user names is claimed at once (the
+    #: operator proves ownership some other way)
+    verify: bool = True
+    #: the DNS server the TXT records are asked of, ``host`` or ``host:port``
+    #: (an IP address); empty: the system's resolvers (``/etc/resolv.conf``)
+    resolver: str = ""
+    #: the most custom domains one forward may have
+    per_forward: int = 10
+
+
+@attrs.frozen
 class InventoryEntry:
     """One ``[[container]]`` of a static inventory."""
 
@@ -158,6 +174,7 @@ class Config:
     backend: BackendConfig = BackendConfig()
     limits: LimitsConfig = LimitsConfig()
     tls: TLSConfig = TLSConfig()
+    domains: DomainsConfig = DomainsConfig()
     #: Set for ``--demo``: the static inventory held in memory, not in a file.
     demo_inventory: tuple[InventoryEntry, ...] | None = None
 
@@ -243,6 +260,42 @@ def _domain(value: Any) -> str:
             if not _LABEL_PATTERN.match(label):
                 raise ValueError(f"must be a DNS domain name, got {_show(value)}")
     return text
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _resolver(value: Any) -> str:
+    text = _string(value).strip()
+    if not text:
+        return ""
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else "53"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f'must be an IP address with an optional port ("127.0.0.1:5353"), got {_show(value)}') from None
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"has a port that is not a number 1-65535, got {_show(value)}")
+    return text
+
+
+def resolver_address(text: str) -> tuple[str, int]:
+    """:return: ``(host, port)`` of a ``[domains] resolver`` value (checked already)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else 53
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, 53
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:
@@ -347,6 +400,7 @@ _SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "auth": {
         "users": lambda value: value,  # checked below, key by key
         "admins": lambda value: value,
+        "custom_domains": lambda value: value,
         "session_seconds": _seconds(),
     },
     "backend": {
@@ -372,6 +426,11 @@ _SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "certificates": _endpoint_or_empty,
         "ask_listen": _endpoint_or_empty,
     },
+    "domains": {
+        "verify": _boolean,
+        "resolver": _resolver,
+        "per_forward": _integer(1, 100),
+    },
 }
 
 _CLASSES: dict[str, type] = {
@@ -381,6 +440,7 @@ _CLASSES: dict[str, type] = {
     "backend": BackendConfig,
     "limits": LimitsConfig,
     "tls": TLSConfig,
+    "domains": DomainsConfig,
 }
 
 
@@ -463,6 +523,15 @@ def _engines(backend: Mapping[str, Any]) -> tuple[EngineConfig, ...]:
     return tuple(engines)
 
 
+def _custom_domains(value: Any, users: Mapping[str, str]) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f'auth.custom_domains: must be a list of user names (or ["*"]), got {_show(value)}')
+    for name in value:
+        if name != "*" and name not in users:
+            raise ConfigError(f"auth.custom_domains: {_name(name)} is not a user in auth.users")
+    return tuple(value)
+
+
 def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
     """
     Validate parsed TOML and build a :class:`Config`.
@@ -496,6 +565,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         auth["users"] = _users(auth["users"])
     if "admins" in auth:
         auth["admins"] = _admins(auth["admins"], auth.get("users", {}))
+    if "custom_domains" in auth:
+        auth["custom_domains"] = _custom_domains(auth["custom_domains"], auth.get("users", {}))
 
     backend = sections.get("backend", {})
     if "engines" in backend:

@@ -3,7 +3,7 @@
 The change feed: how every node (and every process sharing a SQLite file)
 hears at once of the forwards another one added, deleted or reaped.
 
-Every write of a store (add, remove, reap) bumps the store's one revision
+Every write of a store (add, domain change, remove, reap) bumps the store's one revision
 number and publishes a :class:`Change` carrying it, inside the writing
 transaction (:func:`encode_change`), so that changes are published only when
 committed, numbered in commit order:
@@ -54,6 +54,7 @@ __all__ = [
     "FeedHealth",
     "IChangeFeed",
     "MissLookups",
+    "UPDATE",
     "PostgresChangeFeed",
     "SQLiteChangeFeed",
     "decode_change",
@@ -70,6 +71,8 @@ CHANGES_KEPT = 1000
 ADD = "add"
 DELETE = "delete"
 REAP = "reap"
+#: a forward's domains changed (carries the whole forward as it is now)
+UPDATE = "update"
 
 _log = Logger()
 
@@ -80,8 +83,9 @@ class Change:
     One committed write of the store.
 
     :ivar rev: the store's revision after it (1, 2, ... in commit order).
-    :ivar op: ``"add"`` (``forward``), ``"delete"`` (``ids``) or
-        ``"reap"`` (``container_id`` stopped; ``ids`` were its forwards).
+    :ivar op: ``"add"`` (``forward``), ``"update"`` (``forward``, as it
+        is now: its domains changed), ``"delete"`` (``ids``) or ``"reap"``
+        (``container_id`` stopped; ``ids`` were its forwards).
     """
 
     rev: int
@@ -116,7 +120,7 @@ def decode_change(payload: str) -> Change:
     """:raises ValueError: on a payload that is not a change of version 1."""
     try:
         document = json.loads(payload)
-        if document.get("v") != 1 or document.get("op") not in (ADD, DELETE, REAP):
+        if document.get("v") != 1 or document.get("op") not in (ADD, UPDATE, DELETE, REAP):
             raise ValueError(f"not a change this rexecpf knows: {payload[:200]!r}")
         forward = document.get("forward")
         return Change(

@@ -25,19 +25,33 @@ from twisted.logger import Logger
 
 from rexecpf.backends import IContainerBackend
 from rexecpf.config import LimitsConfig
+from rexecpf.domains import (
+    DomainRules,
+    TXTVerifier,
+    check_slug,
+    normalise_domain,
+    slug_label,
+    split_slug_label,
+    verification_token,
+)
 from rexecpf.endpoints import OwnSockets, listener_reaches
-from rexecpf.feed import ADD, REAP, Change, MissLookups
+from rexecpf.feed import ADD, REAP, UPDATE, Change, MissLookups
 from rexecpf.model import (
     CONTAINER_NOT_FOUND,
     CONTAINER_NOT_RUNNING,
+    DOMAIN_NOT_FOUND,
+    DOMAINS_NOT_ALLOWED,
     FORWARD_NOT_FOUND,
+    INVALID_DOMAIN,
     INVALID_PORT,
     INVALID_REQUEST,
+    INVALID_SLUG,
     LIMIT_EXCEEDED,
     LOCAL_PORT_UNAVAILABLE,
     PORT_ALREADY_FORWARDED,
     PORT_NOT_ALLOWED,
     STORE_UNAVAILABLE,
+    TOO_MANY_DOMAINS,
     APIError,
     CloseReason,
     Container,
@@ -68,6 +82,10 @@ CONTAINER_STOPPED = CloseReason.CONTAINER_STOPPED
 #: What a forward id looks like (:func:`rexecpf.model.new_forward_id`): anything
 #: else is not found without a store read.
 _FORWARD_ID = re.compile(r"pf_[a-z0-9]{24}")
+#: A forward's own host label under ``proxy_domain``: its id with ``-`` for ``_``.
+_FORWARD_LABEL = re.compile(r"pf-[a-z0-9]{24}")
+#: One label of a host name (lowercase).
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 #: How long a removed forward's id is remembered, so that a late store read
 #: (a cache miss, a resync) cannot bring it back.
@@ -77,7 +95,11 @@ TOMBSTONE_SECONDS = 300.0
 #: another node took that one meanwhile.
 LOCAL_PORT_ATTEMPTS = 8
 
-_FIELDS = {"container_port", "local_port", "name", "pass_preflight"}
+_FIELDS = {"container_port", "local_port", "name", "pass_preflight", "domains", "slug"}
+
+#: The most entries a create's ``domains`` may list before it is not read at
+#: all (``[domains] per_forward`` is the real limit: 429 above it).
+_MAX_LISTED_DOMAINS = 100
 
 
 @attrs.frozen
@@ -86,6 +108,11 @@ class CreateRequest:
     local_port: int | None = None
     name: str | None = None
     pass_preflight: bool = False
+    #: custom domains, normalised (:func:`rexecpf.domains.normalise_domain`), no repeats
+    domains: tuple[str, ...] = ()
+    slug: str | None = None
+    #: those of ``domains`` whose proof was found (set by the create itself)
+    verified: tuple[str, ...] = ()
 
 
 def _reject_constant(name: str) -> Any:
@@ -112,7 +139,8 @@ def parse_create_request(body: bytes) -> CreateRequest:
     :raises APIError: 400 Invalid request (not UTF-8 JSON, not an object,
         unknown or repeated field, ``name`` not a string of 1-100
         characters, ``pass_preflight`` not a boolean, ``container_port``
-        missing), then 400 Invalid port.
+        missing, ``domains`` not a list), then 400 Invalid port, 400 Invalid
+        domain (one is not a host name, or is listed twice), 400 Invalid slug.
     """
     try:
         text = body.decode("utf-8")
@@ -145,8 +173,25 @@ def parse_create_request(body: bytes) -> CreateRequest:
     local_port = data.get("local_port")
     if local_port is not None and not _is_port(local_port):
         raise INVALID_PORT("local_port must be an integer 1-65535")
+    listed = data.get("domains", [])
+    if not isinstance(listed, list) or len(listed) > _MAX_LISTED_DOMAINS:
+        raise INVALID_REQUEST(f"domains must be a list of at most {_MAX_LISTED_DOMAINS} host names")
+    domains: list[str] = []
+    for value in listed:
+        domain = normalise_domain(value)
+        if domain in domains:
+            raise INVALID_DOMAIN(f"{domain} is listed twice")
+        domains.append(domain)
+    slug = data.get("slug")
+    if slug is not None:
+        check_slug(slug)
     return CreateRequest(
-        container_port=container_port, local_port=local_port, name=name, pass_preflight=pass_preflight
+        container_port=container_port,
+        local_port=local_port,
+        name=name,
+        pass_preflight=pass_preflight,
+        domains=tuple(domains),
+        slug=slug,
     )
 
 
@@ -216,6 +261,10 @@ class ForwardService(Service):
         can be bound (injected for tests).
     :param own_sockets: the daemon's listening sockets, which no forward may
         lead to (the forwards' own ``local_port`` listeners are added here).
+    :param domain_rules: who may claim custom domains, and which names not
+        (by default nobody: no custom domains, no stable names).
+    :param verifier: checks a domain's TXT record (``None``: none is ever
+        found, so with ``verify`` every domain stays unverified).
     """
 
     _log = Logger()
@@ -228,8 +277,18 @@ class ForwardService(Service):
         limits: LimitsConfig,
         port_probe: Callable[[str, int], bool] = port_is_bindable,
         own_sockets: OwnSockets | None = None,
+        domain_rules: DomainRules | None = None,
+        verifier: TXTVerifier | None = None,
     ) -> None:
         self._clock = clock
+        self.domain_rules = domain_rules if domain_rules is not None else DomainRules()
+        self._verifier = verifier
+        #: the key of the verification tokens (loaded on first use)
+        self._domain_key: bytes | None = None
+        #: verified domain -> the id of the forward that has it
+        self._by_domain: dict[str, str] = {}
+        #: (owner, slug) -> the id of the forward named so
+        self._by_slug: dict[tuple[str, str], str] = {}
         self.own_sockets = own_sockets if own_sockets is not None else OwnSockets()
         self._store = store
         self._backend = backend
@@ -259,6 +318,8 @@ class ForwardService(Service):
         self._tombstones: dict[str, float] = {}
         #: store reads for ids not in memory (another node's new forwards)
         self._misses = MissLookups(clock, store.get)
+        #: store reads for host names not in memory (``d:{domain}``, ``s:{owner}/{slug}``)
+        self._host_misses = MissLookups(clock, self._read_host)
         #: why new connections are refused (cut off from the store), or None
         self._cut_off: str | None = None
         backend.subscribe(self._container_stopped)
@@ -279,7 +340,8 @@ class ForwardService(Service):
         stored = yield self._store.list_forwards()
         # (The change feed may have brought some already: kept, not announced twice.)
         fresh = [f for f in stored if f.id not in self._forwards and f.id not in self._tombstones]
-        self._forwards.update((forward.id, forward) for forward in fresh)
+        for forward in fresh:
+            self._keep(forward)
         yield self.reconcile()
         for forward in fresh:
             if forward.id in self._forwards:
@@ -569,7 +631,7 @@ class ForwardService(Service):
             self._bury(forward.id)
             # (Known or not: the change feed may have brought a create's own
             # forward before the create ended.)
-            self._forwards.pop(forward.id, None)
+            self._drop(forward.id)
             if self._creating:
                 self._removed_while_creating.add(forward.id)
             for connection in list(self._live.get(forward.id, ())):
@@ -683,6 +745,10 @@ class ForwardService(Service):
             if change.forward is not None:
                 self._learn(change.forward)
             return
+        if change.op == UPDATE:
+            if change.forward is not None:
+                self._update(change.forward)
+            return
         ids = set(change.ids)
         reaped = change.op == REAP
         gone = [
@@ -712,7 +778,10 @@ class ForwardService(Service):
         gone = [f for forward_id, f in self._forwards.items() if forward_id in known and forward_id not in ids]
         self._forget(gone, DELETED)
         for forward in stored:
-            self._learn(forward)
+            if forward.id in known and forward.id in self._forwards:
+                self._update(forward)
+            else:
+                self._learn(forward)
         return rev
 
     def cut_off(self, reason: str) -> None:
@@ -759,8 +828,38 @@ class ForwardService(Service):
         if forward.id in self._forwards or forward.id in self._tombstones:
             return
         self._misses.forget(forward.id)
-        self._forwards[forward.id] = forward
+        self._keep(forward)
         self._notify_added(forward)
+
+    def _update(self, forward: PortForward) -> None:
+        """A forward's domains changed (elsewhere, or a resync read it so): keep it as it is now."""
+        if forward.id in self._tombstones:
+            return
+        if forward.id not in self._forwards:
+            self._learn(forward)
+        elif self._forwards[forward.id] != forward:
+            self._keep(forward)
+
+    def _keep(self, forward: PortForward) -> None:
+        """Keep ``forward`` in memory (replacing what was known of it), its domains and slug indexed."""
+        self._drop(forward.id)
+        self._forwards[forward.id] = forward
+        for domain in forward.verified_domains:
+            self._by_domain[domain] = forward.id
+            self._host_misses.forget("d:" + domain)
+        if forward.slug is not None:
+            self._by_slug[(forward.owner, forward.slug)] = forward.id
+            self._host_misses.forget(f"s:{forward.owner}/{forward.slug}")
+
+    def _drop(self, forward_id: str) -> None:
+        forward = self._forwards.pop(forward_id, None)
+        if forward is None:
+            return
+        for domain in forward.verified_domains:
+            if self._by_domain.get(domain) == forward_id:
+                del self._by_domain[domain]
+        if forward.slug is not None and self._by_slug.get((forward.owner, forward.slug)) == forward_id:
+            del self._by_slug[(forward.owner, forward.slug)]
 
     def _bury(self, forward_id: str) -> None:
         """Remember that ``forward_id`` was removed (for :data:`TOMBSTONE_SECONDS`)."""
@@ -803,6 +902,12 @@ class ForwardService(Service):
         )
         container: Container = yield self.container_for(principal, container_id)
         request = parse_create_request(body)
+        for domain in request.domains:
+            self._check_domain(principal, domain)
+        if len(request.domains) > self.domain_rules.per_forward:
+            raise TOO_MANY_DOMAINS(f"a forward may have at most {self.domain_rules.per_forward} domains")
+        if request.slug is not None:
+            self._check_slug_host(principal, request.slug)
         if not container.running:
             raise CONTAINER_NOT_RUNNING(container.detail or "the container is not running")
         stop_mark, unavailable = marked
@@ -820,6 +925,8 @@ class ForwardService(Service):
         limit = self.limits.forwards_per_container
         if len(existing) >= limit:
             raise LIMIT_EXCEEDED(f"a container may have at most {limit} forwards")
+        verified = yield self._verify(principal.name, request.domains)
+        request = attrs.evolve(request, verified=verified)
         taken_elsewhere: set[int] = set()
         for attempt in range(1, LOCAL_PORT_ATTEMPTS + 1):
             try:
@@ -838,7 +945,7 @@ class ForwardService(Service):
             raise CONTAINER_NOT_RUNNING("the container stopped while the forward was being created")
         if forward.id not in self._forwards and forward.id not in self._tombstones:
             # (Not when the change feed brought it first, nor once it is gone.)
-            self._forwards[forward.id] = forward
+            self._keep(forward)
             self._notify_added(forward)
         return forward
 
@@ -874,6 +981,9 @@ class ForwardService(Service):
                 created_ms=int(self._clock.seconds() * 1000),
                 owner=principal.name,
                 pass_preflight=request.pass_preflight,
+                slug=request.slug,
+                domains=request.domains,
+                verified_domains=request.verified,
             )
             yield self._store.add(forward, limit, stop_mark)
         except APIError as error:
@@ -931,6 +1041,206 @@ class ForwardService(Service):
         if forward is None or forward.container_id != container.id:
             raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r} on {container_id!r}")
         return forward
+
+    # --- custom domains and stable names
+
+    def domain_key(self) -> Deferred[bytes]:
+        """:return: a Deferred firing with the key of the verification tokens (kept in the store)."""
+        if self._domain_key is not None:
+            return succeed(self._domain_key)
+
+        def loaded(key: bytes) -> bytes:
+            self._domain_key = key
+            return key
+
+        return self._store.secret("domain-verification").addCallback(loaded)
+
+    def verification_token(self, user: str, domain: str) -> str | None:
+        """
+        :return: the TXT value that proves ``domain`` for ``user``
+            (:func:`rexecpf.domains.verification_token`); ``None`` before
+            the key was loaded (:meth:`domain_key`: the API loads it before
+            it describes a forward).
+        """
+        if self._domain_key is None:
+            return None
+        return verification_token(self._domain_key, user, domain)
+
+    def _check_domain(self, principal: Principal, domain: str) -> None:
+        """:raises APIError: 403 when ``principal`` may not claim domains, 400 for the service's own names."""
+        if not self.domain_rules.allowed(principal.name):
+            raise DOMAINS_NOT_ALLOWED(f"{principal.name} may not use custom domains (auth.custom_domains)")
+        self.domain_rules.refuse_reserved(domain)
+
+    def _check_slug_host(self, principal: Principal, slug: str) -> None:
+        """:raises APIError: 400 Invalid slug when the stable host cannot be made."""
+        if not self.domain_rules.proxy_domain:
+            raise INVALID_SLUG("stable names need server.proxy_domain, which this rexecpf does not have")
+        label = slug_label(slug, principal.name)
+        if split_slug_label(label) != (slug, principal.name) or not _DNS_LABEL.fullmatch(label):
+            raise INVALID_SLUG(
+                f"the user name {principal.name!r} cannot be part of a host name ({label!r} is not a DNS "
+                "label of at most 63 lowercase letters, digits and hyphens): no slug for this user"
+            )
+
+    @inlineCallbacks
+    def _verify(self, user: str, domains: tuple[str, ...]) -> Any:
+        """:return: a Deferred firing with those of ``domains`` whose proof is found now."""
+        if not domains:
+            return ()
+        if not self.domain_rules.verify:
+            return domains
+        key = yield self.domain_key()
+        if self._verifier is None:
+            return ()
+        verifier = self._verifier
+        found = yield DeferredList(
+            [verifier.verify(domain, verification_token(key, user, domain)) for domain in domains],
+            consumeErrors=True,
+        )
+        return tuple(domain for domain, (ok, proven) in zip(domains, found, strict=True) if ok and proven)
+
+    @inlineCallbacks
+    def put_domain(self, principal: Principal, container_id: str, forward_id: str, value: str) -> Any:
+        """
+        Give a forward a custom domain, or check its proof again (a verified
+        domain stays verified).
+
+        :return: a Deferred firing with ``(created, forward, domain)``;
+            fails with 404 (container, forward), 403 Custom domains not
+            allowed, 400 Invalid domain, 429 Too many domains, 409 Domain
+            already claimed.
+        """
+        forward: PortForward = yield self.get(principal, container_id, forward_id)
+        if not self.domain_rules.allowed(principal.name):
+            raise DOMAINS_NOT_ALLOWED(f"{principal.name} may not use custom domains (auth.custom_domains)")
+        domain = normalise_domain(value)
+        # (The forward's owner claims it: an admin acting on it claims it for the owner.)
+        owner = Principal(forward.owner or principal.name)
+        self.domain_rules.refuse_reserved(domain)
+        created = domain not in forward.domains
+        if created and len(forward.domains) >= self.domain_rules.per_forward:
+            raise TOO_MANY_DOMAINS(f"a forward may have at most {self.domain_rules.per_forward} domains")
+        if domain in forward.verified_domains:
+            verified = True
+        else:
+            verified = domain in (yield self._verify(owner.name, (domain,)))
+        changed = yield self._store.set_domain(forward.id, domain, verified, self.domain_rules.per_forward)
+        if changed is None:
+            raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r} on {container_id!r}")
+        self._update(changed)
+        return created, changed, domain
+
+    @inlineCallbacks
+    def delete_domain(self, principal: Principal, container_id: str, forward_id: str, value: str) -> Any:
+        """
+        Take a custom domain from a forward: it is no longer routed (at once
+        on every node) and anyone may claim it.
+
+        :return: a Deferred firing with the forward as it is now; fails with
+            404 (container, forward, or the forward does not have it).
+        """
+        forward: PortForward = yield self.get(principal, container_id, forward_id)
+        try:
+            domain = normalise_domain(value)
+        except APIError:
+            domain = value
+        if domain not in forward.domains:
+            raise DOMAIN_NOT_FOUND(f"{forward_id} has no domain {value[:80]!r}")
+        changed = yield self._store.remove_domain(forward.id, domain)
+        if changed is None:
+            raise FORWARD_NOT_FOUND(f"no port forward {forward_id!r} on {container_id!r}")
+        self._update(changed)
+        return changed
+
+    @inlineCallbacks
+    def get_domain(self, principal: Principal, container_id: str, forward_id: str, value: str) -> Any:
+        """:return: a Deferred firing with ``(forward, domain)``; fails with 404 as :meth:`delete_domain`."""
+        forward: PortForward = yield self.get(principal, container_id, forward_id)
+        try:
+            domain = normalise_domain(value)
+        except APIError:
+            domain = value
+        if domain not in forward.domains:
+            raise DOMAIN_NOT_FOUND(f"{forward_id} has no domain {value[:80]!r}")
+        return forward, domain
+
+    def _read_host(self, key: str) -> Deferred[PortForward | None]:
+        """A store read for :attr:`_host_misses`: ``d:{domain}`` or ``s:{owner}/{slug}``."""
+        kind, _, name = key.partition(":")
+        if kind == "d":
+            return self._store.find_domain(name)
+        owner, _, slug = name.rpartition("/")
+        return self._store.find_slug(owner, slug)
+
+    def _stable_host(self, host: str) -> tuple[str | None, str]:
+        """
+        :return: ``(forward id or None, miss key)`` for a host that is a
+            verified custom domain or a stable name, from memory.
+        """
+        proxy = self.domain_rules.proxy_domain
+        if proxy and host.endswith("." + proxy):
+            parts = split_slug_label(host[: -len(proxy) - 1])
+            if parts is None:
+                return None, ""
+            slug, owner = parts
+            return self._by_slug.get((owner, slug)), f"s:{owner}/{slug}"
+        return self._by_domain.get(host), "d:" + host
+
+    def host_forward(self, host: str) -> str | None:
+        """
+        :return: the id of the forward a verified custom domain or a stable
+            host (``{slug}--{user}.{proxy_domain}``) names, from memory;
+            ``None`` when none is known here.
+        """
+        return self._stable_host(host)[0]
+
+    def find_host(self, host: str) -> Deferred[PortForward]:
+        """
+        :return: a Deferred firing with the forward a custom domain or a
+            stable host names: from memory, else from the store (bounded as
+            :meth:`find` is); fails with 404 Port forward not found.
+        """
+        forward_id, key = self._stable_host(host)
+        if forward_id is not None:
+            return self.find(forward_id)
+        if not key or self._cut_off is not None:
+            return fail(FORWARD_NOT_FOUND(f"no port forward at {host!r}"))
+
+        def found(forward: PortForward | None) -> PortForward:
+            if forward is None or forward.id in self._tombstones:
+                raise FORWARD_NOT_FOUND(f"no port forward at {host!r}")
+            # (Known here, maybe, but not yet with this domain: the feed is behind.)
+            self._update(forward)
+            return forward
+
+        return self._host_misses.lookup(key).addCallback(found)
+
+    def domain_claimed(self, domain: str) -> Deferred[bool]:
+        """
+        For a TLS front (Caddy's on-demand ``ask``, Traefik): whether a
+        certificate for ``domain`` should be had, that is whether it is a
+        verified custom domain or a stable host (``{slug}--{user}.{proxy_domain}``)
+        of a live forward, or a live forward's ``pf-xxxx.{proxy_domain}``.
+        Reads memory, then the store on a miss (bounded: see :meth:`find`).
+
+        :return: a Deferred firing with ``True`` or ``False`` (never failing:
+            a store that cannot answer is ``False``).
+        """
+        try:
+            host = normalise_domain(domain)
+        except APIError:
+            return succeed(False)
+        proxy = self.domain_rules.proxy_domain
+        if proxy and host.endswith("." + proxy):
+            label = host[: -len(proxy) - 1]
+            if _FORWARD_LABEL.fullmatch(label):
+                lookup = self.find(label.replace("-", "_"))
+            else:
+                lookup = self.find_host(host)
+        else:
+            lookup = self.find_host(host)
+        return lookup.addCallbacks(lambda _: True, lambda _: False)
 
     @inlineCallbacks
     def delete(self, principal: Principal, container_id: str, forward_id: str) -> Any:

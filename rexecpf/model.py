@@ -10,7 +10,7 @@ body ``{"error": {"code": N, "message": "...", "detail": "..."}}``.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -103,6 +103,13 @@ PORT_ALREADY_FORWARDED = ErrorKind(403, "Port already forwarded")
 PORT_NOT_ALLOWED = ErrorKind(403, "Port not allowed")
 LIMIT_EXCEEDED = ErrorKind(429, "Limit exceeded")
 LOCAL_PORT_UNAVAILABLE = ErrorKind(409, "Local port unavailable")
+INVALID_DOMAIN = ErrorKind(400, "Invalid domain")
+DOMAINS_NOT_ALLOWED = ErrorKind(403, "Custom domains not allowed")
+DOMAIN_CLAIMED = ErrorKind(409, "Domain already claimed")
+TOO_MANY_DOMAINS = ErrorKind(429, "Too many domains")
+DOMAIN_NOT_FOUND = ErrorKind(404, "Domain not found")
+INVALID_SLUG = ErrorKind(400, "Invalid slug")
+SLUG_TAKEN = ErrorKind(409, "Slug already in use")
 FORWARD_NOT_FOUND = ErrorKind(404, "Port forward not found")
 METHOD_NOT_ALLOWED = ErrorKind(405, "Method not allowed")
 NOT_FOUND = ErrorKind(404, "Not found")
@@ -138,6 +145,11 @@ class Container:
     detail: str = ""
 
 
+def _names(values: Iterable[str]) -> tuple[str, ...]:
+    """A list (as JSON gives it: the change feed) kept as a tuple."""
+    return tuple(values)
+
+
 @attrs.frozen
 class PortForward:
     """A stored forward."""
@@ -154,6 +166,13 @@ class PortForward:
     #: whether the proxy passes CORS preflights (``OPTIONS``, no credentials)
     #: to the container rather than answering them itself
     pass_preflight: bool = False
+    #: a stable name: the host ``{slug}--{owner}.{proxy_domain}`` (unique per owner)
+    slug: str | None = None
+    #: custom domains, in the order they were added (lowercase, no trailing dot)
+    domains: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    #: those of :attr:`domains` whose ownership is proven (routed, and
+    #: claimed: no other forward may have them)
+    verified_domains: tuple[str, ...] = attrs.field(default=(), converter=_names)
 
     @property
     def created_at(self) -> str:

@@ -52,6 +52,22 @@ _FORWARD_ID = {
     "required": True,
     "schema": {"type": "string", "minLength": 1},
 }
+_DOMAIN = {
+    "name": "domain",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 254},
+    "description": "a host name (RFC 1123), compared in lowercase, one trailing dot ignored",
+}
+_HOST_NAME_PATTERN = r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_SLUG_PATTERN = r"^(?!.*--)[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_DOMAIN_REF = {"$ref": "#/components/schemas/Domain"}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -76,9 +92,14 @@ def openapi_document() -> dict[str, Any]:
                     "description": (
                         "The body is read as JSON whatever its Content-Type. Errors are checked "
                         "in this order: 401, 404, 400 Invalid request, 400 Invalid port, "
+                        "400 Invalid domain, 400 Invalid slug, 403 Custom domains not allowed "
+                        "(checked before 400 Invalid domain for a name of the service itself), "
+                        "429 Too many domains, 400 Invalid slug (no proxy_domain, or a user "
+                        "name that cannot be part of a host), "
                         "409 Container not running, 403 Port not allowed, 403 Port already "
-                        "forwarded, 429, 409 Local port unavailable (then 403 Port not allowed "
-                        "for a target that is the forward's own local_port)."
+                        "forwarded, 429 Limit exceeded, 409 Local port unavailable (then 403 "
+                        "Port not allowed for a target that is the forward's own local_port), "
+                        "409 Slug already in use, 409 Domain already claimed."
                     ),
                     "requestBody": {
                         "required": True,
@@ -119,17 +140,22 @@ def openapi_document() -> dict[str, Any]:
                                 },
                             },
                         },
-                        "400": _error("Invalid request, or Invalid port"),
+                        "400": _error("Invalid request, Invalid port, Invalid domain or Invalid slug"),
                         "401": _UNAUTHORIZED,
                         "403": _error(
-                            "Port already forwarded, or Port not allowed (the target is a "
-                            "socket of rexecpf itself)"
+                            "Port already forwarded, Port not allowed (the target is a "
+                            "socket of rexecpf itself), or Custom domains not allowed"
                         ),
                         "404": _error("Container not found"),
                         "405": _METHOD,
-                        "409": _error("Container not running, or Local port unavailable"),
+                        "409": _error(
+                            "Container not running, Local port unavailable, Slug already in use, "
+                            "or Domain already claimed"
+                        ),
                         "413": _error("Request too large (over 64 KiB)"),
-                        "429": _error("Limit exceeded: forwards_per_container reached"),
+                        "429": _error(
+                            "Limit exceeded (forwards_per_container reached), or Too many domains"
+                        ),
                         "503": _UNAVAILABLE,
                     },
                 },
@@ -183,6 +209,74 @@ def openapi_document() -> dict[str, Any]:
                         "204": {"description": "Deleted"},
                         "401": _UNAUTHORIZED,
                         "404": _error("Container not found, or Port forward not found"),
+                        "405": _METHOD,
+                        "503": _UNAVAILABLE,
+                    },
+                },
+            },
+            "/api/containers/{containerId}/port-forwards/{forwardId}/domains": {
+                "parameters": [_CONTAINER_ID, _FORWARD_ID],
+                "get": {
+                    "operationId": "listDomains",
+                    "summary": "A forward's custom domains, in the order they were added",
+                    "responses": {
+                        "200": _json({"type": "array", "items": _DOMAIN_REF}, "The domains"),
+                        "401": _UNAUTHORIZED,
+                        "404": _error("Container not found, or Port forward not found"),
+                        "405": _METHOD,
+                        "503": _UNAVAILABLE,
+                    },
+                },
+            },
+            "/api/containers/{containerId}/port-forwards/{forwardId}/domains/{domain}": {
+                "parameters": [_CONTAINER_ID, _FORWARD_ID, _DOMAIN],
+                "put": {
+                    "operationId": "putDomain",
+                    "summary": "Give the forward a custom domain, or check its TXT record again",
+                    "description": (
+                        "Idempotent; no body is needed (one is ignored). The domain is verified "
+                        "once the DNS TXT record verification.name holds verification.value "
+                        "(at once when the server does not verify); only a verified domain is "
+                        "routed and claimed. PUT again to re-check. Errors in this order: 401, "
+                        "404, 403 Custom domains not allowed, 400 Invalid domain, 429 Too many "
+                        "domains, 409 Domain already claimed."
+                    ),
+                    "responses": {
+                        "200": _json(_DOMAIN_REF, "The forward already had it (its proof re-checked)"),
+                        "201": {
+                            **_json(_DOMAIN_REF, "Added"),
+                            "headers": {
+                                "Location": {"schema": {"type": "string"}, "description": "the domain's URL"}
+                            },
+                        },
+                        "400": _error("Invalid domain: not a host name, or a name of the service itself"),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("Custom domains not allowed for this user"),
+                        "404": _error("Container not found, or Port forward not found"),
+                        "405": _METHOD,
+                        "409": _error("Domain already claimed (by another forward)"),
+                        "429": _error("Too many domains on this forward"),
+                        "503": _UNAVAILABLE,
+                    },
+                },
+                "get": {
+                    "operationId": "getDomain",
+                    "summary": "One custom domain of the forward",
+                    "responses": {
+                        "200": _json(_DOMAIN_REF, "The domain"),
+                        "401": _UNAUTHORIZED,
+                        "404": _error("Container not found, Port forward not found, or Domain not found"),
+                        "405": _METHOD,
+                        "503": _UNAVAILABLE,
+                    },
+                },
+                "delete": {
+                    "operationId": "deleteDomain",
+                    "summary": "Take the custom domain from the forward: no longer routed, free to claim",
+                    "responses": {
+                        "204": {"description": "Removed"},
+                        "401": _UNAUTHORIZED,
+                        "404": _error("Container not found, Port forward not found, or Domain not found"),
                         "405": _METHOD,
                         "503": _UNAVAILABLE,
                     },
@@ -253,6 +347,43 @@ def openapi_document() -> dict[str, Any]:
                             "without credentials; otherwise the proxy answers them 204 with no "
                             "Access-Control-Allow-* header",
                         },
+                        "domains": {
+                            "type": "array",
+                            "maxItems": 100,
+                            "items": {"type": "string", "minLength": 1, "maxLength": 254},
+                            "description": "custom domains (host names; needs auth.custom_domains); "
+                            "more than [domains] per_forward is 429",
+                        },
+                        "slug": {
+                            "type": ["string", "null"],
+                            "pattern": _SLUG_PATTERN,
+                            "description": "a stable name, unique per user: proxy_url becomes "
+                            "{slug}--{user}.{proxy_domain}, and the next forward given the same "
+                            "slug (after a container restart) takes that host over",
+                        },
+                    },
+                },
+                "Domain": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["domain", "verified", "url", "verification"],
+                    "properties": {
+                        "domain": {"type": "string", "pattern": _HOST_NAME_PATTERN},
+                        "verified": {
+                            "type": "boolean",
+                            "description": "proven (or not checked by this server): routed and claimed",
+                        },
+                        "url": {"type": "string", "format": "uri"},
+                        "verification": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["type", "name", "value"],
+                            "properties": {
+                                "type": {"const": "TXT"},
+                                "name": {"type": "string", "pattern": r"^_rexecpf\."},
+                                "value": {"type": "string", "pattern": "^[a-z2-7]{32}$"},
+                            },
+                        },
                     },
                 },
                 "PortForward": {
@@ -268,6 +399,8 @@ def openapi_document() -> dict[str, Any]:
                         "websocket_url",
                         "created_at",
                         "pass_preflight",
+                        "slug",
+                        "domains",
                     ],
                     "properties": {
                         "id": {"type": "string", "pattern": "^pf_[a-z0-9]{20,}$"},
@@ -278,6 +411,8 @@ def openapi_document() -> dict[str, Any]:
                         "proxy_url": {"type": "string", "format": "uri"},
                         "websocket_url": {"type": "string", "pattern": "^wss?://"},
                         "pass_preflight": {"type": "boolean"},
+                        "slug": {"type": ["string", "null"], "pattern": _SLUG_PATTERN},
+                        "domains": {"type": "array", "items": _DOMAIN_REF},
                         "created_at": {
                             "type": "string",
                             "format": "date-time",

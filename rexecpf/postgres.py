@@ -43,16 +43,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rexecpf.config import mask_url_password
-from rexecpf.feed import ADD, CHANNEL, DELETE, REAP, encode_change
+from rexecpf.feed import ADD, CHANNEL, DELETE, REAP, UPDATE, encode_change
 from rexecpf.model import (
     CONTAINER_NOT_RUNNING,
+    DOMAIN_CLAIMED,
     LIMIT_EXCEEDED,
     LOCAL_PORT_UNAVAILABLE,
     PORT_ALREADY_FORWARDED,
+    SLUG_TAKEN,
     STORE_UNAVAILABLE,
+    TOO_MANY_DOMAINS,
     PortForward,
 )
-from rexecpf.store import STOPS_KEPT, IForwardStore
+from rexecpf.store import STOPS_KEPT, IForwardStore, with_domains
 
 __all__ = [
     "PostgresForwardStore",
@@ -94,6 +97,22 @@ _MIGRATIONS: list[list[str]] = [
         "CREATE TABLE revision (rev BIGINT NOT NULL)",
         "INSERT INTO revision (rev) VALUES (0)",
     ],
+    # 2 -> 3: stable names (a slug, unique per owner) and custom domains (a
+    # verified domain belongs to one forward; deleting a forward frees its domains)
+    [
+        "ALTER TABLE forwards ADD COLUMN slug TEXT",
+        "CREATE UNIQUE INDEX forwards_slug_unique ON forwards (owner, slug) WHERE slug IS NOT NULL",
+        """CREATE TABLE forward_domains (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY,
+            forward_id TEXT NOT NULL REFERENCES forwards (id) ON DELETE CASCADE,
+            domain TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            verified BOOLEAN NOT NULL DEFAULT false,
+            PRIMARY KEY (forward_id, domain)
+        )""",
+        "CREATE UNIQUE INDEX forward_domains_claimed ON forward_domains (domain) WHERE verified",
+        "CREATE INDEX forward_domains_by_domain ON forward_domains (domain)",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -106,13 +125,15 @@ _LOCK_MIGRATION = 2
 #: hangs answers 503 instead of holding the pool's threads for ever.
 STATEMENT_TIMEOUT_MS = 10_000
 
-_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner, pass_preflight"
+_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner, pass_preflight, slug"
 
 #: UNIQUE constraint -> the error it stands for (the second line: the
 #: advisory lock makes the checks before the insert answer first)
 _CONSTRAINT_ERRORS = {
     "forwards_local_port_unique": LOCAL_PORT_UNAVAILABLE,
     "forwards_container_port_unique": PORT_ALREADY_FORWARDED,
+    "forwards_slug_unique": SLUG_TAKEN,
+    "forward_domains_claimed": DOMAIN_CLAIMED,
 }
 
 
@@ -126,7 +147,41 @@ def _row(row: tuple[Any, ...]) -> PortForward:
         created_ms=row[5],
         owner=row[6],
         pass_preflight=bool(row[7]),
+        slug=row[8],
     )
+
+
+def _select(
+    connection: psycopg.Connection[Any], where: str = "", params: tuple[Any, ...] = ()
+) -> list[PortForward]:
+    """:return: the forwards ``where`` selects (oldest first), with their domains."""
+    forwards = [
+        _row(row)
+        for row in connection.execute(
+            f"SELECT {_COLUMNS} FROM forwards {where} ORDER BY created_ms, seq", params  # type: ignore[arg-type]
+        ).fetchall()
+    ]
+    if not forwards:
+        return []
+    rows = connection.execute(
+        "SELECT forward_id, domain, verified FROM forward_domains WHERE forward_id = ANY(%s) ORDER BY seq",
+        ([f.id for f in forwards],),
+    ).fetchall()
+    return with_domains(forwards, rows)
+
+
+def _claimed_elsewhere(connection: psycopg.Connection[Any], forward_id: str, owner: str, domain: str) -> None:
+    """:raises APIError: 409 when another forward claims ``domain`` (see :meth:`IForwardStore.set_domain`)."""
+    row = connection.execute(
+        "SELECT verified FROM forward_domains WHERE domain = %s AND forward_id != %s "
+        "AND (verified OR owner = %s) LIMIT 1",
+        (domain, forward_id, owner),
+    ).fetchone()
+    if row:
+        raise DOMAIN_CLAIMED(
+            f"{domain} is claimed by another forward"
+            + ("" if row[0] else " of yours (not verified yet): remove it there first")
+        )
 
 
 def connection_settings(url: str) -> dict[str, Any]:
@@ -339,8 +394,14 @@ class PostgresForwardStore:
                 raise LIMIT_EXCEEDED(f"a container may have at most {limit} forwards")
             if used:
                 raise LOCAL_PORT_UNAVAILABLE(f"local port {forward.local_port} is in use")
+            if forward.slug is not None and connection.execute(
+                "SELECT 1 FROM forwards WHERE owner = %s AND slug = %s", (forward.owner, forward.slug)
+            ).fetchone():
+                raise SLUG_TAKEN(f"you already have a forward named {forward.slug!r}")
+            for domain in forward.domains:
+                _claimed_elsewhere(connection, forward.id, forward.owner, domain)
             connection.execute(
-                f"INSERT INTO forwards ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                f"INSERT INTO forwards ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     forward.id,
                     forward.container_id,
@@ -350,32 +411,95 @@ class PostgresForwardStore:
                     forward.created_ms,
                     forward.owner,
                     forward.pass_preflight,
+                    forward.slug,
                 ),
             )
+            for domain in forward.domains:
+                connection.execute(
+                    "INSERT INTO forward_domains (forward_id, domain, owner, verified) VALUES (%s, %s, %s, %s)",
+                    (forward.id, domain, forward.owner, domain in forward.verified_domains),
+                )
             _publish(connection, ADD, forward=forward)
             return forward
 
         return self._run(add)
 
+    def set_domain(self, forward_id: str, domain: str, verified: bool, limit: int) -> Deferred[PortForward | None]:
+        def set_domain(connection: psycopg.Connection[Any]) -> PortForward | None:
+            connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _LOCK_WRITES))
+            row = connection.execute("SELECT owner FROM forwards WHERE id = %s", (forward_id,)).fetchone()
+            if row is None:
+                return None
+            (owner,) = row
+            _claimed_elsewhere(connection, forward_id, owner, domain)
+            had = connection.execute(
+                "SELECT verified FROM forward_domains WHERE forward_id = %s AND domain = %s", (forward_id, domain)
+            ).fetchone()
+            if had is None:
+                (count,) = _one(connection, "SELECT count(*) FROM forward_domains WHERE forward_id = %s", (forward_id,))
+                if count >= limit:
+                    raise TOO_MANY_DOMAINS(f"a forward may have at most {limit} domains")
+                connection.execute(
+                    "INSERT INTO forward_domains (forward_id, domain, owner, verified) VALUES (%s, %s, %s, %s)",
+                    (forward_id, domain, owner, verified),
+                )
+            elif verified and not had[0]:
+                connection.execute(
+                    "UPDATE forward_domains SET verified = true WHERE forward_id = %s AND domain = %s",
+                    (forward_id, domain),
+                )
+            else:
+                return _select(connection, "WHERE id = %s", (forward_id,))[0]
+            (forward,) = _select(connection, "WHERE id = %s", (forward_id,))
+            _publish(connection, UPDATE, forward=forward)
+            return forward
+
+        return self._run(set_domain)
+
+    def remove_domain(self, forward_id: str, domain: str) -> Deferred[PortForward | None]:
+        def remove_domain(connection: psycopg.Connection[Any]) -> PortForward | None:
+            cursor = connection.execute(
+                "DELETE FROM forward_domains WHERE forward_id = %s AND domain = %s", (forward_id, domain)
+            )
+            found = _select(connection, "WHERE id = %s", (forward_id,))
+            if not found:
+                return None
+            if cursor.rowcount > 0:
+                _publish(connection, UPDATE, forward=found[0])
+            return found[0]
+
+        return self._run(remove_domain)
+
+    def find_domain(self, domain: str) -> Deferred[PortForward | None]:
+        def find(connection: psycopg.Connection[Any]) -> PortForward | None:
+            found = _select(
+                connection,
+                "WHERE id = (SELECT forward_id FROM forward_domains WHERE domain = %s AND verified)",
+                (domain,),
+            )
+            return found[0] if found else None
+
+        return self._run(find, read_only=True)
+
+    def find_slug(self, owner: str, slug: str) -> Deferred[PortForward | None]:
+        def find(connection: psycopg.Connection[Any]) -> PortForward | None:
+            found = _select(connection, "WHERE owner = %s AND slug = %s", (owner, slug))
+            return found[0] if found else None
+
+        return self._run(find, read_only=True)
+
     def get(self, forward_id: str) -> Deferred[PortForward | None]:
         def get(connection: psycopg.Connection[Any]) -> PortForward | None:
-            row = connection.execute(
-                f"SELECT {_COLUMNS} FROM forwards WHERE id = %s", (forward_id,)
-            ).fetchone()
-            return _row(row) if row else None
+            found = _select(connection, "WHERE id = %s", (forward_id,))
+            return found[0] if found else None
 
         return self._run(get, read_only=True)
 
     def list_forwards(self, container_id: str | None = None) -> Deferred[list[PortForward]]:
         def select(connection: psycopg.Connection[Any]) -> list[PortForward]:
             if container_id is None:
-                cursor = connection.execute(f"SELECT {_COLUMNS} FROM forwards ORDER BY created_ms, seq")
-            else:
-                cursor = connection.execute(
-                    f"SELECT {_COLUMNS} FROM forwards WHERE container_id = %s ORDER BY created_ms, seq",
-                    (container_id,),
-                )
-            return [_row(row) for row in cursor.fetchall()]
+                return _select(connection)
+            return _select(connection, "WHERE container_id = %s", (container_id,))
 
         return self._run(select, read_only=True)
 
@@ -394,10 +518,8 @@ class PostgresForwardStore:
             # The same lock as add: a create either sees this stop or has
             # written its forward before, and then this removes it.
             connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _LOCK_WRITES))
-            rows = connection.execute(
-                f"DELETE FROM forwards WHERE container_id = %s RETURNING {_COLUMNS}, seq",
-                (container_id,),
-            ).fetchall()
+            removed = _select(connection, "WHERE container_id = %s", (container_id,))
+            connection.execute("DELETE FROM forwards WHERE container_id = %s", (container_id,))
             (stop,) = _one(connection, "SELECT COALESCE(max(stop), 0) + 1 FROM container_stops")
             connection.execute(
                 "INSERT INTO container_stops (container_id, stop) VALUES (%s, %s) "
@@ -405,7 +527,6 @@ class PostgresForwardStore:
                 (container_id, stop),
             )
             connection.execute("DELETE FROM container_stops WHERE stop <= %s", (stop - STOPS_KEPT,))
-            removed = [_row(row) for row in sorted(rows, key=lambda row: (row[5], row[8]))]
             _publish(connection, REAP, ids=[f.id for f in removed], container_id=container_id)
             return removed
 
@@ -416,8 +537,7 @@ class PostgresForwardStore:
             # Both reads at one snapshot of the database.
             connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             (rev,) = _one(connection, "SELECT rev FROM revision")
-            cursor = connection.execute(f"SELECT {_COLUMNS} FROM forwards ORDER BY created_ms, seq")
-            return int(rev), [_row(row) for row in cursor.fetchall()]
+            return int(rev), _select(connection)
 
         return self._run(snapshot, read_only=True)
 

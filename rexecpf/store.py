@@ -23,6 +23,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+import attrs
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -30,13 +31,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from rexecpf.feed import ADD, CHANGES_KEPT, DELETE, REAP, encode_change
+from rexecpf.feed import ADD, CHANGES_KEPT, DELETE, REAP, UPDATE, encode_change
 from rexecpf.model import (
     CONTAINER_NOT_RUNNING,
+    DOMAIN_CLAIMED,
     LIMIT_EXCEEDED,
     LOCAL_PORT_UNAVAILABLE,
     PORT_ALREADY_FORWARDED,
+    SLUG_TAKEN,
     STORE_UNAVAILABLE,
+    TOO_MANY_DOMAINS,
     APIError,
     PortForward,
 )
@@ -61,9 +65,38 @@ class IForwardStore(Interface):
             (:meth:`remove_container`) refuses the forward.  ``None``: no check.
         :return: fires with ``forward``; fails with :class:`APIError` 409
             (container not running: it stopped since ``stop_mark``), 403
-            (port already forwarded), 429 (limit) or 409 (local port taken),
-            checked in that order; 503 when the store cannot answer.
+            (port already forwarded), 429 (limit), 409 (local port taken),
+            409 (slug in use by the owner), 409 (a domain claimed: see
+            :meth:`set_domain`), checked in that order; 503 when the store
+            cannot answer.
         """
+
+    def set_domain(forward_id: str, domain: str, verified: bool, limit: int) -> Deferred[PortForward | None]:
+        """
+        Give a forward the custom domain ``domain`` (lowercase), or mark it
+        verified; a verified domain stays verified (``verified=False`` on it
+        changes nothing).  Checked in one transaction under the write lock,
+        and held by a UNIQUE index on the verified domains: 409 Domain
+        already claimed when another forward has it verified, or another
+        forward of the same owner has it at all; 429 Too many domains when
+        the forward already has ``limit``.  A change is published
+        (:data:`rexecpf.feed.UPDATE`).
+
+        :return: fires with the forward as it is now, or ``None`` if it is gone.
+        """
+
+    def remove_domain(forward_id: str, domain: str) -> Deferred[PortForward | None]:
+        """
+        Take ``domain`` from a forward (nothing changes if it did not have it).
+
+        :return: fires with the forward as it is now, or ``None`` if it is gone.
+        """
+
+    def find_domain(domain: str) -> Deferred[PortForward | None]:
+        """:return: fires with the forward that has ``domain`` verified, or ``None``."""
+
+    def find_slug(owner: str, slug: str) -> Deferred[PortForward | None]:
+        """:return: fires with ``owner``'s forward named ``slug``, or ``None``."""
 
     def stop_mark() -> Deferred[int]:
         """
@@ -146,6 +179,21 @@ _MIGRATIONS: list[list[str]] = [
         "INSERT INTO revision (rev) VALUES (0)",
         "CREATE TABLE changes (rev INTEGER PRIMARY KEY, payload TEXT NOT NULL)",
     ],
+    # 4 -> 5: stable names (a slug, unique per owner) and custom domains (a
+    # verified domain belongs to one forward; deleting a forward frees its domains)
+    [
+        "ALTER TABLE forwards ADD COLUMN slug TEXT",
+        "CREATE UNIQUE INDEX forwards_slug_unique ON forwards (owner, slug) WHERE slug IS NOT NULL",
+        """CREATE TABLE forward_domains (
+            forward_id TEXT NOT NULL REFERENCES forwards (id) ON DELETE CASCADE,
+            domain TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            verified INTEGER NOT NULL DEFAULT 0 CHECK (verified IN (0, 1)),
+            PRIMARY KEY (forward_id, domain)
+        )""",
+        "CREATE UNIQUE INDEX forward_domains_claimed ON forward_domains (domain) WHERE verified = 1",
+        "CREATE INDEX forward_domains_by_domain ON forward_domains (domain)",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -156,7 +204,7 @@ STOPS_KEPT = 100_000
 #: The row /healthz rewrites to prove the store takes writes.
 _PROBE = "rexecpf.health-probe"
 
-_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner, pass_preflight"
+_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner, pass_preflight, slug"
 
 
 def _row(row: tuple[Any, ...]) -> PortForward:
@@ -169,7 +217,61 @@ def _row(row: tuple[Any, ...]) -> PortForward:
         created_ms=row[5],
         owner=row[6],
         pass_preflight=bool(row[7]),
+        slug=row[8],
     )
+
+
+def with_domains(forwards: list[PortForward], rows: list[tuple[Any, ...]]) -> list[PortForward]:
+    """
+    :param rows: ``(forward_id, domain, verified)`` in the order the
+        domains were added.
+    :return: ``forwards`` with their domains.
+    """
+    domains: dict[str, list[tuple[str, bool]]] = {}
+    for forward_id, domain, verified in rows:
+        domains.setdefault(forward_id, []).append((domain, bool(verified)))
+    return [
+        attrs.evolve(
+            forward,
+            domains=tuple(d for d, _ in domains[forward.id]),
+            verified_domains=tuple(d for d, ok in domains[forward.id] if ok),
+        )
+        if forward.id in domains
+        else forward
+        for forward in forwards
+    ]
+
+
+def _select(connection: sqlite3.Connection, where: str = "", params: tuple[Any, ...] = ()) -> list[PortForward]:
+    """:return: the forwards ``where`` selects (oldest first), with their domains."""
+    forwards = [
+        _row(row)
+        for row in connection.execute(
+            f"SELECT {_COLUMNS} FROM forwards {where} ORDER BY created_ms, rowid", params
+        ).fetchall()
+    ]
+    if not forwards:
+        return []
+    rows = connection.execute(
+        f"SELECT forward_id, domain, verified FROM forward_domains WHERE forward_id IN "
+        f"(SELECT id FROM forwards {where}) ORDER BY rowid",
+        params,
+    ).fetchall()
+    return with_domains(forwards, rows)
+
+
+def _claimed_elsewhere(connection: sqlite3.Connection, forward_id: str, owner: str, domain: str) -> None:
+    """:raises APIError: 409 when another forward claims ``domain`` (see :meth:`IForwardStore.set_domain`)."""
+    row = connection.execute(
+        "SELECT verified FROM forward_domains WHERE domain = ? AND forward_id != ? "
+        "AND (verified = 1 OR owner = ?) LIMIT 1",
+        (domain, forward_id, owner),
+    ).fetchone()
+    if row:
+        raise DOMAIN_CLAIMED(
+            f"{domain} is claimed by another forward"
+            + ("" if row[0] else " of yours (not verified yet): remove it there first")
+        )
 
 
 def _publish(connection: sqlite3.Connection, op: str, **fields: Any) -> None:
@@ -346,8 +448,14 @@ class SQLiteForwardStore:
             ).fetchone()
             if used:
                 raise LOCAL_PORT_UNAVAILABLE(f"local port {forward.local_port} is in use")
+            if forward.slug is not None and connection.execute(
+                "SELECT 1 FROM forwards WHERE owner = ? AND slug = ?", (forward.owner, forward.slug)
+            ).fetchone():
+                raise SLUG_TAKEN(f"you already have a forward named {forward.slug!r}")
+            for domain in forward.domains:
+                _claimed_elsewhere(connection, forward.id, forward.owner, domain)
             connection.execute(
-                f"INSERT INTO forwards ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO forwards ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     forward.id,
                     forward.container_id,
@@ -357,35 +465,95 @@ class SQLiteForwardStore:
                     forward.created_ms,
                     forward.owner,
                     int(forward.pass_preflight),
+                    forward.slug,
                 ),
+            )
+            connection.executemany(
+                "INSERT INTO forward_domains (forward_id, domain, owner, verified) VALUES (?, ?, ?, ?)",
+                [(forward.id, d, forward.owner, int(d in forward.verified_domains)) for d in forward.domains],
             )
             _publish(connection, ADD, forward=forward)
             return forward
 
         return self._run(add)
 
+    def set_domain(self, forward_id: str, domain: str, verified: bool, limit: int) -> Deferred[PortForward | None]:
+        def set_domain(connection: sqlite3.Connection) -> PortForward | None:
+            row = connection.execute("SELECT owner FROM forwards WHERE id = ?", (forward_id,)).fetchone()
+            if row is None:
+                return None
+            (owner,) = row
+            _claimed_elsewhere(connection, forward_id, owner, domain)
+            had = connection.execute(
+                "SELECT verified FROM forward_domains WHERE forward_id = ? AND domain = ?", (forward_id, domain)
+            ).fetchone()
+            if had is None:
+                (count,) = connection.execute(
+                    "SELECT COUNT(*) FROM forward_domains WHERE forward_id = ?", (forward_id,)
+                ).fetchone()
+                if count >= limit:
+                    raise TOO_MANY_DOMAINS(f"a forward may have at most {limit} domains")
+                connection.execute(
+                    "INSERT INTO forward_domains (forward_id, domain, owner, verified) VALUES (?, ?, ?, ?)",
+                    (forward_id, domain, owner, int(verified)),
+                )
+            elif verified and not had[0]:
+                connection.execute(
+                    "UPDATE forward_domains SET verified = 1 WHERE forward_id = ? AND domain = ?",
+                    (forward_id, domain),
+                )
+            else:
+                return _select(connection, "WHERE id = ?", (forward_id,))[0]
+            (forward,) = _select(connection, "WHERE id = ?", (forward_id,))
+            _publish(connection, UPDATE, forward=forward)
+            return forward
+
+        return self._run(set_domain)
+
+    def remove_domain(self, forward_id: str, domain: str) -> Deferred[PortForward | None]:
+        def remove_domain(connection: sqlite3.Connection) -> PortForward | None:
+            cursor = connection.execute(
+                "DELETE FROM forward_domains WHERE forward_id = ? AND domain = ?", (forward_id, domain)
+            )
+            found = _select(connection, "WHERE id = ?", (forward_id,))
+            if not found:
+                return None
+            if cursor.rowcount > 0:
+                _publish(connection, UPDATE, forward=found[0])
+            return found[0]
+
+        return self._run(remove_domain)
+
+    def find_domain(self, domain: str) -> Deferred[PortForward | None]:
+        def find(connection: sqlite3.Connection) -> PortForward | None:
+            found = _select(
+                connection,
+                "WHERE id = (SELECT forward_id FROM forward_domains WHERE domain = ? AND verified = 1)",
+                (domain,),
+            )
+            return found[0] if found else None
+
+        return self._run(find, read_only=True)
+
+    def find_slug(self, owner: str, slug: str) -> Deferred[PortForward | None]:
+        def find(connection: sqlite3.Connection) -> PortForward | None:
+            found = _select(connection, "WHERE owner = ? AND slug = ?", (owner, slug))
+            return found[0] if found else None
+
+        return self._run(find, read_only=True)
+
     def get(self, forward_id: str) -> Deferred[PortForward | None]:
         def get(connection: sqlite3.Connection) -> PortForward | None:
-            row = connection.execute(
-                f"SELECT {_COLUMNS} FROM forwards WHERE id = ?", (forward_id,)
-            ).fetchone()
-            return _row(row) if row else None
+            found = _select(connection, "WHERE id = ?", (forward_id,))
+            return found[0] if found else None
 
         return self._run(get, read_only=True)
 
     def list_forwards(self, container_id: str | None = None) -> Deferred[list[PortForward]]:
         def select(connection: sqlite3.Connection) -> list[PortForward]:
             if container_id is None:
-                rows = connection.execute(
-                    f"SELECT {_COLUMNS} FROM forwards ORDER BY created_ms, rowid"
-                )
-            else:
-                rows = connection.execute(
-                    f"SELECT {_COLUMNS} FROM forwards WHERE container_id = ? "
-                    "ORDER BY created_ms, rowid",
-                    (container_id,),
-                )
-            return [_row(row) for row in rows.fetchall()]
+                return _select(connection)
+            return _select(connection, "WHERE container_id = ?", (container_id,))
 
         return self._run(select, read_only=True)
 
@@ -401,10 +569,7 @@ class SQLiteForwardStore:
 
     def remove_container(self, container_id: str) -> Deferred[list[PortForward]]:
         def remove(connection: sqlite3.Connection) -> list[PortForward]:
-            rows = connection.execute(
-                f"SELECT {_COLUMNS} FROM forwards WHERE container_id = ? ORDER BY created_ms",
-                (container_id,),
-            ).fetchall()
+            removed = _select(connection, "WHERE container_id = ?", (container_id,))
             connection.execute("DELETE FROM forwards WHERE container_id = ?", (container_id,))
             (last,) = connection.execute("SELECT COALESCE(MAX(stop), 0) FROM container_stops").fetchone()
             connection.execute(
@@ -412,16 +577,15 @@ class SQLiteForwardStore:
                 (container_id, last + 1),
             )
             connection.execute("DELETE FROM container_stops WHERE stop <= ?", (last + 1 - STOPS_KEPT,))
-            _publish(connection, REAP, ids=[row[0] for row in rows], container_id=container_id)
-            return [_row(row) for row in rows]
+            _publish(connection, REAP, ids=[f.id for f in removed], container_id=container_id)
+            return removed
 
         return self._run(remove)
 
     def snapshot(self) -> Deferred[tuple[int, list[PortForward]]]:
         def snapshot(connection: sqlite3.Connection) -> tuple[int, list[PortForward]]:
             (rev,) = connection.execute("SELECT rev FROM revision").fetchone()
-            rows = connection.execute(f"SELECT {_COLUMNS} FROM forwards ORDER BY created_ms, rowid")
-            return int(rev), [_row(row) for row in rows.fetchall()]
+            return int(rev), _select(connection)
 
         return self._run(snapshot, read_only=True)
 

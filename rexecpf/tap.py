@@ -40,6 +40,7 @@ from rexecpf.config import (
     load_config,
     mask_url_password,
 )
+from rexecpf.domains import DomainRules, TXTVerifier
 from rexecpf.endpoints import OwnSockets
 from rexecpf.feed import ChangeFollower, FeedHealth, IChangeFeed, PostgresChangeFeed, SQLiteChangeFeed
 from rexecpf.forwards import ForwardService
@@ -297,7 +298,22 @@ def build(
     counted = CountingBackend(backend, metrics)
 
     own_sockets = OwnSockets()
-    forwards = ForwardService(reactor, store, counted, config.limits, own_sockets=own_sockets)
+    domain_rules = DomainRules.from_config(
+        config.auth.custom_domains,
+        config.domains.verify,
+        config.domains.per_forward,
+        config.server.public_url,
+        config.server.proxy_domain,
+    )
+    forwards = ForwardService(
+        reactor,
+        store,
+        counted,
+        config.limits,
+        own_sockets=own_sockets,
+        domain_rules=domain_rules,
+        verifier=TXTVerifier.for_address(reactor, config.domains.resolver) if config.domains.verify else None,
+    )
     forwards.setServiceParent(top)
     if isinstance(backend, DockerBackend | DockerEngines):
         # Every reconcile_seconds and whenever an event stream (re)connects.
@@ -334,7 +350,8 @@ def build(
         metrics=metrics,
     )
     proxy.setServiceParent(top)
-    host_router = HostRouter(proxy, config.server.proxy_domain) if config.server.proxy_domain else None
+    # (Always: custom domains are routed with or without a proxy_domain.)
+    host_router = HostRouter(proxy, config.server.proxy_domain)
     root = Root(
         api.resource(),
         Health(FeedHealth(follower, CachedCheck(reactor, store)), counted),

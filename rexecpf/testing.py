@@ -29,9 +29,13 @@ from rexecpf.backends.docker import (
 from rexecpf.model import (
     BACKEND_UNAVAILABLE,
     CONTAINER_NOT_RUNNING,
+    DOMAIN_CLAIMED,
     LIMIT_EXCEEDED,
     LOCAL_PORT_UNAVAILABLE,
     PORT_ALREADY_FORWARDED,
+    SLUG_TAKEN,
+    TOO_MANY_DOMAINS,
+    APIError,
     Container,
     PortForward,
 )
@@ -233,9 +237,65 @@ class MemoryForwardStore:
             return fail(LIMIT_EXCEEDED(f"at most {limit}"))
         if any(f.local_port == forward.local_port for f in self.forwards.values()):
             return fail(LOCAL_PORT_UNAVAILABLE("in use"))
+        if forward.slug is not None and any(
+            f.owner == forward.owner and f.slug == forward.slug for f in self.forwards.values()
+        ):
+            return fail(SLUG_TAKEN("in use"))
+        try:
+            for domain in forward.domains:
+                self._claimed_elsewhere(forward.id, forward.owner, domain)
+        except APIError as error:
+            return fail(error)
         self.forwards[forward.id] = forward
         self.rev += 1
         return succeed(forward)
+
+    def _claimed_elsewhere(self, forward_id: str, owner: str, domain: str) -> None:
+        for other in self.forwards.values():
+            if other.id != forward_id and (
+                domain in other.verified_domains or (other.owner == owner and domain in other.domains)
+            ):
+                raise DOMAIN_CLAIMED(f"{domain} is claimed by another forward")
+
+    def set_domain(self, forward_id: str, domain: str, verified: bool, limit: int) -> Deferred[PortForward | None]:
+        forward = self.forwards.get(forward_id)
+        if forward is None:
+            return succeed(None)
+        try:
+            self._claimed_elsewhere(forward_id, forward.owner, domain)
+        except APIError as error:
+            return fail(error)
+        if domain not in forward.domains:
+            if len(forward.domains) >= limit:
+                return fail(TOO_MANY_DOMAINS(f"at most {limit}"))
+            forward = attrs.evolve(forward, domains=(*forward.domains, domain))
+        if verified and domain not in forward.verified_domains:
+            forward = attrs.evolve(
+                forward, verified_domains=tuple(d for d in forward.domains if d in forward.verified_domains or d == domain)
+            )
+        if forward != self.forwards[forward_id]:
+            self.forwards[forward_id] = forward
+            self.rev += 1
+        return succeed(forward)
+
+    def remove_domain(self, forward_id: str, domain: str) -> Deferred[PortForward | None]:
+        forward = self.forwards.get(forward_id)
+        if forward is None or domain not in forward.domains:
+            return succeed(forward)
+        forward = attrs.evolve(
+            forward,
+            domains=tuple(d for d in forward.domains if d != domain),
+            verified_domains=tuple(d for d in forward.verified_domains if d != domain),
+        )
+        self.forwards[forward_id] = forward
+        self.rev += 1
+        return succeed(forward)
+
+    def find_domain(self, domain: str) -> Deferred[PortForward | None]:
+        return succeed(next((f for f in self.forwards.values() if domain in f.verified_domains), None))
+
+    def find_slug(self, owner: str, slug: str) -> Deferred[PortForward | None]:
+        return succeed(next((f for f in self.forwards.values() if f.owner == owner and f.slug == slug), None))
 
     def get(self, forward_id: str) -> Deferred[PortForward | None]:
         return succeed(self.forwards.get(forward_id))

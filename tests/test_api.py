@@ -438,6 +438,8 @@ class MiscTests(APITestCase):
             {
                 "/api/containers/{containerId}/port-forwards",
                 "/api/containers/{containerId}/port-forwards/{forwardId}",
+                "/api/containers/{containerId}/port-forwards/{forwardId}/domains",
+                "/api/containers/{containerId}/port-forwards/{forwardId}/domains/{domain}",
                 "/api/openapi.json",
                 "/healthz",
             },

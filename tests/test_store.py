@@ -15,6 +15,7 @@ import stat
 import tempfile
 from typing import Any
 
+import attrs
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -126,6 +127,99 @@ class StoreBehaviour:
         yield self.store.remove_container("c2")
         self.assertGreater((yield self.store.stop_mark()), later)
         self.assertEqual([f.id for f in (yield self.store.list_forwards())], ["pf_1"])
+
+    @defer.inlineCallbacks
+    def test_slug_unique_per_owner(self) -> Any:
+        """A slug is kept; the same owner cannot use it twice (409) until that forward is gone; another owner can."""
+        named = attrs.evolve(forward("pf_1"), slug="web")
+        yield self.store.add(named, 10)
+        self.assertEqual((yield self.store.get("pf_1")), named)
+        error = yield self.assertFailure(
+            self.store.add(attrs.evolve(forward("pf_2", container="c2", local=20001), slug="web"), 10), APIError
+        )
+        self.assertEqual((error.code, error.message), (409, "Slug already in use"))
+        yield self.store.add(attrs.evolve(forward("pf_3", container="c3", local=20002), slug="web", owner="bob"), 10)
+        self.assertEqual((yield self.store.find_slug("alice", "web")), named)
+        self.assertIsNone((yield self.store.find_slug("carol", "web")))
+        yield self.store.remove_container("c1")
+        self.assertIsNone((yield self.store.find_slug("alice", "web")))
+        yield self.store.add(attrs.evolve(forward("pf_2", container="c2", local=20001), slug="web"), 10)
+        self.assertEqual((yield self.store.find_slug("alice", "web")).id, "pf_2")
+
+    @defer.inlineCallbacks
+    def test_domains_kept_in_order(self) -> Any:
+        """A forward's domains and which are verified are kept, in the order added, and listed."""
+        with_domains = attrs.evolve(forward("pf_1"), domains=("b.example", "a.example"), verified_domains=("a.example",))
+        yield self.store.add(with_domains, 10)
+        self.assertEqual((yield self.store.get("pf_1")), with_domains)
+        yield self.store.add(forward("pf_2", port=81, local=20001), 10)
+        self.assertEqual(
+            [f.domains for f in (yield self.store.list_forwards())], [("b.example", "a.example"), ()]
+        )
+        self.assertEqual((yield self.store.snapshot())[1][0], with_domains)
+        self.assertEqual((yield self.store.find_domain("a.example")), with_domains)
+        self.assertIsNone((yield self.store.find_domain("b.example")))  # not verified: not routed
+
+    @defer.inlineCallbacks
+    def test_set_and_remove_domain(self) -> Any:
+        """set_domain adds, then verifies (never un-verifies); remove_domain takes it away; a gone forward is None."""
+        yield self.store.add(forward("pf_1"), 10)
+        changed = yield self.store.set_domain("pf_1", "app.example", False, 2)
+        self.assertEqual((changed.domains, changed.verified_domains), (("app.example",), ()))
+        changed = yield self.store.set_domain("pf_1", "app.example", True, 2)
+        self.assertEqual(changed.verified_domains, ("app.example",))
+        changed = yield self.store.set_domain("pf_1", "app.example", False, 2)
+        self.assertEqual(changed.verified_domains, ("app.example",))
+        yield self.store.set_domain("pf_1", "two.example", True, 2)
+        error = yield self.assertFailure(self.store.set_domain("pf_1", "three.example", True, 2), APIError)
+        self.assertEqual((error.code, error.message), (429, "Too many domains"))
+        changed = yield self.store.remove_domain("pf_1", "app.example")
+        self.assertEqual((changed.domains, changed.verified_domains), (("two.example",), ("two.example",)))
+        self.assertEqual((yield self.store.remove_domain("pf_1", "app.example")), changed)
+        self.assertIsNone((yield self.store.set_domain("pf_nope", "x.example", True, 2)))
+        self.assertIsNone((yield self.store.remove_domain("pf_nope", "x.example")))
+
+    @defer.inlineCallbacks
+    def test_domain_claims(self) -> Any:
+        """
+        A verified domain belongs to one forward (409 for any other, on add
+        and set_domain); a pending one blocks only its owner's other
+        forwards; deleting the forward frees its domains.
+        """
+        yield self.store.add(attrs.evolve(forward("pf_1"), domains=("app.example",), verified_domains=("app.example",)), 10)
+        yield self.store.add(forward("pf_2", container="c2", local=20001), 10)
+        yield self.store.add(attrs.evolve(forward("pf_3", container="c3", local=20002), owner="bob"), 10)
+        for attempt in (
+            self.store.set_domain("pf_3", "app.example", True, 10),
+            self.store.set_domain("pf_3", "app.example", False, 10),
+            self.store.add(
+                attrs.evolve(forward("pf_4", container="c4", local=20003), domains=("app.example",)), 10
+            ),
+        ):
+            error = yield self.assertFailure(attempt, APIError)
+            self.assertEqual((error.code, error.message), (409, "Domain already claimed"))
+        # pending: alice's other forward may not, bob may (whoever proves it first wins)
+        yield self.store.set_domain("pf_2", "pending.example", False, 10)
+        error = yield self.assertFailure(self.store.set_domain("pf_1", "pending.example", False, 10), APIError)
+        self.assertEqual(error.code, 409)
+        yield self.store.set_domain("pf_3", "pending.example", True, 10)
+        error = yield self.assertFailure(self.store.set_domain("pf_2", "pending.example", True, 10), APIError)
+        self.assertEqual(error.code, 409)
+        self.assertEqual((yield self.store.find_domain("pending.example")).id, "pf_3")
+        self.assertTrue((yield self.store.remove("pf_1")))
+        yield self.store.set_domain("pf_3", "app.example", True, 10)
+        self.assertEqual((yield self.store.find_domain("app.example")).id, "pf_3")
+
+    @defer.inlineCallbacks
+    def test_concurrent_domain_claims(self) -> Any:
+        """Many forwards claiming one domain at once: exactly one gets it."""
+        for i in range(8):
+            yield self.store.add(forward(f"pf_{i}", container=f"c{i}", local=20000 + i), 10)
+        results = yield defer.DeferredList(
+            [self.store.set_domain(f"pf_{i}", "race.example", True, 10) for i in range(8)], consumeErrors=True
+        )
+        self.assertEqual(sum(1 for ok, _ in results if ok), 1)
+        self.assertEqual({value.value.code for ok, value in results if not ok}, {409})
 
     @defer.inlineCallbacks
     def test_concurrent_adds(self) -> Any:

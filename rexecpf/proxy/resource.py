@@ -24,6 +24,7 @@ from twisted.web.resource import Resource
 
 from rexecpf.api import PublicURLs
 from rexecpf.auth import Authenticator, bearer_token
+from rexecpf.domains import split_slug_label
 from rexecpf.forwards import ForwardService
 from rexecpf.http._twisted import request_disconnected
 from rexecpf.http.errors import error_body, finish_with_error, wants_html
@@ -45,6 +46,7 @@ from rexecpf.proxy.sessions import (
     SessionCookies,
     check_origin,
     origin,
+    session_subject,
     session_values,
     split_token,
 )
@@ -124,7 +126,7 @@ class ProxyService(Service):
 
     # --- entry point
 
-    def handle(self, request: Any, forward_id: str, prefix: bytes) -> Any:
+    def handle(self, request: Any, forward_id: str, prefix: bytes, stable_host: str | None = None) -> Any:
         """
         Serve one request for a forward.
 
@@ -132,17 +134,24 @@ class ProxyService(Service):
         :param forward_id: the forward.
         :param prefix: ``/p/{id}`` as it appears in the request URI, or
             ``b""`` under host routing.
+        :param stable_host: the custom domain or stable host
+            (``{slug}--{user}.{proxy_domain}``) the request came to: the
+            forward's own origin, and what its session cookie is for (so
+            that it outlives the forward: the next forward of that name
+            takes it); ``None`` for ``/p/`` and ``pf-xxxx`` hosts.
         :return: ``NOT_DONE_YET``.
         """
         request.defaultContentType = None
         if self.sessions.known:
             # The common case, without a Deferred when nothing waits.
             try:
-                work = self._authorize(request, forward_id, prefix)
+                work = self._authorize(request, forward_id, prefix, stable_host)
             except Exception:  # noqa: BLE001 - answered by failed() below
                 work = fail()
         else:
-            work = self.sessions.ready().addCallback(lambda _: self._authorize(request, forward_id, prefix))
+            work = self.sessions.ready().addCallback(
+                lambda _: self._authorize(request, forward_id, prefix, stable_host)
+            )
         if work is None:
             return server.NOT_DONE_YET
         if not work.called:
@@ -167,8 +176,12 @@ class ProxyService(Service):
         if self.metrics is not None:
             self.metrics.proxy_response(code)
 
-    def _authorize(self, request: Any, forward_id: str, prefix: bytes) -> Deferred[None] | None:
+    def _authorize(
+        self, request: Any, forward_id: str, prefix: bytes, stable_host: str | None = None
+    ) -> Deferred[None] | None:
         uri: bytes = request.uri
+        # what a session cookie names: the forward, or the stable host
+        subject = forward_id if stable_host is None else session_subject(stable_host)
         path, _, query = uri.partition(b"?")
         tokens, rest_query = split_token(query, self.authenticator.is_token)
         if tokens:
@@ -181,7 +194,7 @@ class ProxyService(Service):
 
             def start_session(_: object) -> None:
                 assert holder is not None
-                self._start_session(request, holder, forward_id, prefix, path, rest_query)
+                self._start_session(request, holder, subject, prefix, path, rest_query)
 
             return self.forwards.reach(holder, forward_id).addCallback(start_session)
 
@@ -193,10 +206,16 @@ class ProxyService(Service):
                 break
         if principal is None:
             for value in session_values(request):
-                user = self.sessions.check(value, forward_id)
+                user = self.sessions.check(value, subject)
                 principal = self.authenticator.user(user) if user else None
                 if principal is not None:
-                    check_origin(request, self._public_origin if prefix else origin(self.urls.proxy_url(forward_id)))
+                    if prefix:
+                        own = self._public_origin
+                    elif stable_host is not None:
+                        own = origin(self.urls.host_url(stable_host))
+                    else:
+                        own = origin(self.urls.proxy_url(forward_id))
+                    check_origin(request, own)
                     break
         if principal is None:
             if request.method == b"OPTIONS" and headers.hasHeader(b"access-control-request-method"):
@@ -305,6 +324,36 @@ class _ForwardResource(Resource):
         return self._service.handle(request, self._forward_id, prefix)
 
 
+class _StableHostResource(Resource):
+    """Everything at a custom domain or a stable host: the forward it names now."""
+
+    isLeaf = True
+
+    def __init__(self, service: ProxyService, host: str) -> None:
+        super().__init__()
+        self._service = service
+        self._host = host
+
+    def render(self, request: Any) -> Any:
+        service = self._service
+        found = service.forwards.find_host(self._host)
+        if not found.called:
+            request.notifyFinish().addErrback(lambda _: found.cancel())
+
+        def failed(failure: Failure) -> None:
+            if failure.check(CancelledError):
+                return
+            error = failure.value
+            if not isinstance(error, APIError):
+                self._service._log.failure("host lookup failed", failure)
+                error = INTERNAL_ERROR("the proxy failed")
+            if finish_with_error(request, error):
+                service.answered(error.code)
+
+        found.addCallbacks(lambda forward: service.handle(request, forward.id, b"", self._host), failed)
+        return server.NOT_DONE_YET
+
+
 class _NotFound(Resource):
     isLeaf = True
 
@@ -341,14 +390,19 @@ class ProxyResource(Resource):
 
 class HostRouter:
     """
-    Serves ``pf-xxxx.{proxy_domain}`` (any port): every path of such a host
-    goes to that forward, never to ``/api`` or another forward.  Other hosts
-    under the domain are 404.
+    Serves ``pf-xxxx.{proxy_domain}`` and stable hosts
+    ``{slug}--{user}.{proxy_domain}`` (any port), and every verified custom
+    domain known to this node: every path of such a host goes to that
+    forward, never to ``/api`` or another forward.  Other hosts under
+    ``proxy_domain`` are 404; other hosts go to the ordinary routes.
+
+    :param proxy_domain: ``[server] proxy_domain`` (empty: custom domains only).
     """
 
     def __init__(self, service: ProxyService, proxy_domain: str) -> None:
         self._service = service
-        self._suffix = "." + proxy_domain.lower().strip(".")
+        domain = proxy_domain.lower().strip(".")
+        self._suffix = "." + domain if domain else None
 
     def route(self, request: Any) -> Any:
         """:return: the resource for a proxy host, or ``None`` for other hosts."""
@@ -360,11 +414,15 @@ class HostRouter:
             return None
         host = host.rsplit(":", 1)[0] if ":" in host else host
         host = host.rstrip(".")
-        if not host.endswith(self._suffix):
+        if self._suffix is None or not host.endswith(self._suffix):
             # other hosts, the bare proxy_domain too: it may well be the
             # public host of the API itself
+            if self._service.forwards.host_forward(host) is not None:
+                return _StableHostResource(self._service, host)
             return None
         label = host[: -len(self._suffix)]
-        if not _FORWARD_LABEL.match(label):
-            return _NotFound(self._service, FORWARD_NOT_FOUND(f"no port forward at {host!r}"))
-        return _ForwardResource(self._service, label.replace("-", "_"), False)
+        if _FORWARD_LABEL.match(label):
+            return _ForwardResource(self._service, label.replace("-", "_"), False)
+        if split_slug_label(label) is not None:
+            return _StableHostResource(self._service, host)
+        return _NotFound(self._service, FORWARD_NOT_FOUND(f"no port forward at {host!r}"))

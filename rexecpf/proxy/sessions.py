@@ -23,7 +23,16 @@ from twisted.web.iweb import IRequest
 
 from rexecpf.model import FORBIDDEN
 
-__all__ = ["SAFE_METHODS", "SESSION_COOKIE", "SessionCookies", "carries_token", "check_origin", "origin", "split_token"]
+__all__ = [
+    "SAFE_METHODS",
+    "SESSION_COOKIE",
+    "SessionCookies",
+    "carries_token",
+    "check_origin",
+    "origin",
+    "session_subject",
+    "split_token",
+]
 
 #: The name of rexecpf's browser session cookie.
 SESSION_COOKIE = b"rexecpf_session"
@@ -125,6 +134,15 @@ class SessionCookies:
             return user
         except (ValueError, UnicodeError):
             return None
+
+
+def session_subject(host: str) -> str:
+    """
+    :return: what a session cookie names for a custom domain or a stable
+        host: the host (encoded: a cookie's fields are separated by dots),
+        so that the session outlives the forward behind it.
+    """
+    return "host-" + _b64(host.encode("ascii"))
 
 
 def cookie_pairs(header: bytes) -> list[bytes]:
@@ -233,7 +251,8 @@ def check_origin(request: Any, own: tuple[str, str, int] | None) -> None:
     forward's own origin when it says where it comes from: so that a
     page elsewhere cannot ride the cookie.  Under ``/p/`` that is the
     origin of ``public_url``; under host routing only the forward's
-    ``pf-xxxx.{proxy_domain}`` origin (``public_url``'s origin serves
+    ``pf-xxxx.{proxy_domain}`` origin (or the custom domain's or stable
+    host's, with ``public_url``'s scheme and port) (``public_url``'s origin serves
     every forward under ``/p/``, so it is not trusted there).  No
     ``Origin`` (not a browser, or a same-origin request of an old one)
     passes: the cookie is SameSite=Lax.

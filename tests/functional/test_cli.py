@@ -313,3 +313,47 @@ class PeerTests(DaemonMixin, TestCase):
         # -1: one message each way, then exit.
         out, err, status = yield run(argv, self.env, stdin=b"hello websocat")
         self.assertEqual((status, out.strip()), (0, b"hello websocat"), err)
+
+
+class DomainCommandTests(TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        self.daemon = Daemon(
+            self.mktemp(),
+            sections={
+                "server": {"proxy_domain": "preview.test"},
+                "auth": {"custom_domains": ["alice"]},
+                "domains": {"verify": False},
+            },
+        )
+        yield self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        self.env = cli_env(self.daemon)
+
+    def cli(self, *args):
+        return run(CLI + list(args), self.env)
+
+    @inlineCallbacks
+    def test_create_with_domains_and_slug_then_add_list_remove(self):
+        """
+        ``forward create --domain D --domain E --slug S``, then ``domain add``,
+        ``domain list`` and ``domain remove``; a bad domain is one error line.
+        """
+        out, err, status = yield self.cli(
+            "forward", "create", "c1", "8080", "--domain", "a.example", "--domain", "B.example", "--slug", "web", "--json"
+        )
+        self.assertEqual((status, err), (0, b""))
+        forward = json.loads(out)
+        self.assertEqual([d["domain"] for d in forward["domains"]], ["a.example", "b.example"])
+        self.assertEqual(forward["proxy_url"], f"http://web--alice.preview.test:{self.daemon.port}/")
+        out, err, status = yield self.cli("domain", "add", "c1", forward["id"], "c.example")
+        self.assertEqual((status, err), (0, b""))
+        self.assertEqual(out.decode().split()[:6], ["DOMAIN", "VERIFIED", "TXT-NAME", "TXT-VALUE", "c.example", "yes"])
+        out, _, status = yield self.cli("domain", "list", "c1", forward["id"], "--json")
+        self.assertEqual([d["domain"] for d in json.loads(out)], ["a.example", "b.example", "c.example"])
+        out, _, status = yield self.cli("domain", "remove", "c1", forward["id"], "a.example")
+        self.assertEqual((status, out.decode().strip()), (0, "removed a.example"))
+        out, err, status = yield self.cli("domain", "add", "c1", forward["id"], "bad_name.example")
+        self.assertEqual(status, 1)
+        self.assertIn(b"Invalid domain", err)
+        self.assertEqual(len(err.decode().strip().splitlines()), 1)
