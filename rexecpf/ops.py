@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import IO, Any
 
+import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -323,6 +324,10 @@ class Reloader(Service):
             self._log.error("reload failed, configuration kept: {error}", error=str(error))
             return False
         revoked = self._authenticator.replace(config.auth.users, config.auth.admins)
+        # who may claim custom domains: new claims only (a verified domain stays with its forward)
+        self._forwards.domain_rules = attrs.evolve(
+            self._forwards.domain_rules, users=frozenset(config.auth.custom_domains)
+        )
         closed = sum(self._forwards.shutdown_user(name, CloseReason.TOKEN_REVOKED) for name in sorted(revoked))
         if entries is not None:
             self._backend.replace(entries)

@@ -242,6 +242,15 @@ class ReloadTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(self.backend.inspect("c1")))
         self.assertIsNotNone(self.successResultOf(self.backend.inspect("c2")))
 
+    def test_custom_domain_users(self) -> None:
+        """A reload changes who may claim custom domains ([auth] custom_domains)."""
+        self.assertFalse(self.forwards.domain_rules.allowed("bob"))
+        _write_config(self.config, 'alice = "alice-token", bob = "bob-token"')
+        self.config.write_text(self.config.read_text().replace("[backend]", 'custom_domains = ["bob"]\n[backend]'))
+        self.assertTrue(self.reloader.reload())
+        self.assertTrue(self.forwards.domain_rules.allowed("bob"))
+        self.assertFalse(self.forwards.domain_rules.allowed("alice"))
+
     def test_broken_file_is_ignored(self) -> None:
         """A file that does not load is one error line; the old tokens stay."""
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
