@@ -45,7 +45,7 @@ from rexecpf.endpoints import OwnSockets
 from rexecpf.feed import ChangeFollower, FeedHealth, IChangeFeed, PostgresChangeFeed, SQLiteChangeFeed
 from rexecpf.forwards import ForwardService
 from rexecpf.http._twisted import forget_exit_signal
-from rexecpf.http.ask import AskResource, forward_host_claims
+from rexecpf.http.ask import AskResource
 from rexecpf.listeners import LISTEN_BACKLOG, LocalListeners
 from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
 from rexecpf.ops import (
@@ -369,8 +369,8 @@ def build(
     if config.server.metrics_listen:
         endpoints.append((config.server.metrics_listen, RexecSite(MetricsResource(metrics)), "server.metrics_listen"))
     if config.tls.ask_listen:
-        claimed = forward_host_claims(forwards, config.server.proxy_domain, getattr(forwards, "domain_claimed", None))
-        endpoints.append((config.tls.ask_listen, RexecSite(AskResource(claimed, reactor)), "tls.ask_listen"))
+        ask = AskResource(forwards.domain_claimed, reactor)
+        endpoints.append((config.tls.ask_listen, RexecSite(ask), "tls.ask_listen"))
     certificates = _certificates(config)
     for description, factory, key in endpoints:
         try:

@@ -17,7 +17,6 @@ from rexecpf.http.ask import (
     ASK_TIMEOUT_SECONDS,
     MAX_IN_FLIGHT,
     AskResource,
-    forward_host_claims,
     host_name,
 )
 
@@ -39,16 +38,6 @@ def ask(resource: AskResource, query: list[tuple[bytes, bytes]] | None = None, m
 
 def answer(request: DummyRequest) -> tuple[int, Any]:
     return request.responseCode or 200, json.loads(b"".join(request.written))
-
-
-class Forwards:
-    """``ForwardService.cached`` over a set of ids."""
-
-    def __init__(self, *ids: str) -> None:
-        self.ids = set(ids)
-
-    def cached(self, forward_id: str) -> Any:
-        return object() if forward_id in self.ids else None
 
 
 class AskTests(TestCase):
@@ -144,35 +133,7 @@ class AskTests(TestCase):
         self.assertEqual(resource.in_flight, 0)
 
 
-class ForwardHostClaimsTests(TestCase):
-    def test_forward_hosts(self) -> None:
-        """``pf-xxxx.{proxy_domain}`` of a live forward is claimed; of an unknown one, or elsewhere, not."""
-        claimed = forward_host_claims(Forwards("pf_abc123"), "preview.example.com")
-        self.assertTrue(self.successResultOf(claimed("pf-abc123.preview.example.com")))
-        self.assertFalse(self.successResultOf(claimed("pf-abc124.preview.example.com")))
-        self.assertFalse(self.successResultOf(claimed("pf-abc123.example.com")))
-        self.assertFalse(self.successResultOf(claimed("x.pf-abc123.preview.example.com")))
-        self.assertFalse(self.successResultOf(claimed("preview.example.com")))
-        self.assertFalse(self.successResultOf(claimed("app.example.com")))
-
-    def test_custom_for_other_names(self) -> None:
-        """Other names go to ``custom`` (the custom domains and stable names); forward hosts do not."""
-        asked: list[str] = []
-
-        def custom(domain: str) -> Deferred[bool]:
-            asked.append(domain)
-            return succeed(domain == "app.example.com")
-
-        claimed = forward_host_claims(Forwards("pf_abc123"), "preview.example.com", custom)
-        self.assertTrue(self.successResultOf(claimed("pf-abc123.preview.example.com")))
-        self.assertTrue(self.successResultOf(claimed("app.example.com")))
-        self.assertFalse(self.successResultOf(claimed("other.example.org")))
-        self.assertEqual(asked, ["app.example.com", "other.example.org"])
-
-    def test_no_proxy_domain(self) -> None:
-        claimed = forward_host_claims(Forwards("pf_abc123"), "")
-        self.assertFalse(self.successResultOf(claimed("pf-abc123.preview.example.com")))
-
+class HostNameTests(TestCase):
     def test_host_name(self) -> None:
         self.assertEqual(host_name(b"A.Example.COM."), "a.example.com")
         self.assertIsNone(host_name(b"a_b.example.com"))

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,7 +30,7 @@ from twisted.web.resource import Resource
 from rexecpf.http.errors import write_error, write_json
 from rexecpf.model import INVALID_REQUEST, METHOD_NOT_ALLOWED, NOT_FOUND, ErrorKind
 
-__all__ = ["AskResource", "forward_host_claims"]
+__all__ = ["AskResource"]
 
 DOMAIN_NOT_CLAIMED = ErrorKind(404, "Domain not claimed")
 ASK_UNAVAILABLE = ErrorKind(503, "Service unavailable")
@@ -41,7 +41,6 @@ MAX_IN_FLIGHT = 32
 ASK_TIMEOUT_SECONDS = 5.0
 
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?\Z")
-_FORWARD_LABEL = re.compile(r"pf-[a-z0-9]{1,64}\Z")
 
 
 def host_name(value: bytes) -> str | None:
@@ -54,32 +53,6 @@ def host_name(value: bytes) -> str | None:
     if not text or len(text) > 253 or not all(_LABEL.match(label) for label in text.split(".")):
         return None
     return text
-
-
-def forward_host_claims(
-    forwards: Any, proxy_domain: str, custom: Callable[[str], Deferred[bool]] | None = None
-) -> Callable[[str], Deferred[bool]]:
-    """
-    :param forwards: the :class:`rexecpf.forwards.ForwardService` (its
-        ``cached``: memory only).
-    :param proxy_domain: ``[server] proxy_domain`` (empty: none).
-    :param custom: what answers for every other name (custom domains,
-        stable names), or ``None``: no other name is claimed.
-    :return: ``claimed(domain)``: true for ``pf-xxxx.{proxy_domain}`` of a
-        live forward, else what ``custom`` says.
-    """
-    suffix = "." + proxy_domain if proxy_domain else None
-
-    def claimed(domain: str) -> Deferred[bool]:
-        if suffix is not None and domain.endswith(suffix):
-            label = domain[: -len(suffix)]
-            if _FORWARD_LABEL.match(label) and forwards.cached(label.replace("-", "_")) is not None:
-                return succeed(True)
-        if custom is not None:
-            return custom(domain)
-        return succeed(False)
-
-    return claimed
 
 
 class AskResource(Resource):
