@@ -3,26 +3,29 @@ The idle memory of one ``twistd -n rexecpf`` process, beside a baseline.
 
     PYTHONPATH=. python bench/idle_rss.py [--rounds 3] [--modules]
 
-Starts, in turn and ``--rounds`` times each, three processes the way
+Starts, in turn and ``--rounds`` times each, four processes the way
 ``twistd -n`` starts them (``python -c "...twistd import run..."``, as
 tests/functional/daemon.py does):
 
-- baseline: ``twistd -n web`` serving one static file (the smallest Twisted
-  web server);
+- the baseline: ``twistd -n web`` serving one static file (the smallest
+  Twisted web server; its reactor imports pyOpenSSL);
+- the same with pyOpenSSL unimportable, as rexecpf leaves it out when no
+  endpoint uses TLS: the floor of any ``twistd`` web server without TLS;
 - rexecpf with the demo configuration (``--demo``: static backend, SQLite);
 - rexecpf with the Docker backend (``[backend] kind = "docker"``; the engine
   need not answer: the process starts either way).
 
 Each is sampled once ``/healthz`` answers 200 and a second has passed:
 ``VmRSS``, ``RssAnon`` and ``RssFile`` of /proc/PID/status (the median of the
-rounds), and the ratio to the baseline.  ``--modules`` also prints the
-top-level packages each rexecpf process has loaded (read with ``py-spy``-free
-means: a second, identical start with ``-X importtime``, summed per package).
+rounds), and the ratio to the baseline.  ``--modules`` also prints what each
+package rexecpf imports adds (a fresh Python importing them one after another
+and reading its own /proc/self/status after each).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -36,6 +39,8 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+#: The same, with pyOpenSSL unimportable (as rexecpf.tap.leave_out_tls makes it).
+TWISTD_NO_TLS = "import sys; sys.modules['OpenSSL'] = None; " + TWISTD.partition("; ")[2]
 FIELDS = ("VmRSS", "RssAnon", "RssFile")
 
 DOCKER_CONFIG = """
@@ -59,28 +64,42 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def twistd(*args: str, python_options: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, *python_options, "-c", TWISTD, "-n", "--pidfile=", *args]
+def twistd(*args: str, program: str = TWISTD) -> list[str]:
+    return [sys.executable, "-c", program, "-n", "--pidfile=", *args]
+
+
+#: name -> its label in the table; the first is the baseline of the ratios.
+LABELS = {
+    "baseline": "baseline (twistd web)",
+    "baseline-no-tls": "twistd web, no pyOpenSSL",
+    "demo": "rexecpf --demo",
+    "docker": "rexecpf, Docker backend",
+}
 
 
 def variants(work: str) -> dict[str, tuple[list[str], int]]:
-    """:return: name -> (twistd arguments, port) for the baseline and both configurations."""
+    """:return: name -> (argv, port) for the baselines and both configurations."""
     static = os.path.join(work, "www")
     os.makedirs(static, exist_ok=True)
     with open(os.path.join(static, "healthz"), "w") as file:
         file.write("ok\n")
-    ports = {name: free_port() for name in ("baseline", "demo", "docker")}
+    ports = {name: free_port() for name in LABELS}
     docker_config = os.path.join(work, "docker.toml")
     with open(docker_config, "w") as file:
         file.write(DOCKER_CONFIG.format(port=ports["docker"], work=work))
+
+    def web(port: int) -> list[str]:
+        return ["web", "--listen", f"tcp:{port}:interface=127.0.0.1", "--path", static]
+
     return {
-        "baseline": (["web", "--listen", f"tcp:{ports['baseline']}:interface=127.0.0.1", "--path", static], ports["baseline"]),
+        "baseline": (twistd(*web(ports["baseline"])), ports["baseline"]),
+        "baseline-no-tls": (twistd(*web(ports["baseline-no-tls"]), program=TWISTD_NO_TLS), ports["baseline-no-tls"]),
         "demo": (
-            ["rexecpf", "--demo", "--listen", f"tcp:{ports['demo']}:interface=127.0.0.1",
-             "--state", os.path.join(work, "demo-state.sqlite3")],
+            twistd("rexecpf", "--demo", "--listen", f"tcp:{ports['demo']}:interface=127.0.0.1",
+                   "--state", os.path.join(work, "demo-state.sqlite3")),
             ports["demo"],
         ),
-        "docker": (["rexecpf", "--config", docker_config], ports["docker"]),
+        "docker": (twistd("rexecpf", "--config", docker_config), ports["docker"]),
     }
 
 
@@ -145,66 +164,90 @@ def sample(argv: list[str], port: int, work: str, name: str) -> dict[str, float]
         stop(process)
 
 
-def import_summary(argv: list[str], port: int, work: str, name: str, top: int = 25) -> list[tuple[str, int, int]]:
-    """
-    :return: the ``top`` top-level packages by cumulative import time in a
-        start of ``argv`` under ``-X importtime``: (package, microseconds,
-        modules).
-    """
-    stderr_path = os.path.join(work, f"{name}.importtime")
-    process = start([sys.executable, "-X", "importtime", *argv[1:]], port, work, f"{name}-importtime.log",
-                    stderr_path=stderr_path)
-    stop(process)
-    totals: dict[str, list[int]] = {}
-    with open(stderr_path) as file:
-        for line in file:
-            if not line.startswith("import time:") or "|" not in line:
-                continue
-            parts = [part.strip() for part in line[len("import time:"):].split("|")]
-            if not parts[0].isdigit():
-                continue
-            package = parts[2].strip().split(".")[0]
-            entry = totals.setdefault(package, [0, 0])
-            entry[0] += int(parts[0])  # self time: summed, it does not count twice
-            entry[1] += 1
-    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:top]
-    return [(package, micro, count) for package, (micro, count) in ranked]
+#: What a rexecpf process imports, in an order that charges each package
+#: for what it alone brings (cryptography before autobahn, which loads it).
+BREAKDOWN = (
+    ("python itself", ()),
+    ("twisted core and twistd", ("twisted.scripts.twistd", "twisted.application.app")),
+    ("the reactor (no TLS)", ("twisted.internet.reactor",)),
+    ("twisted.web.server", ("twisted.web.server", "twisted.internet.endpoints")),
+    ("werkzeug and klein", ("werkzeug.routing", "klein")),
+    ("cryptography (autobahn.wamp.auth)", ("cryptography.hazmat.primitives.kdf.pbkdf2",)),
+    ("cffi and pycparser (autobahn.nvx)", ("cffi.cparser",)),
+    ("click and cbor2 (autobahn.util, .wamp)", ("click", "cbor2")),
+    ("autobahn's own, txaio", ("autobahn.twisted.resource",)),
+    ("prometheus_client", ("prometheus_client",)),
+    ("sqlite3, adbapi", ("sqlite3", "twisted.enterprise.adbapi")),
+    ("rexecpf's own modules", ("rexecpf.tap", "rexecpf.api", "rexecpf.tunnel", "rexecpf.proxy", "rexecpf.web",
+                               "rexecpf.ops", "rexecpf.metrics", "rexecpf.listeners")),
+    ("docker SDK (Docker backend only)", ("docker",)),
+)
+
+BREAKDOWN_SCRIPT = """
+import importlib, json, sys
+sys.modules["OpenSSL"] = None  # as rexecpf.tap.leave_out_tls does
+def rss():
+    with open("/proc/self/status") as status:
+        return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status
+                if line.split(":")[0] in ("VmRSS", "RssAnon", "RssFile")}
+steps = []
+for label, modules in json.loads(sys.argv[1]):
+    for module in modules:
+        importlib.import_module(module)
+    steps.append((label, rss()))
+print(json.dumps(steps))
+"""
+
+
+def breakdown() -> list[tuple[str, dict[str, float]]]:
+    """:return: (label, the MiB its imports added) for :data:`BREAKDOWN`, in a fresh Python."""
+    output = subprocess.run(
+        [sys.executable, "-c", BREAKDOWN_SCRIPT, json.dumps(BREAKDOWN)],
+        env=environment(), check=True, capture_output=True, text=True,
+    ).stdout
+    steps = json.loads(output.splitlines()[-1])
+    added = []
+    previous = {field: 0.0 for field in FIELDS}
+    for label, values in steps:
+        added.append((label, {field: values[field] - previous[field] for field in FIELDS}))
+        previous = values
+    return added
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--modules", action="store_true", help="also print what each rexecpf start imports")
+    parser.add_argument("--modules", action="store_true", help="also print the MiB each imported package adds")
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="idle-rss-") as work:
         runs = variants(work)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
         for _ in range(arguments.rounds):
-            for name, (args, port) in runs.items():
-                results[name].append(sample(twistd(*args), port, work, name))
+            for name, (argv, port) in runs.items():
+                results[name].append(sample(argv, port, work, name))
         medians = {
             name: {field: statistics.median(run[field] for run in samples) for field in FIELDS}
             for name, samples in results.items()
         }
         base = medians["baseline"]
         print(f"idle resident memory, MiB (median of {arguments.rounds}); in brackets: the ratio to the baseline")
-        print(f"{'process':<24}" + "".join(f"{field:>18}" for field in FIELDS))
+        print(f"{'process':<26}" + "".join(f"{field:>16}" for field in FIELDS))
         for name, values in medians.items():
             cells = []
             for field in FIELDS:
                 cell = f"{values[field]:.1f}"
                 if name != "baseline":
                     cell += f" ({values[field] / base[field]:.2f})"
-                cells.append(f"{cell:>18}")
-            label = {"baseline": "baseline (twistd web)", "demo": "rexecpf --demo",
-                     "docker": "rexecpf docker backend"}[name]
-            print(f"{label:<24}" + "".join(cells))
+                cells.append(f"{cell:>16}")
+            print(f"{LABELS[name]:<26}" + "".join(cells))
         if arguments.modules:
-            for name in ("baseline", "demo", "docker"):
-                args, port = runs[name]
-                print(f"\n{name}: top-level packages by import time (self, summed), modules")
-                for package, micro, count in import_summary(twistd(*args), port, work, name):
-                    print(f"  {package:<28}{micro / 1000:>8.1f} ms{count:>6}")
+            print("\nwhat the imports add, MiB (a fresh Python importing them in this order, pyOpenSSL left out)")
+            print(f"{'imports':<40}" + "".join(f"{field:>10}" for field in FIELDS))
+            total = {field: 0.0 for field in FIELDS}
+            for label, values in breakdown():
+                print(f"{label:<40}" + "".join(f"{values[field]:>10.1f}" for field in FIELDS))
+                total = {field: total[field] + values[field] for field in FIELDS}
+            print(f"{'total':<40}" + "".join(f"{total[field]:>10.1f}" for field in FIELDS))
 
 
 if __name__ == "__main__":
