@@ -11,22 +11,21 @@ and a non-zero status, never a traceback.
 from __future__ import annotations
 
 import gc
+import importlib.abc
 import os
 import re
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from rexecpf.api import API, PublicURLs
-from rexecpf.auth import Authenticator
 from rexecpf.backends.docker import DockerBackend, DockerRuntime
 from rexecpf.backends.engines import DockerEngines
 from rexecpf.backends.static import StaticBackend, read_inventory
@@ -40,26 +39,28 @@ from rexecpf.config import (
     load_config,
     mask_url_password,
 )
-from rexecpf.domains import DomainRules, TXTVerifier
-from rexecpf.endpoints import OwnSockets
-from rexecpf.feed import ChangeFollower, FeedHealth, IChangeFeed, PostgresChangeFeed, SQLiteChangeFeed
-from rexecpf.forwards import ForwardService
+from rexecpf.feed import IChangeFeed, PostgresChangeFeed, SQLiteChangeFeed
 from rexecpf.http._twisted import forget_exit_signal
-from rexecpf.http.ask import AskResource
-from rexecpf.listeners import LISTEN_BACKLOG, LocalListeners
-from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
-from rexecpf.ops import (
-    GracefulService,
-    Notifier,
-    Readiness,
-    Reloader,
-    branch,
-    notifier_from_environ,
-)
-from rexecpf.proxy import HostRouter, ProxyResource, ProxyService
-from rexecpf.store import CachedCheck, SQLiteForwardStore, open_sqlite_for_check
-from rexecpf.tunnel import TunnelFactory, TunnelResource
-from rexecpf.web import Health, RexecSite, Root
+from rexecpf.store import SQLiteForwardStore, open_sqlite_for_check
+
+# twistd imports this module to read the options, before the configuration
+# is known; so it imports only what imports neither the reactor nor
+# twisted.internet.endpoints (which imports pyOpenSSL).  The service's own
+# modules are imported in build(), after makeService() has decided whether
+# the process needs TLS at all (see leave_out_tls); tests/test_imports.py
+# keeps it so.
+if TYPE_CHECKING:
+    from rexecpf.api import API
+    from rexecpf.auth import Authenticator
+    from rexecpf.endpoints import OwnSockets
+    from rexecpf.feed import ChangeFollower
+    from rexecpf.forwards import ForwardService
+    from rexecpf.http.ask import AskResource
+    from rexecpf.listeners import LocalListeners
+    from rexecpf.metrics import Metrics
+    from rexecpf.ops import Notifier, Readiness, Reloader
+    from rexecpf.proxy import ProxyService
+    from rexecpf.web import RexecSite
 
 __all__ = ["Options", "makeService", "StartupError"]
 
@@ -124,6 +125,8 @@ class Options(usage.Options):
 
 def with_backlog(description: str) -> str:
     """:return: a ``tcp:``/``tcp6:``/``ssl:``/``unix:`` server endpoint string with a ``backlog``."""
+    from rexecpf.listeners import LISTEN_BACKLOG
+
     kind = description.partition(":")[0]
     if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in description:
         return f"{description}:backlog={LISTEN_BACKLOG}"
@@ -277,6 +280,23 @@ def build(
     :param install_signals: install the ``SIGHUP`` handler while running.
     :raises StartupError: for anything a user can fix (state file, endpoints).
     """
+    # Imported here, not at the top: see the comment there.
+    from twisted.internet.endpoints import serverFromString
+
+    from rexecpf.api import API, PublicURLs
+    from rexecpf.auth import Authenticator
+    from rexecpf.domains import DomainRules, TXTVerifier
+    from rexecpf.endpoints import OwnSockets
+    from rexecpf.feed import ChangeFollower, FeedHealth
+    from rexecpf.forwards import ForwardService
+    from rexecpf.listeners import LocalListeners
+    from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
+    from rexecpf.ops import GracefulService, Readiness, Reloader, branch
+    from rexecpf.proxy import HostRouter, ProxyResource, ProxyService
+    from rexecpf.store import CachedCheck
+    from rexecpf.tunnel import TunnelFactory, TunnelResource
+    from rexecpf.web import Health, RexecSite, Root
+
     store = _store(config, reactor)
     top = GracefulService(config.server.shutdown_grace_seconds, reactor)
     metrics = Metrics()
@@ -503,16 +523,65 @@ def _docker_backend(config: Config, reactor: Any, top: MultiService) -> DockerBa
     return DockerEngines(reactor, backends, reconcile_seconds=settings.reconcile_seconds)
 
 
+#: Server endpoint kinds that never use TLS.
+PLAIN_ENDPOINT_KINDS = frozenset({"tcp", "tcp6", "unix", "systemd"})
+
+
+def needs_tls(config: Config) -> bool:
+    """
+    :return: whether ``config`` may use TLS: ``True`` unless every endpoint
+        it listens on is of a kind in :data:`PLAIN_ENDPOINT_KINDS` (an
+        ``ssl:`` endpoint, or any kind a plugin adds, may need pyOpenSSL).
+    """
+    endpoints: Sequence[str] = [*config.server.listen, config.server.metrics_listen, config.tls.ask_listen]
+    return any(
+        description.partition(":")[0].strip().lower() not in PLAIN_ENDPOINT_KINDS
+        for description in endpoints
+        if description
+    )
+
+
+class _TLSLeftOut(importlib.abc.MetaPathFinder):
+    """Refuses to import pyOpenSSL (see :func:`leave_out_tls`)."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        if fullname.partition(".")[0] == "OpenSSL":
+            raise ModuleNotFoundError(
+                f"No module named {fullname!r}: rexecpf leaves TLS out when no endpoint uses it",
+                name=fullname,
+            )
+        return None
+
+
+def leave_out_tls() -> None:
+    """
+    Make pyOpenSSL unimportable in this process, before the reactor is
+    imported: the reactor, ``twisted.internet.endpoints`` and autobahn all
+    try to import it and do without when they cannot, and it costs about
+    6 MiB resident (pyOpenSSL, ``twisted.internet.ssl``,
+    ``service_identity`` and the parts of ``cryptography`` they load).  For a
+    process none of whose endpoints uses TLS (:func:`needs_tls`); a no-op
+    once pyOpenSSL is loaded.
+    """
+    if "OpenSSL" in sys.modules or any(isinstance(finder, _TLSLeftOut) for finder in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _TLSLeftOut())
+
+
 def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
     """
     :param options: parsed :class:`Options`.
     :param reactor: the reactor; the global one when ``None``.
     """
+    config: Config = options["config_object"]
     if reactor is None:
+        if not needs_tls(config):
+            leave_out_tls()
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    config: Config = options["config_object"]
+    from rexecpf.ops import notifier_from_environ
+
     components = build(
         config,
         reactor,
