@@ -244,6 +244,15 @@ class ForwardsOnEnginesTests(TestCase):
         await _until(lambda: self.forwards.cached(second.id) is None)
         self.assertEqual(await self.store.list_forwards(), [first])
 
+    async def test_name_wins_over_an_id_prefix(self) -> None:
+        """
+        As in Docker: a name on one engine wins over an id that starts with
+        the same letters on another (``db`` is also a prefix of ``dbe1...``).
+        """
+        self.one.run(name="other", labels=OWNED, container_id="db" + "e1" * 31)
+        forward = await self.create("db")
+        self.assertEqual(forward.container_id, self.db.id)
+
     async def test_engine_down_reaps_nothing(self) -> None:
         """While engine 2 is down its container is 503, engine 1's works, and a reconcile keeps both."""
         first = await self.create("web")

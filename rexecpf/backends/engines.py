@@ -246,6 +246,13 @@ class DockerEngines(MultiService):
         done: Deferred[Container | None],
     ) -> None:
         found = [(index, answer) for index, answer in sorted(answers.items()) if isinstance(answer, Container)]
+        if len(found) > 1:
+            # Docker's own order: an exact name before an id prefix.  An
+            # engine that found a container whose id does not start with the
+            # reference found it by name; that one wins over prefix matches.
+            by_name = [(index, answer) for index, answer in found if not answer.id.startswith(reference)]
+            if len(by_name) == 1:
+                found = by_name
         failed = [(index, answer) for index, answer in sorted(answers.items()) if isinstance(answer, Failure)]
         if len(found) > 1:
             engines = ", ".join(self.names[index] for index, _ in found)
