@@ -39,6 +39,15 @@ _INTEGER_LITERAL = (
     "and booleans are refused with 400 Invalid port."
 )
 
+_HOST_NAME_PATTERN = r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+#: What the API takes as a domain: a host name as above in any case, with one
+#: trailing dot or none, whose last label is not all digits (not an IP address).
+_HOST_NAME_INPUT_PATTERN = (
+    r"^(?=.{1,253}\.?$)(?!.*\.[0-9]+\.?$)"
+    r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$"
+)
+_SLUG_PATTERN = r"^(?!.*--)[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+
 _CONTAINER_ID = {
     "name": "containerId",
     "in": "path",
@@ -56,11 +65,9 @@ _DOMAIN = {
     "name": "domain",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 254},
+    "schema": {"type": "string", "pattern": _HOST_NAME_INPUT_PATTERN},
     "description": "a host name (RFC 1123), compared in lowercase, one trailing dot ignored",
 }
-_HOST_NAME_PATTERN = r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-_SLUG_PATTERN = r"^(?!.*--)[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -350,7 +357,8 @@ def openapi_document() -> dict[str, Any]:
                         "domains": {
                             "type": "array",
                             "maxItems": 100,
-                            "items": {"type": "string", "minLength": 1, "maxLength": 254},
+                            "uniqueItems": True,
+                            "items": {"type": "string", "pattern": _HOST_NAME_INPUT_PATTERN},
                             "description": "custom domains (host names; needs auth.custom_domains); "
                             "more than [domains] per_forward is 429",
                         },

@@ -106,6 +106,8 @@ class Daemon:
         state: str = "state.sqlite3",
         inventory: str | Path | None = None,
         listen: tuple[str, ...] = (),
+        server: str = "",
+        auth: str = "",
     ) -> None:
         self.directory = Path(directory)
         self.host = host
@@ -125,10 +127,12 @@ class Daemon:
                 listen = [{listen_toml}]
                 public_url = "http://{host}:{self.port}"
                 state = "{state}"
+                {server}
 
                 [auth]
                 users = {{ {users_toml} }}
                 admins = [{admins_toml}]
+                {auth}
 
                 [backend]
                 kind = "static"

@@ -49,6 +49,11 @@ class SchemathesisTests(unittest.TestCase):
             directory,
             containers=[{"id": "c1", "owner": "alice"}],
             limits="forwards_per_container = 200",
+            # Slugs and custom domains are schema-valid input: configure what
+            # they need (no DNS: the tests never leave loopback).
+            server='proxy_domain = "preview.test"',
+            auth='custom_domains = ["alice"]',
+            extra="\n[domains]\nverify = false\n",
         ).start()
         self.addCleanup(daemon.stop)
         (directory / "schemathesis.toml").write_text(
