@@ -27,6 +27,8 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            # a hung test fails with every thread's stack instead of eating CI time
+            "pytest-timeout>=2.3",
             "hypothesis>=6.100",
             "schemathesis>=4.0",
             "jsonschema>=4.20",
