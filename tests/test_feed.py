@@ -260,6 +260,20 @@ class FollowerTests(SynchronousTestCase):
         self.assertEqual(self.forwards.cached(big.id), bigger)
         self.assertEqual(self.follower.rev, self.store.rev)
 
+    def test_tombstones_are_bounded(self) -> None:
+        """
+        Removed forwards are remembered for a while, but never more than
+        MAX_TOMBSTONES of them (a create and delete loop), the oldest
+        forgotten first.
+        """
+        from rexecpf import forwards as module
+
+        self.patch(module, "MAX_TOMBSTONES", 5)
+        removed = [new_forward_id() for _ in range(12)]
+        for fid in removed:
+            self.feed.receive(self.elsewhere("delete", ids=(fid,)))
+        self.assertEqual(list(self.forwards._tombstones), removed[-5:])
+
     def test_resync_applies_the_differences(self) -> None:
         """On every (re)connection: stored forwards not known are kept, known ones no longer stored dropped."""
         gone, new = forward(), forward(local=20051)
