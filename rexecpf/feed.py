@@ -54,6 +54,7 @@ __all__ = [
     "FeedHealth",
     "IChangeFeed",
     "MissLookups",
+    "NOTIFY_MAX_BYTES",
     "UPDATE",
     "PostgresChangeFeed",
     "SQLiteChangeFeed",
@@ -85,7 +86,9 @@ class Change:
     :ivar rev: the store's revision after it (1, 2, ... in commit order).
     :ivar op: ``"add"`` (``forward``), ``"update"`` (``forward``, as it
         is now: its domains changed), ``"delete"`` (``ids``) or ``"reap"``
-        (``container_id`` stopped; ``ids`` were its forwards).
+        (``container_id`` stopped; ``ids`` were its forwards).  An add or
+        update too big for ``NOTIFY`` has no ``forward``, only its id in
+        ``ids``: it is applied by a resync.
     """
 
     rev: int
@@ -95,14 +98,23 @@ class Change:
     container_id: str | None = None
 
 
+#: The largest ``NOTIFY`` payload PostgreSQL takes (it must be shorter than 8000 bytes).
+NOTIFY_MAX_BYTES = 7999
+
+
 def encode_change(
     rev: int,
     op: str,
     forward: PortForward | None = None,
     ids: tuple[str, ...] | list[str] = (),
     container_id: str | None = None,
+    max_bytes: int | None = None,
 ) -> str:
     """
+    :param max_bytes: the most the payload may take (``NOTIFY``:
+        :data:`NOTIFY_MAX_BYTES`); an add or update whose forward would not
+        fit (one with many long domains) names only its id instead, and
+        whoever applies it reads the store again (:class:`ChangeFollower`).
     :return: the JSON payload of a change (a delete or a reap names only ids,
         so that a reap of ten forwards stays far below ``NOTIFY``'s 8000 bytes).
     """
@@ -113,7 +125,12 @@ def encode_change(
         document["ids"] = list(ids)
     if container_id is not None:
         document["container_id"] = container_id
-    return json.dumps(document, separators=(",", ":"))
+    payload = json.dumps(document, separators=(",", ":"))
+    if forward is not None and max_bytes is not None and len(payload.encode("utf-8")) > max_bytes:
+        del document["forward"]
+        document["ids"] = [forward.id]
+        payload = json.dumps(document, separators=(",", ":"))
+    return payload
 
 
 def decode_change(payload: str) -> Change:
@@ -309,6 +326,12 @@ class ChangeFollower(Service):
         if change.rev > self.rev + 1:
             self._log.info("change feed skipped from {rev} to {got}: resyncing", rev=self.rev, got=change.rev)
             self._held.append(change)
+            self.resync()
+            return
+        if change.op in (ADD, UPDATE) and change.forward is None:
+            # Too big to carry its forward: read every forward again, at one
+            # revision (this one or later), changes after it held meanwhile.
+            self._log.info("change {rev} names only its forward: resyncing", rev=change.rev)
             self.resync()
             return
         self.rev = change.rev

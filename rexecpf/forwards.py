@@ -90,6 +90,9 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 #: How long a removed forward's id is remembered, so that a late store read
 #: (a cache miss, a resync) cannot bring it back.
 TOMBSTONE_SECONDS = 300.0
+#: ... and how many are remembered at most (the oldest go first): a user
+#: creating and deleting forwards in a loop cannot grow them without bound.
+MAX_TOMBSTONES = 65536
 
 #: How many times a create that picked its ``local_port`` picks another when
 #: another node took that one meanwhile.
@@ -871,6 +874,8 @@ class ForwardService(Service):
                 break
             del tombstones[oldest]
         tombstones.pop(forward_id, None)
+        while len(tombstones) >= MAX_TOMBSTONES:
+            del tombstones[next(iter(tombstones))]
         tombstones[forward_id] = now + TOMBSTONE_SECONDS
 
     # --- the API's operations

@@ -142,6 +142,13 @@ class LocalListeners(Service):
         #: forward id -> its listening port (once listening)
         self.ports: dict[str, IListeningPort] = {}
         self._closing: set[Deferred[Any]] = set()
+        #: local_port -> the forward listening on it, or about to
+        self._holders: dict[int, str] = {}
+        #: local_port -> a forward whose port another forward here still
+        #: holds (the change feed has not brought that one's removal yet)
+        self._waiting: dict[int, PortForward] = {}
+        #: local_ports whose listener is closing (a port is free only once closed)
+        self._releasing: set[int] = set()
         #: forward id -> (when its last refusal was logged, refusals since)
         self._refusals: dict[str, tuple[float, int]] = {}
         forwards.observe(self)
@@ -149,6 +156,21 @@ class LocalListeners(Service):
     # -- ForwardObserver -------------------------------------------------
 
     def forward_added(self, forward: PortForward) -> None:
+        number = forward.local_port
+        holder = self._holders.get(number)
+        if holder == forward.id:
+            return
+        if holder is not None:
+            # Another node freed the port and gave it to this forward, and this
+            # node heard of the new forward first: it listens once the old one goes.
+            self._waiting[number] = forward
+            return
+        self._holders[number] = forward.id
+        if number not in self._releasing:
+            self._listen(forward)
+        # (else: once the removed forward's listener has closed, _released)
+
+    def _listen(self, forward: PortForward) -> None:
         interface = self._limits.local_interface
         server = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
         endpoint = server(self._reactor, forward.local_port, backlog=LISTEN_BACKLOG, interface=interface)
@@ -156,7 +178,7 @@ class LocalListeners(Service):
         def listening(port: IListeningPort) -> None:
             if self.forwards.cached(forward.id) is None:
                 # Removed while we were binding.
-                port.stopListening()
+                self._stop(port, forward.local_port)
                 return
             self.ports[forward.id] = port
             self.forwards.own_sockets.add(port, port)
@@ -180,15 +202,48 @@ class LocalListeners(Service):
 
     def forward_removed(self, forward: PortForward, reason: str) -> None:
         self._refusals.pop(forward.id, None)
+        number = forward.local_port
+        waiting = self._waiting.get(number)
+        if waiting is not None and waiting.id == forward.id:
+            del self._waiting[number]
+        if self._holders.get(number) == forward.id:
+            del self._holders[number]
+            waiting = self._waiting.pop(number, None)
+            if waiting is not None:
+                self._holders[number] = waiting.id
         port = self.ports.pop(forward.id, None)
         if port is not None:
             self.forwards.own_sockets.remove(port)
-            self._stop(port)
+            self._stop(port, number)
+        else:
+            self._released(number)
 
-    def _stop(self, port: IListeningPort) -> None:
+    def _stop(self, port: IListeningPort, number: int | None) -> None:
+        """
+        Stop listening on ``port`` (``local_port`` ``number``); the forward
+        holding ``number`` now listens once it is closed.
+        """
+        if number is not None:
+            self._releasing.add(number)
         d: Deferred[Any] = Deferred.fromCoroutine(_maybe(port.stopListening()))  # type: ignore[arg-type]
         self._closing.add(d)
-        d.addBoth(lambda result: self._closing.discard(d))
+
+        def closed(result: object) -> None:
+            self._closing.discard(d)
+            if number is not None:
+                self._releasing.discard(number)
+                self._released(number)
+
+        d.addBoth(closed)
+
+    def _released(self, number: int) -> None:
+        """``number`` is free here: the forward it was handed to (if any) listens on it."""
+        holder = self._holders.get(number)
+        if holder is None or holder in self.ports or number in self._releasing or not self.running:
+            return
+        forward = self.forwards.cached(holder)
+        if forward is not None:
+            self._listen(forward)
 
     # -- connections -----------------------------------------------------
 
@@ -262,9 +317,11 @@ class LocalListeners(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        self._holders.clear()
+        self._waiting.clear()
         for port in list(self.ports.values()):
             self.forwards.own_sockets.remove(port)
-            self._stop(port)
+            self._stop(port, None)
         self.ports.clear()
         return DeferredList(list(self._closing))
 

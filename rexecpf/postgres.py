@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rexecpf.config import mask_url_password
-from rexecpf.feed import ADD, CHANNEL, DELETE, REAP, UPDATE, encode_change
+from rexecpf.feed import ADD, CHANNEL, DELETE, NOTIFY_MAX_BYTES, REAP, UPDATE, encode_change
 from rexecpf.model import (
     CONTAINER_NOT_RUNNING,
     DOMAIN_CLAIMED,
@@ -589,7 +589,8 @@ def _publish(connection: psycopg.Connection[Any], op: str, **fields: Any) -> Non
     row lock (held to the commit) makes that the revision order.
     """
     (rev,) = _one(connection, "UPDATE revision SET rev = rev + 1 RETURNING rev")
-    connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, encode_change(int(rev), op, **fields)))
+    payload = encode_change(int(rev), op, max_bytes=NOTIFY_MAX_BYTES, **fields)
+    connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
 
 
 def _one(connection: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -17,6 +18,7 @@ from zope.interface import implementer
 from rexecpf.config import LimitsConfig
 from rexecpf.feed import (
     CUT_OFF,
+    NOTIFY_MAX_BYTES,
     Change,
     ChangeFollower,
     FeedHealth,
@@ -235,6 +237,42 @@ class FollowerTests(SynchronousTestCase):
         self.assertEqual(self.follower.rev, 2)
         self.feed.receive(Change(rev=1, op="delete", ids=(lost.id,)))
         self.assertIsNotNone(self.forwards.cached(lost.id))
+
+    def test_change_too_big_to_carry_its_forward(self) -> None:
+        """
+        An add or update too big for NOTIFY names only its forward's id: the
+        node reads the store again and knows the forward as it is stored.
+        """
+        big = attrs.evolve(forward(), domains=tuple(f"{i}-{'d' * 240}.example" for i in range(40)))
+        change = self.elsewhere("add", forward=big)
+        payload = encode_change(change.rev, change.op, big, max_bytes=NOTIFY_MAX_BYTES)
+        self.assertLessEqual(len(payload.encode()), NOTIFY_MAX_BYTES)
+        small = forward()
+        self.assertEqual(decode_change(encode_change(1, "add", small, max_bytes=NOTIFY_MAX_BYTES)).forward, small)
+        self.feed.receive(decode_change(payload))
+        self.assertEqual(self.forwards.cached(big.id), big)
+        self.assertEqual(self.seen.added, [big.id])
+        self.assertEqual(self.follower.rev, change.rev)
+        bigger = attrs.evolve(big, verified_domains=big.domains)
+        self.store.rev += 1
+        self.store.forwards[big.id] = bigger
+        self.feed.receive(decode_change(encode_change(self.store.rev, "update", bigger, max_bytes=NOTIFY_MAX_BYTES)))
+        self.assertEqual(self.forwards.cached(big.id), bigger)
+        self.assertEqual(self.follower.rev, self.store.rev)
+
+    def test_tombstones_are_bounded(self) -> None:
+        """
+        Removed forwards are remembered for a while, but never more than
+        MAX_TOMBSTONES of them (a create and delete loop), the oldest
+        forgotten first.
+        """
+        from rexecpf import forwards as module
+
+        self.patch(module, "MAX_TOMBSTONES", 5)
+        removed = [new_forward_id() for _ in range(12)]
+        for fid in removed:
+            self.feed.receive(self.elsewhere("delete", ids=(fid,)))
+        self.assertEqual(list(self.forwards._tombstones), removed[-5:])
 
     def test_resync_applies_the_differences(self) -> None:
         """On every (re)connection: stored forwards not known are kept, known ones no longer stored dropped."""

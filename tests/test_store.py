@@ -211,6 +211,25 @@ class StoreBehaviour:
         self.assertEqual((yield self.store.find_domain("app.example")).id, "pf_3")
 
     @defer.inlineCallbacks
+    def test_as_many_long_domains_as_allowed(self) -> Any:
+        """
+        A forward with as many domains as ``[domains] per_forward`` allows
+        (100), each of the longest length, is stored and changed like any
+        other (its change is published, whatever its size).
+        """
+        label = "a" * 63
+        domains = tuple(f"{i:03d}{label[3:]}.{label}.{label}.{label[:53]}.example" for i in range(99))
+        self.assertEqual({len(d) for d in domains}, {253})
+        many = attrs.evolve(forward("pf_1"), domains=domains, verified_domains=domains)
+        yield self.store.add(many, 100)
+        last = "999" + domains[0][3:]
+        changed = yield self.store.set_domain("pf_1", last, True, 100)
+        self.assertEqual(changed.verified_domains, (*domains, last))
+        self.assertEqual((yield self.store.get("pf_1")), changed)
+        changed = yield self.store.remove_domain("pf_1", last)
+        self.assertEqual(changed, many)
+
+    @defer.inlineCallbacks
     def test_concurrent_domain_claims(self) -> Any:
         """Many forwards claiming one domain at once: exactly one gets it."""
         for i in range(8):

@@ -171,6 +171,26 @@ class ProxyService(Service):
         work.addErrback(failed)
         return server.NOT_DONE_YET
 
+    def may_authenticate(self, request: Any, stable_host: str) -> bool:
+        """
+        :return: whether a request to a custom domain or stable host carries
+            a credential that may let it in (a rexecpf token in
+            ``Authorization`` or ``?token=``, or a valid session cookie for
+            the host); ``True`` as well while the session key is not loaded.
+            Without one, the request is 401 before the host is looked up,
+            so that whether it names a forward is not told.
+        """
+        if not self.sessions.known:
+            return True
+        tokens, _ = split_token(request.uri.partition(b"?")[2], self.authenticator.is_token)
+        if tokens:
+            return True
+        for value in request.requestHeaders.getRawHeaders(b"authorization", []):
+            if self.authenticator.authenticate(bearer_token(value)) is not None:
+                return True
+        subject = session_subject(stable_host)
+        return any(self.sessions.check(value, subject) for value in session_values(request))
+
     def answered(self, code: int) -> None:
         """Count one proxied request answered with ``code`` (by the container or by us)."""
         if self.metrics is not None:
@@ -336,6 +356,10 @@ class _StableHostResource(Resource):
 
     def render(self, request: Any) -> Any:
         service = self._service
+        preflight = request.method == b"OPTIONS" and request.requestHeaders.hasHeader(b"access-control-request-method")
+        if not preflight and not service.may_authenticate(request, self._host):
+            # 401 whether or not the host names a forward (as for pf-xxxx hosts)
+            return service.handle(request, "", b"", self._host)
         found = service.forwards.find_host(self._host)
         if not found.called:
             request.notifyFinish().addErrback(lambda _: found.cancel())

@@ -114,6 +114,20 @@ class DomainRoutingTests(TestCase):
         self.assertEqual(status, 404)
 
     @inlineCallbacks
+    def test_stable_hosts_not_told_without_credentials(self) -> Any:
+        """
+        Without credentials every stable host is 401, whether it names a
+        forward or not (as ``pf-xxxx`` hosts are): whose slugs exist is not
+        told to anyone; with another user's token, both are 404.
+        """
+        yield self.daemon.create(self.app_port, slug="web")
+        for host in ("web--alice.preview.test", "nope--alice.preview.test", "web--carol.preview.test"):
+            status, body = yield get(self.daemon.port, host, "/a")
+            self.assertEqual(status, 401, (host, body))
+            status, body = yield get(self.daemon.port, host, "/a", inprocess.TOKENS["bob"])
+            self.assertEqual(status, 404, (host, body))
+
+    @inlineCallbacks
     def test_stable_host_survives_a_container_restart(self) -> Any:
         """
         ``web--alice.preview.test`` reaches the forward named ``web``; the

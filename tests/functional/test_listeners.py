@@ -11,7 +11,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from tests.functional.inprocess import Daemon, connect_tcp_roundtrip, echo_server, until
+from tests.functional.inprocess import Daemon, connect_tcp_roundtrip, echo_server, free_port, sleep, until
 
 
 class _Held(Protocol):
@@ -95,3 +95,78 @@ class ListenerTests(TestCase):
         lines = [formatEvent(event) for event in logged if event.get("kind") == "listener"]
         self.assertEqual(len(lines), 1, lines)
         self.assertTrue(lines[0].startswith(f"listener {forward['id']} of - closed: 5 bytes in"), lines[0])
+
+
+class PortHandoverTests(TestCase):
+    """
+    A ``local_port`` freed by one forward and taken by the next, as another
+    node's change feed brings them (a create picks the lowest free port, so
+    the port of a forward just deleted is the next one's).
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        self.daemon = Daemon(self.mktemp())
+        yield self.daemon.start()
+        self.addCleanup(lambda: self.daemon.stop())
+        self.echo = yield echo_server()
+        self.addCleanup(self.echo.stop)
+        self.local_port = free_port()
+        # (Its first resync done: the changes below are applied as the feed
+        # would, and the store then made to agree, so no resync undoes them.)
+        yield until(lambda: self.daemon.components.follower.resyncs, what="the first resync")
+
+    def elsewhere(self, rev):
+        from rexecpf.model import PortForward, new_forward_id
+
+        forward = PortForward(
+            id=new_forward_id(), container_id="c1", container_port=self.echo.port,
+            local_port=self.local_port, name=None, created_ms=rev, owner="alice",
+        )
+        return forward
+
+    @inlineCallbacks
+    def test_delete_then_add_in_one_turn(self):
+        """
+        The delete of the forward holding a port and the add of the next
+        one on that port, applied in one turn of the reactor (one batch of
+        the feed): the next one is listened on once the first has let go.
+        """
+        from rexecpf.feed import Change
+
+        forwards = self.daemon.forwards
+        listeners = self.daemon.components.local_listeners
+        first = self.elsewhere(1)
+        forwards.apply(Change(rev=1, op="add", forward=first))
+        yield until(lambda: first.id in listeners.ports, what="the first forward listens")
+        second = self.elsewhere(2)
+        forwards.apply(Change(rev=2, op="delete", ids=(first.id,)))
+        forwards.apply(Change(rev=3, op="add", forward=second))
+        yield self.daemon.components.store.add(second, 10)
+        yield until(lambda: second.id in listeners.ports, what="the second forward listens")
+        echoed = yield connect_tcp_roundtrip(self.local_port, b"handed over")
+        self.assertEqual(echoed, b"handed over")
+
+    @inlineCallbacks
+    def test_add_heard_before_the_delete(self):
+        """
+        The next forward heard of first (a cache miss read it from the
+        store while the feed was behind), then the delete of the forward
+        holding its port: it is listened on once that one has let go.
+        """
+        from rexecpf.feed import Change
+
+        forwards = self.daemon.forwards
+        listeners = self.daemon.components.local_listeners
+        first = self.elsewhere(1)
+        forwards.apply(Change(rev=1, op="add", forward=first))
+        yield until(lambda: first.id in listeners.ports, what="the first forward listens")
+        second = self.elsewhere(2)
+        forwards.apply(Change(rev=3, op="add", forward=second))
+        yield sleep(0.05)
+        self.assertNotIn(second.id, listeners.ports)
+        forwards.apply(Change(rev=2, op="delete", ids=(first.id,)))
+        yield self.daemon.components.store.add(second, 10)
+        yield until(lambda: second.id in listeners.ports, what="the second forward listens")
+        echoed = yield connect_tcp_roundtrip(self.local_port, b"handed over")
+        self.assertEqual(echoed, b"handed over")
