@@ -22,16 +22,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from rexecpf.relay import (
-    BURST_SECONDS,
-    TRANSPORT_BUFFER,
-    IRelayEnd,
-    Relay,
-    RelayStats,
-    TCPEnd,
-    splice_to_endpoint,
-    widen_transport,
-)
+from rexecpf.ends import TRANSPORT_BUFFER, IRelayEnd, TCPEnd, widen_transport
+from rexecpf.relay import BURST_SECONDS, Relay, RelayStats, splice_to_endpoint
 
 
 class HalfCloseTransport(StringTransport):

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectError, ConnectionDone, DNSLookupError
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -19,6 +19,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from rexecpf.endpoints import container_endpoint
+from rexecpf.ends import TakenOverEnd, widen_transport
 from rexecpf.http._twisted import request_disconnected
 from rexecpf.http.errors import abort_client, finish_with_error
 from rexecpf.model import (
@@ -43,7 +44,7 @@ from rexecpf.proxy.parser import (
     UntilCloseDecoder,
 )
 from rexecpf.proxy.pool import ContainerConnection
-from rexecpf.relay import CONNECT_TIMEOUT, IRelayEnd, Relay, RelayStats, TCPEnd, widen_transport
+from rexecpf.relay import CONNECT_TIMEOUT, Relay, RelayStats
 from rexecpf.web import RequestBodyStream, release_from_http_channel
 
 if TYPE_CHECKING:
@@ -593,43 +594,6 @@ class Exchange:
         self.broken(reason, at_once=True)
 
 
-@implementer(IRelayEnd)
-class _ClientEnd:
-    """
-    The client side of an upgraded connection, taken over from its
-    ``HTTPChannel``: an :class:`rexecpf.relay.IRelayEnd`.
-    """
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.relay: Relay | None = None
-
-    @property
-    def producer(self) -> Any:
-        return self.transport
-
-    @property
-    def consumer(self) -> Any:
-        return self.transport
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.relay is not None:
-            self.relay.received(self, data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.relay is not None:
-            self.relay.lost(self, reason.check(ConnectionDone) is not None)
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def close(self, code: int, reason: str) -> None:
-        self.transport.loseConnection()
-
-    def abort(self) -> None:
-        self.transport.abortConnection()
-
-
 class Upgrade(Exchange):
     """
     An ``Upgrade`` request: over a connection of its own, never pooled; a 101
@@ -663,8 +627,8 @@ class Upgrade(Exchange):
         backend.relaying = True
         backend._t.pauseProducing()
         if rest:
-            TCPEnd.dataReceived(backend, rest)
-        client = _ClientEnd(transport)
+            backend.dataReceived(rest)
+        client = TakenOverEnd(transport)
         buffered = channel.hand_over(client)
         transport.pauseProducing()
         release_from_http_channel(transport)
@@ -679,7 +643,7 @@ class Upgrade(Exchange):
             idle_seconds=self.service.upgrade_idle,
         )
         self.relay = relay
-        client.relay = relay
+        client.attach(relay)
         backend.attach(relay)
         self.service.answered(101)
         if buffered:
