@@ -56,7 +56,8 @@ from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLook
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from rexecpf.relay import Relay, RelayStats, TCPEnd
+from rexecpf.ends import TCPEnd
+from rexecpf.relay import Relay, RelayStats
 from rexecpf.wsend import WebSocketEndMixin, protocol_options
 
 __all__ = ["main"]

@@ -32,9 +32,10 @@ from twisted.python.failure import Failure
 
 from rexecpf.config import LimitsConfig
 from rexecpf.endpoints import container_endpoint
+from rexecpf.ends import TCPEnd
 from rexecpf.forwards import ForwardService
 from rexecpf.model import APIError, PortForward
-from rexecpf.relay import CLOSE_GOING_AWAY, CONNECT_TIMEOUT, Relay, RelayStats, TCPEnd, splice_to_endpoint
+from rexecpf.relay import CLOSE_GOING_AWAY, CONNECT_TIMEOUT, Relay, RelayStats, splice_to_endpoint
 
 __all__ = ["LISTEN_BACKLOG", "REFUSALS_LOG_SECONDS", "LocalListeners", "LocalConnection"]
 

@@ -24,9 +24,9 @@ An idle timer (also on the injected clock) closes both ends with code 1000
 reported for C{idle_seconds}.
 
 Close codes are WebSocket close codes; a TCP end ignores them.  The relay knows
-nothing about WebSocket: the tunnel adapts its protocol to L{IRelayEnd}.
+nothing about WebSocket: the tunnel adapts its protocol to L{IRelayEnd}.  The
+ends are in L{rexecpf.ends}.
 
-L{TCPEnd} is the L{IRelayEnd} of a plain TCP connection, and
 L{splice_to_endpoint} joins an accepted L{TCPEnd} to a freshly connected one
 (what C{local_port} listeners use).
 """
@@ -39,18 +39,17 @@ from typing import Protocol as _TypingProtocol
 
 import attrs
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
-    IHalfCloseableProtocol,
     IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
+from rexecpf.ends import RelayEnd, TCPEnd
 from rexecpf.model import CloseReason
 
 __all__ = [
@@ -60,13 +59,9 @@ __all__ = [
     "CLOSE_NORMAL",
     "CLOSE_PEER_LOST",
     "BURST_SECONDS",
-    "TRANSPORT_BUFFER",
-    "IRelayEnd",
     "Relay",
     "RelayStats",
-    "TCPEnd",
     "splice_to_endpoint",
-    "widen_transport",
 ]
 
 #: Seconds to wait for a container port to accept a connection, for every
@@ -83,15 +78,6 @@ CLOSE_PEER_LOST = 1011
 #: Recorded in L{RelayStats} after L{Relay.abort}; never sent on the wire.
 CLOSE_ABORTED = 1006
 
-#: The read size and write-buffer bound of a L{TCPEnd}'s transport (Twisted's
-#: default is 64 KiB); any end's transport may pass twice this to one
-#: C{send()} (Twisted's default is 128 KiB), so that one read and the
-#: WebSocket frame headers written with it go out at once.  Fewer, larger
-#: reads and sends mean fewer turns of the reactor per byte: with the
-#: tunnel's own frame writing this doubles its download rate.  Memory stays
-#: bounded: one read plus this much buffered per direction.
-TRANSPORT_BUFFER = 256 * 1024
-
 #: Seconds of the rate a token bucket holds by default.  The bucket starts
 #: empty and a read is charged once passed, so over any interval a direction
 #: carries at most the rate's worth plus this much plus one read: a small
@@ -105,81 +91,6 @@ _THROTTLE = "throttle"
 #: an end owes its peer a reply (a WebSocket pong) that waits for that end's
 #: own write buffer to drain: reading the peer waits with it
 _REPLY = "reply"
-
-
-class IRelayEnd(Interface):
-    """
-    One side of a relay.
-
-    An end may also provide C{close_write() -> bool}: shut down only the
-    writing half (TCP half-close), returning C{False} when the transport
-    cannot do that.  The relay calls it, when present, after the other end's
-    peer has finished sending.
-    """
-
-    producer = Attribute(
-        "IPushProducer: pausing it stops reading from this peer (the raw transport)"
-    )
-    consumer = Attribute(
-        "IConsumer: the raw transport written to; the relay registers producers on it"
-    )
-
-    def write(data: bytes) -> None:
-        """
-        Send bytes to this peer.
-
-        :param data: the bytes, delivered in order.
-        """
-
-    def close(code: int, reason: str) -> None:
-        """
-        Orderly close: everything written so far is delivered first.
-
-        (TCP: C{loseConnection}; WebSocket: a close frame with C{code}.)
-
-        :param code: WebSocket close code.
-        :param reason: WebSocket close reason.
-        """
-
-    def abort() -> None:  # type: ignore[misc]
-        """
-        Drop the connection now.
-        """
-
-
-class RelayEnd(_TypingProtocol):
-    """
-    The static (mypy) view of L{IRelayEnd}: anything with these members can be
-    an end.
-    """
-
-    @property
-    def producer(self) -> Any:
-        """
-        :return: the C{IPushProducer} that reads from this peer.
-        """
-
-    @property
-    def consumer(self) -> Any:
-        """
-        :return: the C{IConsumer} written to.
-        """
-
-    def write(self, data: bytes) -> None:
-        """
-        :param data: bytes to send to this peer.
-        """
-
-    def close(self, code: int, reason: str) -> None:
-        """
-        :param code: WebSocket close code.
-        :param reason: WebSocket close reason.
-        """
-
-    def abort(self) -> None:
-        """
-        Drop the connection now.
-        """
 
 
 class _DelayedCall(_TypingProtocol):
@@ -874,198 +785,6 @@ class Relay:
             self._on_end(stats)
         except Exception:  # noqa: BLE001 - a callback must not break the relay
             self._log.failure("relay on_end callback failed")
-
-
-def widen_transport(transport: Any, reads: bool = True) -> None:
-    """
-    Raise a Twisted socket transport's C{SEND_LIMIT} (the most one
-    C{doWrite} hands to C{send()}) to twice L{TRANSPORT_BUFFER} and, with
-    C{reads}, its C{bufferSize} (how much one C{doRead} asks for, and how
-    much may wait in the write buffer before the registered producer is
-    paused) to L{TRANSPORT_BUFFER}; never lower them.
-
-    Both are public attributes of L{twisted.internet.abstract.FileDescriptor};
-    other transports (TLS, test doubles) are left as they are.
-
-    :param transport: an end's raw transport.
-    :param reads: whether to raise C{bufferSize} too.
-    """
-    if not isinstance(getattr(transport, "SEND_LIMIT", None), int):
-        return
-    transport.SEND_LIMIT = max(transport.SEND_LIMIT, 2 * TRANSPORT_BUFFER)
-    if reads:
-        transport.bufferSize = max(transport.bufferSize, TRANSPORT_BUFFER)
-
-
-@implementer(IRelayEnd, IHalfCloseableProtocol)
-class TCPEnd(Protocol):
-    """
-    The L{IRelayEnd} of a plain TCP connection.
-
-    Until L{attach}, the transport is paused and anything received is kept, so
-    no byte is lost while the other end connects.
-    """
-
-    _log = Logger()
-
-    #: Bytes kept before attach; the transport is paused, so this is at most a
-    #: read or two.  More means the transport ignores pausing: abort.
-    max_pending = 4 * 1024 * 1024
-
-    def __init__(self) -> None:
-        """
-        A new, unattached end.
-        """
-        self.relay: Relay | None = None
-        self._pending: list[bytes] = []
-        self._pending_len = 0
-        self._pending_read_closed = False
-        self._pending_lost: bool | None = None
-        self._read_closed = False
-        self._write_closed = False
-        self._on_lost_before_attach: Callable[[], object] | None = None
-
-    @property
-    def _t(self) -> Any:
-        return self.transport
-
-    @property
-    def producer(self) -> Any:
-        """
-        :return: the transport (an C{IPushProducer}).
-        """
-        return self.transport
-
-    @property
-    def consumer(self) -> Any:
-        """
-        :return: the transport (an C{IConsumer}).
-        """
-        return self.transport
-
-    def connectionMade(self) -> None:
-        """
-        Pause reading until a relay is attached; read and send in
-        L{TRANSPORT_BUFFER} pieces.
-        """
-        widen_transport(self.transport)
-        if self.relay is None:
-            self._t.pauseProducing()
-
-    def attach(self, relay: Relay) -> None:
-        """
-        Hand this end to C{relay}: deliver what arrived before, and report an
-        end of file or a lost connection that happened before.  Reading resumes
-        when the relay starts.
-
-        :param relay: the relay this end belongs to.
-        """
-        self.relay = relay
-        pending, self._pending, self._pending_len = self._pending, [], 0
-        for data in pending:
-            relay.received(self, data)
-        if self._pending_read_closed:
-            relay.read_closed(self)
-        if self._pending_lost is not None:
-            relay.lost(self, self._pending_lost)
-
-    def dataReceived(self, data: bytes) -> None:
-        """
-        Pass bytes to the relay (or keep them until attached).
-
-        :param data: bytes from the peer.
-        """
-        if self.relay is not None:
-            self.relay.received(self, data)
-            return
-        self._pending.append(data)
-        self._pending_len += len(data)
-        if self._pending_len > self.max_pending:
-            self._log.warn(
-                "{n} bytes arrived before attach: aborting", n=self._pending_len
-            )
-            self.abort()
-
-    def readConnectionLost(self) -> None:
-        """
-        The peer shut down its writing side: tell the relay.
-        """
-        self._read_closed = True
-        if self.relay is not None:
-            self.relay.read_closed(self)
-        else:
-            self._pending_read_closed = True
-        self._maybe_lose()
-
-    def writeConnectionLost(self) -> None:
-        """
-        Our writing side is shut down (after L{close_write}).
-        """
-        self._write_closed = True
-        self._maybe_lose()
-
-    def _maybe_lose(self) -> None:
-        if self._read_closed and self._write_closed and self.transport is not None:
-            self._t.loseConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """
-        Tell the relay the connection is gone.
-
-        :param reason: why; C{ConnectionDone} counts as clean.
-        """
-        clean = reason.check(ConnectionDone) is not None
-        if self.relay is not None:
-            self.relay.lost(self, clean)
-            return
-        self._pending_lost = clean
-        if self._on_lost_before_attach is not None:
-            callback, self._on_lost_before_attach = self._on_lost_before_attach, None
-            callback()
-
-    # IRelayEnd
-
-    def write(self, data: bytes) -> None:
-        """
-        Send bytes to the peer.
-
-        :param data: the bytes.
-        """
-        self._t.write(data)
-
-    def close(self, code: int, reason: str) -> None:
-        """
-        Close after the write buffer drains (C{loseConnection}); TCP has no
-        close code.
-
-        :param code: ignored.
-        :param reason: ignored.
-        """
-        if self.transport is not None:
-            self._t.loseConnection()
-
-    def close_write(self) -> bool:
-        """
-        Shut down the writing side after the buffer drains (TCP half-close).
-
-        :return: C{False} if the transport cannot half-close (e.g. TLS).
-        """
-        lose_write = getattr(self.transport, "loseWriteConnection", None)
-        if lose_write is None:
-            return False
-        lose_write()
-        return True
-
-    def abort(self) -> None:
-        """
-        Drop the connection now.
-        """
-        if self.transport is not None:
-            abort = getattr(self.transport, "abortConnection", None)
-            if abort is not None:
-                abort()
-            else:
-                self._t.loseConnection()
 
 
 def splice_to_endpoint(

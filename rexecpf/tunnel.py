@@ -51,6 +51,7 @@ from twisted.web.resource import Resource
 from rexecpf.auth import Authenticator, bearer_token
 from rexecpf.config import LimitsConfig
 from rexecpf.endpoints import container_endpoint
+from rexecpf.ends import TCPEnd
 from rexecpf.forwards import ForwardService
 from rexecpf.http.errors import error_response, write_error
 from rexecpf.model import (
@@ -63,7 +64,7 @@ from rexecpf.model import (
     APIError,
     ErrorKind,
 )
-from rexecpf.relay import CLOSE_GOING_AWAY, CONNECT_TIMEOUT, Relay, RelayStats, TCPEnd
+from rexecpf.relay import CLOSE_GOING_AWAY, CONNECT_TIMEOUT, Relay, RelayStats
 from rexecpf.web import release_from_http_channel
 from rexecpf.wsend import WebSocketEndMixin, protocol_options
 

@@ -4,7 +4,8 @@ The WebSocket side of a relay, shared by the server tunnel and the ``rexecpf
 tunnel`` client.
 
 :class:`WebSocketEndMixin` turns an Autobahn (Twisted) protocol into an
-:class:`rexecpf.relay.IRelayEnd`:
+:class:`rexecpf.ends.IRelayEnd`, one of the family of
+:class:`rexecpf.ends.TransportEnd`:
 
 - its ``producer`` and ``consumer`` are the *raw* transport (the socket), so
   the relay pauses socket reads and hears when the socket's write buffer is
@@ -17,7 +18,7 @@ tunnel`` client.
   a client has Autobahn mask them;
 - its transport keeps Twisted's 64 KiB read size (Autobahn's parser costs
   time quadratic in the size of one read) but sends up to
-  :data:`rexecpf.relay.TRANSPORT_BUFFER` at once;
+  :data:`rexecpf.ends.TRANSPORT_BUFFER` at once;
 - a ping or pong counts as activity for the relay's idle timer, and pings,
   pongs and frame headers count against the relay's rate like data;
 - a ping that arrives while our socket's write buffer is full is not
@@ -37,9 +38,9 @@ from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.logger import Logger
 
+from rexecpf.ends import TransportEnd, widen_transport
 from rexecpf.http._twisted import frame_header_size, parse_websocket_data, writes_plain_frames
 from rexecpf.model import CloseReason
-from rexecpf.relay import Relay, widen_transport
 
 __all__ = [
     "AUTO_FRAGMENT_SIZE",
@@ -116,6 +117,8 @@ def xor_masker_name() -> str:
 
 
 if TYPE_CHECKING:
+    from rexecpf.relay import Relay
+
     # What the mixin is mixed into, as the type checker sees it.
     _AutobahnProtocol = WebSocketProtocol
 else:
@@ -140,20 +143,20 @@ def _close_frame_fault(code: int | None, reason: bytes | None) -> tuple[int, str
     return None
 
 
-class WebSocketEndMixin(_AutobahnProtocol):
+class WebSocketEndMixin(TransportEnd, _AutobahnProtocol):
     """
     Mixed in before an Autobahn Twisted protocol class: the protocol is then
-    an ``IRelayEnd`` once :meth:`attach_relay` is called.
+    an ``IRelayEnd`` once :meth:`attach_relay` is called.  Its ``producer``,
+    ``consumer`` and :meth:`abort` are a :class:`TransportEnd`'s (the raw
+    transport); it writes binary messages and closes with a close frame.
     """
 
     _log = Logger()
-    relay: Relay | None = None
     #: the payload of the last ping not answered yet (our socket was full)
     _pending_pong: bytes | None = None
     # Set on the protocol at run time, and not declared by Autobahn's
-    # framework-independent WebSocketProtocol: the raw transport (by
-    # Twisted), the factory and, on a server, the frame-masking option.
-    transport: Any
+    # framework-independent WebSocketProtocol: the factory and, on a server,
+    # the frame-masking option (the raw transport: TransportEnd.transport).
     factory: Any
     maskServerFrames: bool
     # Autobahn's Twisted adapter and its WebSocketProtocol declare these two
@@ -163,16 +166,6 @@ class WebSocketEndMixin(_AutobahnProtocol):
     _transport_details: TransportDetails
 
     # -- IRelayEnd ---------------------------------------------------------
-
-    @property
-    def producer(self) -> Any:
-        """:return: the raw transport: pausing it stops reading the socket."""
-        return self.transport
-
-    @property
-    def consumer(self) -> Any:
-        """:return: the raw transport, written to by ``sendMessage``."""
-        return self.transport
 
     def write(self, data: bytes) -> None:
         """
@@ -211,12 +204,6 @@ class WebSocketEndMixin(_AutobahnProtocol):
             )
         elif self.state == WebSocketProtocol.STATE_CONNECTING and self.transport is not None:
             self.transport.loseConnection()
-
-    def abort(self) -> None:
-        """Drop the connection now."""
-        if self.transport is not None:
-            abort = getattr(self.transport, "abortConnection", None)
-            (abort or self.transport.loseConnection)()
 
     # -- glue --------------------------------------------------------------
 

@@ -22,16 +22,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from rexecpf.relay import (
-    BURST_SECONDS,
-    TRANSPORT_BUFFER,
-    IRelayEnd,
-    Relay,
-    RelayStats,
-    TCPEnd,
-    splice_to_endpoint,
-    widen_transport,
-)
+from rexecpf.ends import TRANSPORT_BUFFER, IRelayEnd, TakenOverEnd, TCPEnd, TransportEnd, widen_transport
+from rexecpf.relay import BURST_SECONDS, Relay, RelayStats, splice_to_endpoint
 
 
 class HalfCloseTransport(StringTransport):
@@ -157,6 +149,29 @@ class InterfaceTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IRelayEnd, end))
         self.assertIs(end.producer, end.transport)
         self.assertIs(end.consumer, end.transport)
+
+    def test_taken_over_end_provides_relay_end(self) -> None:
+        """
+        A L{TakenOverEnd} (a connection another protocol still owns) provides
+        L{IRelayEnd} too, its transport being both producer and consumer.
+        """
+        transport = StringTransport()
+        end = TakenOverEnd(transport)
+        self.assertTrue(verifyObject(IRelayEnd, end))
+        self.assertIs(end.producer, transport)
+        self.assertIs(end.consumer, transport)
+
+    def test_websocket_end_is_a_transport_end(self) -> None:
+        """
+        The WebSocket end shares a L{TransportEnd}'s producer, consumer and
+        abort: one implementation for the family.
+        """
+        from rexecpf.wsend import WebSocketEndMixin
+
+        self.assertTrue(issubclass(WebSocketEndMixin, TransportEnd))
+        self.assertTrue(IRelayEnd.implementedBy(WebSocketEndMixin))
+        for name in ("producer", "consumer", "abort"):
+            self.assertNotIn(name, vars(WebSocketEndMixin))
 
     def test_pauser_is_push_producer(self) -> None:
         """
@@ -632,6 +647,22 @@ class HalfCloseTests(SynchronousTestCase):
         self.assertEqual(f.ended[0].close_code, 1000)
         self.assertEqual(f.ended[0].bytes_a_to_b, 7)
         self.assertEqual(f.ended[0].bytes_b_to_a, 8)
+
+    def test_taken_over_end_does_not_half_close(self) -> None:
+        """
+        A L{TakenOverEnd} never half-closes, even on a transport that could:
+        the protocol that owns its transport would not report it.  An end
+        of file on the other side closes both orderly instead.
+        """
+        client = HalfCloseTransport()
+        f = RelayFixture(a=TakenOverEnd(client))
+        f.b.dataReceived(b"bye")
+        f.b.readConnectionLost()
+        self.assertEqual(client.value(), b"bye")
+        self.assertFalse(client.write_closed)
+        self.assertTrue(client.disconnecting)
+        self.assertTrue(f.tb.disconnecting)
+        self.assertEqual(f.relay.close_code, 1000)
 
     def test_half_close_unsupported(self) -> None:
         """

@@ -7,11 +7,13 @@ byte (:class:`Exchange`), or to the relay a 101 starts (:class:`Upgrade`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectError, ConnectionDone, DNSLookupError
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -19,6 +21,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from rexecpf.endpoints import container_endpoint
+from rexecpf.ends import TakenOverEnd, widen_transport
 from rexecpf.http._twisted import request_disconnected
 from rexecpf.http.errors import abort_client, finish_with_error
 from rexecpf.model import (
@@ -43,13 +46,13 @@ from rexecpf.proxy.parser import (
     UntilCloseDecoder,
 )
 from rexecpf.proxy.pool import ContainerConnection
-from rexecpf.relay import CONNECT_TIMEOUT, IRelayEnd, Relay, RelayStats, TCPEnd, widen_transport
+from rexecpf.relay import CONNECT_TIMEOUT, Relay, RelayStats
 from rexecpf.web import RequestBodyStream, release_from_http_channel
 
 if TYPE_CHECKING:
     from rexecpf.proxy.resource import ProxyService
 
-__all__ = ["Exchange", "Upgrade"]
+__all__ = ["Answered", "ClientGone", "Cut", "Exchange", "Failed", "RelayEnded", "State", "Upgrade"]
 
 @implementer(IBodyProducer)
 class _RequestBody:
@@ -168,16 +171,96 @@ def _nothing() -> None:
     pass
 
 
+class State(Enum):
+    """Where one proxied request is (:attr:`Exchange.state`)."""
+
+    #: no container connection yet: one is taken from the pool or being made
+    #: (again, once, after a kept-alive connection turned out closed); the
+    #: response-header timer runs
+    CONNECTING = "connecting"
+    #: the request went to the container (its body as it arrives) and its
+    #: response head has not come; the response-header timer runs, held
+    #: while the request body flows
+    AWAITING_HEAD = "awaiting head"
+    #: the response head went to the client; its body streams, the container
+    #: connection's transport being the client request's producer
+    STREAMING_BODY = "streaming body"
+    #: a 101: the relay holds both connections (:class:`Upgrade` only)
+    UPGRADED = "upgraded"
+    #: over: everything is released
+    DONE = "done"
+
+
+@attrs.frozen
+class Answered:
+    """
+    The response went to the client whole: it is finished, and the container
+    connection goes back to the pool if ``keep`` (and the request body was
+    sent whole), else is closed.
+    """
+
+    keep: bool
+
+
+@attrs.frozen
+class Failed:
+    """
+    Nothing of the container's answer went to the client: it gets ``error``
+    instead (``None``: nothing, the connection attempt was cancelled).
+    """
+
+    error: APIError | None
+
+
+@attrs.frozen
+class Cut:
+    """
+    The response cannot reach the client whole: its connection is ended
+    without finishing the response, what was written flushed first unless
+    ``at_once``.
+    """
+
+    why: str
+    at_once: bool = False
+
+
+@attrs.frozen
+class ClientGone:
+    """The client went away: the container side is stopped."""
+
+
+@attrs.frozen
+class RelayEnded:
+    """The relay of an upgraded connection ended (both connections are closed)."""
+
+    stats: RelayStats
+
+
+#: How an exchange ends (:meth:`Exchange._close`).
+Outcome = Answered | Failed | Cut | ClientGone | RelayEnded
+
+
 class Exchange:
     """
     One proxied request, from sending it to the container to the last body
-    byte, over a pooled connection (:class:`ContainerConnection`).
+    byte, over a pooled connection (:class:`ContainerConnection`): a state
+    machine (:class:`State`) whose every ending goes through :meth:`_close`.
+
+    Its inputs: :meth:`start`, from the pool or the connection
+    (:meth:`connected`, :meth:`got_head`, :meth:`head_failed`,
+    :meth:`bad_framing`, :meth:`body_lost`, :meth:`crashed`), from the body
+    decoder, the response-header timer, the client (its request finishing
+    or failing), and the live-connection registry (:meth:`shutdown`,
+    :meth:`drain`).  Any input that comes once it is :attr:`State.DONE` is
+    ignored.
     """
 
     _log = Logger()
 
     #: whether the client asked for a protocol switch (:class:`Upgrade`)
     upgrade = False
+    #: the relay of an upgraded connection (:class:`Upgrade`, after a 101)
+    relay: Relay | None = None
 
     def __init__(
         self,
@@ -194,21 +277,23 @@ class Exchange:
         self.forward = forward
         self.container = container
         self.prefix = prefix
+        self.state = State.CONNECTING
+        # What is held, each released in _close:
         #: the connection being made, until it is
         self.pending: Deferred[Any] | None = None
         self.connection: ContainerConnection | None = None
+        #: the response-header timer
         self.timer: Any = None
-        self.timed_out = False
-        self.retried = False
+        #: the request body while it is the container connection's producer
         self.sending: _RequestBody | None = None
+        self.untrack: Callable[[], None] = _nothing
+        #: fired once done, for a graceful stop (:meth:`drain`)
+        self.drained: Deferred[None] | None = None
+        self.retried = False
         self.body_sent = True
         #: whether the connection may carry another request after this one
         self.keep_alive = False
         self.body_bytes = 0
-        self.done = False
-        self.untrack: Callable[[], None] = _nothing
-        #: fired once done, for a graceful stop (:meth:`drain`)
-        self.drained: Deferred[None] | None = None
 
     def target(self) -> bytes:
         """:return: path and query for the container."""
@@ -243,16 +328,6 @@ class Exchange:
         )
         self.pending.addErrback(self._failed)
 
-    def _settle(self) -> None:
-        """Done, one way or another: no longer tracked; a graceful stop waits no more."""
-        self.done = True
-        # (dropped, not only called: it refers back to this exchange)
-        untrack, self.untrack = self.untrack, _nothing
-        untrack()
-        drained, self.drained = self.drained, None
-        if drained is not None:
-            drained.callback(None)
-
     def drain(self) -> Deferred[None]:
         """
         A graceful stop: let the response finish, then close the client
@@ -265,11 +340,18 @@ class Exchange:
             if not self.request.startedWriting:
                 self.request.setHeader(b"connection", b"close")
             channel.persistent = False
-        if self.done:
+        if self.state is State.DONE:
             return succeed(None)
         if self.drained is None:
             self.drained = Deferred()
         return self.drained
+
+    def shutdown(self, reason: str) -> None:
+        """The forward is gone, its user's token was revoked, or rexecpf stops: close now."""
+        if self.state in (State.CONNECTING, State.AWAITING_HEAD):
+            self._close(Failed(_closed_error(reason)))
+        else:
+            self._close(Cut(reason, at_once=True))
 
     # the response-header timer
 
@@ -283,8 +365,7 @@ class Exchange:
         self.timer = None
 
     def _sending_body(self, sending: bool) -> None:
-        connection = self.connection
-        if self.done or connection is None or connection.head_done:
+        if self.state is not State.AWAITING_HEAD:
             return
         if sending:
             self._disarm()
@@ -293,24 +374,32 @@ class Exchange:
 
     def _time_out(self) -> None:
         self.timer = None
-        self.timed_out = True
-        if self.pending is not None:
-            self.pending.cancel()  # -> _failed
-            return
-        self._stop_sending()
-        connection, self.connection = self.connection, None
-        self._end(GATEWAY_TIMEOUT(f"no response headers within {self.service.response_timeout:g} s"))
-        if connection is not None:
-            connection.abort()
+        self._close(Failed(GATEWAY_TIMEOUT(f"no response headers within {self.service.response_timeout:g} s")))
 
     # the request
+
+    def _failed(self, failure: Failure) -> None:
+        """The connection to the container could not be made."""
+        self.pending = None
+        if self.state is not State.CONNECTING:
+            return
+        if failure.check(CancelledError):
+            self._close(Failed(None))
+        elif isinstance(failure.value, APIError):  # a name that resolves to a socket of ours: 403
+            self._close(Failed(failure.value))
+        elif failure.check(ConnectError, DNSLookupError):
+            self._close(Failed(BAD_GATEWAY(f"the container port does not answer: {_reason(failure)}")))
+        else:
+            self._log.info("proxy to {forward_id} failed: {error}", forward_id=self.forward.id, error=_reason(failure))
+            self._close(Failed(BAD_GATEWAY(f"the container port failed: {_reason(failure)}")))
 
     def connected(self, connection: ContainerConnection) -> None:
         """Send the request over ``connection``."""
         self.pending = None
-        if self.done:
+        if self.state is not State.CONNECTING:
             connection.abort()
             return
+        self.state = State.AWAITING_HEAD
         self.connection = connection
         request = self.request
         body = _body_of(request, self._sending_body)
@@ -355,37 +444,38 @@ class Exchange:
 
     def head_failed(self, connection: ContainerConnection, why: str) -> None:
         """No (acceptable) response head came over ``connection``."""
-        if self.done:
+        if self.state is not State.AWAITING_HEAD:
             return
-        self._stop_sending()
-        self.connection = None
         nothing_came = not connection.head_done and not connection.reader.received
         # (A streamed body cannot go again: what was sent of it is gone.)
         replayable = self.request.method in IDEMPOTENT and getattr(self.request, "body_stream", None) is None
         if connection.reused and nothing_came and not self.retried and replayable:
-            # A kept-alive connection its server had closed: once more, on a new one.
+            # A kept-alive connection its server had closed: once more, on a
+            # new one (the response-header timer keeps running).
+            self._stop_sending()
+            self.connection = None
+            self.state = State.CONNECTING
             self.retried = True
             self._open(fresh=True)
             return
-        self._disarm()
-        connection.abort()
-        self._end(BAD_GATEWAY(why))
+        self._close(Failed(BAD_GATEWAY(why)))
 
     def got_head(self, connection: ContainerConnection, head: ResponseHead, rest: bytes) -> None:
         """The response head came (interim ones skipped): pass it on, then its body (or switch protocols)."""
-        if self.done:
+        if self.state is not State.AWAITING_HEAD:
             connection.abort()
             return
         self._disarm()
         if head.code == 101:
             self._switch(connection, head, rest)
             return
+        self.state = State.STREAMING_BODY
         self.keep_alive = not self.upgrade and head.persistent(self.request.method)
         self._respond(connection, head, rest)
 
     def _switch(self, connection: ContainerConnection, head: ResponseHead, rest: bytes) -> None:
         """A 101: only an :class:`Upgrade` asks for one."""
-        self.head_failed(connection, "the container switched protocols unasked")
+        self._close(Failed(BAD_GATEWAY("the container switched protocols unasked")))
 
     def _respond(self, connection: ContainerConnection, head: ResponseHead, rest: bytes) -> None:
         """
@@ -401,13 +491,11 @@ class Exchange:
         framing = head.framing(request.method)
         length = head.content_length
         if any(coding != b"chunked" for coding in head.transfer_codings):
-            self.keep_alive = False
             codings = b", ".join(head.transfer_codings).decode("ascii")
-            self.head_failed(connection, f"the container used a transfer coding the proxy cannot pass on: {codings}")
+            self._close(Failed(BAD_GATEWAY(f"the container used a transfer coding the proxy cannot pass on: {codings}")))
             return
         if framing is Framing.LENGTH and length is not None and length > limit:
-            self.keep_alive = False
-            self.head_failed(connection, f"the response body ({length} bytes) is over the limit of {limit} bytes")
+            self._close(Failed(BAD_GATEWAY(f"the response body ({length} bytes) is over the limit of {limit} bytes")))
             return
         request.setResponseCode(head.code, head.reason)
         # Transfer-Encoding is hop-by-hop; with it, Content-Length means
@@ -434,40 +522,35 @@ class Exchange:
             connection.body_received(self, rest)
 
     def _body_data(self, data: bytes) -> None:
-        if self.done:
+        if self.state is not State.STREAMING_BODY:
             return
         self.body_bytes += len(data)
         if self.body_bytes > self.service.body_limit:
-            self.broken("the response body grew past the limit")
+            self._close(Cut("the response body grew past the limit"))
             return
         self.request.write(data)
 
     def _body_end(self, extra: bytes) -> None:
         """The body came whole (``extra``: bytes after it, which no server should send)."""
-        # (before the connection is let go: a body not sent whole is its producer still)
-        self._stop_sending()
-        connection, self.connection = self.connection, None
-        if connection is not None and not self.body_sent:
-            # Answered before the whole request body was sent: the rest will
-            # not be, and closing gently would wait for what is still to be
-            # written, on a container that may never read it.
-            connection.abort()
-            connection = None
-        keep = self.keep_alive and self.body_sent and not extra and not self.done
-        self.finish(connection, keep)
+        if self.state is State.STREAMING_BODY:
+            self._close(Answered(keep=self.keep_alive and not extra))
 
     def body_lost(self, reason: Failure) -> None:
         """The connection closed while the body came."""
         connection = self.connection
-        if self.done or connection is None:
+        if self.state is not State.STREAMING_BODY or connection is None:
             return
         if isinstance(connection.decoder, UntilCloseDecoder):
-            self.connection = None
-            self.finish(None, False)
+            self._close(Answered(keep=False))
         else:
-            self.broken(f"the container's response ended early: {_reason(reason)}")
+            self._close(Cut(f"the container's response ended early: {_reason(reason)}"))
 
-    # outcomes
+    def bad_framing(self, why: str) -> None:
+        """
+        The container's body is not framed as HTTP/1.1 says: 502 when none of
+        it was passed on yet, else the response is cut.
+        """
+        self._close(Cut(why) if self.request.startedWriting else Failed(BAD_GATEWAY(why)))
 
     def crashed(self, connection: ContainerConnection) -> None:
         """
@@ -476,158 +559,80 @@ class Exchange:
         already started.
         """
         self._log.failure("proxied response of {forward_id} failed", forward_id=self.forward.id)
-        self._stop_sending()
-        connection.abort()
-        self._disarm()
-        if self.request.startedWriting:
-            self.broken("internal error", at_once=True)
-        else:
-            self.connection = None
-            self._end(INTERNAL_ERROR("the proxy failed"))
-
-    def _failed(self, failure: Failure) -> None:
-        """The connection to the container could not be made."""
-        self.pending = None
-        self._disarm()
-        if self.done:
-            return
-        if self.timed_out:
-            self._end(GATEWAY_TIMEOUT(f"no response headers within {self.service.response_timeout:g} s"))
-        elif failure.check(CancelledError):
-            self._end(None)
-        elif isinstance(failure.value, APIError):  # a name that resolves to a socket of ours: 403
-            self._end(failure.value)
-        elif failure.check(ConnectError, DNSLookupError):
-            self._end(BAD_GATEWAY(f"the container port does not answer: {_reason(failure)}"))
-        else:
-            self._log.info("proxy to {forward_id} failed: {error}", forward_id=self.forward.id, error=_reason(failure))
-            self._end(BAD_GATEWAY(f"the container port failed: {_reason(failure)}"))
-
-    def _end(self, error: APIError | None) -> None:
-        if self.done:
-            return
-        self._settle()
-        if error is not None:
-            finish_with_error(self.request, error)
-
-    def finish(self, connection: ContainerConnection | None, keep: bool) -> None:
-        """The whole body is delivered: ``connection`` goes back to the pool if ``keep``."""
-        if self.done:
-            if connection is not None:
-                connection.abort()
-            return
-        self._settle()
-        request = self.request
-        if request.producer is not None:
-            request.unregisterProducer()
-        if connection is not None:
-            connection.release(keep)
-        if not request.finished and not request_disconnected(request):
-            request.finish()
-
-    def broken(self, why: str, at_once: bool = False) -> None:
-        """
-        The body cannot be delivered whole: end the client connection without
-        finishing the response (what was written is flushed first, unless
-        ``at_once``), and the container connection.
-        """
-        connection, self.connection = self.connection, None
-        if connection is not None:
+        if self.state is State.DONE:
+            # It may be back in the pool: a connection a bug left in an
+            # unknown state is not used again.
             connection.abort()
-        if self.done:
-            return
-        self._settle()
-        self._stop_sending()
-        self._log.info("proxied response of {forward_id} broken: {why}", forward_id=self.forward.id, why=why)
-        abort_client(self.request, None if at_once else self.service.reactor)
-
-    def bad_framing(self, why: str) -> None:
-        """
-        The container's body is not framed as HTTP/1.1 says: 502 when none of
-        it was passed on yet, else the response is :meth:`broken`.
-        """
-        request = self.request
-        if self.done or request.startedWriting:
-            self.broken(why)
-            return
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            connection.abort()
-        self._stop_sending()
-        if request.producer is not None:
-            request.unregisterProducer()
-        self._end(BAD_GATEWAY(why))
+        elif self.request.startedWriting:
+            self._close(Cut("internal error", at_once=True))
+        else:
+            self._close(Failed(INTERNAL_ERROR("the proxy failed")))
 
     def _client_done(self, result: Any) -> None:
         if self.request.startedWriting:
             # Whatever wrote the head (the container's answer, or one of
             # ours), including a response cut short afterwards.
             self.service.answered(self.request.code)
-        if isinstance(result, Failure) and not self.done:
-            # The client went away: stop the container.
-            self._settle()
-            self._disarm()
-            self._stop_sending()
-            if self.pending is not None:
-                self.pending.cancel()
-            connection, self.connection = self.connection, None
-            if connection is not None:
-                connection.abort()
+        if isinstance(result, Failure):
+            self._close(ClientGone())
 
-    def shutdown(self, reason: str) -> None:
-        """The forward is gone, its user's token was revoked, or rexecpf stops: close now."""
-        if self.done:
+    # the one way out
+
+    def _close(self, outcome: Outcome) -> None:
+        """
+        End the exchange (once: later endings are ignored), releasing each
+        thing it holds here and nowhere else: the response-header timer, a
+        connection being made, the request body's producer slot, the
+        container connection (pooled only when :class:`Answered` says so),
+        the client request's producer; then the client gets what
+        ``outcome`` says; last the exchange is no longer tracked and a
+        graceful stop waits for it no more.  Once upgraded, the relay holds
+        both connections: it is aborted, and ends the exchange when it
+        reports (:class:`RelayEnded`).
+        """
+        if self.state is State.DONE:
             return
-        connection = self.connection
-        if connection is None or not connection.head_done:
-            pending, self.pending = self.pending, None
-            self.connection = None
-            self._disarm()
-            self._stop_sending()
-            self._end(_closed_error(reason))
-            if connection is not None:
-                connection.abort()
-            if pending is not None:
-                pending.cancel()
+        if self.state is State.UPGRADED and not isinstance(outcome, RelayEnded):
+            assert self.relay is not None
+            self.relay.abort()  # -> RelayEnded
             return
-        self.broken(reason, at_once=True)
-
-
-@implementer(IRelayEnd)
-class _ClientEnd:
-    """
-    The client side of an upgraded connection, taken over from its
-    ``HTTPChannel``: an :class:`rexecpf.relay.IRelayEnd`.
-    """
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.relay: Relay | None = None
-
-    @property
-    def producer(self) -> Any:
-        return self.transport
-
-    @property
-    def consumer(self) -> Any:
-        return self.transport
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.relay is not None:
-            self.relay.received(self, data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.relay is not None:
-            self.relay.lost(self, reason.check(ConnectionDone) is not None)
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def close(self, code: int, reason: str) -> None:
-        self.transport.loseConnection()
-
-    def abort(self) -> None:
-        self.transport.abortConnection()
+        self.state = State.DONE
+        self._disarm()
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.cancel()  # -> _failed, ignored
+        # (before the connection is let go: a body not sent whole is its producer still)
+        self._stop_sending()
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            if isinstance(outcome, Answered) and self.body_sent:
+                connection.release(outcome.keep)
+            else:
+                # Answered before the whole request body was sent: the rest
+                # will not be, and closing gently would wait for what is
+                # still to be written, on a container that may never read it.
+                connection.abort()
+        request = self.request
+        disconnected = request_disconnected(request)
+        if request.producer is not None and not disconnected:
+            request.unregisterProducer()
+        if isinstance(outcome, Answered):
+            if not request.finished and not disconnected:
+                request.finish()
+        elif isinstance(outcome, Failed):
+            if outcome.error is not None:
+                finish_with_error(request, outcome.error)
+        elif isinstance(outcome, Cut):
+            self._log.info("proxied response of {forward_id} broken: {why}", forward_id=self.forward.id, why=outcome.why)
+            abort_client(request, None if outcome.at_once else self.service.reactor)
+        elif isinstance(outcome, RelayEnded):
+            self.service.forwards.relay_ended("upgrade", self.forward.id, self.principal.name, outcome.stats)
+        # (dropped, not only called: they refer back to this exchange)
+        untrack, self.untrack = self.untrack, _nothing
+        untrack()
+        drained, self.drained = self.drained, None
+        if drained is not None:
+            drained.callback(None)
 
 
 class Upgrade(Exchange):
@@ -638,12 +643,11 @@ class Upgrade(Exchange):
     """
 
     upgrade = True
-    relay: Relay | None = None
 
     def _switch(self, backend: ContainerConnection, head: ResponseHead, rest: bytes) -> None:
         if not self.body_sent:
             # The rest of the body would reach it as bytes of the new protocol.
-            self.head_failed(backend, "the container switched protocols before it read the request body")
+            self._close(Failed(BAD_GATEWAY("the container switched protocols before it read the request body")))
             return
         request = self.request
         channel = request.channel
@@ -663,8 +667,8 @@ class Upgrade(Exchange):
         backend.relaying = True
         backend._t.pauseProducing()
         if rest:
-            TCPEnd.dataReceived(backend, rest)
-        client = _ClientEnd(transport)
+            backend.dataReceived(rest)
+        client = TakenOverEnd(transport)
         buffered = channel.hand_over(client)
         transport.pauseProducing()
         release_from_http_channel(transport)
@@ -673,13 +677,16 @@ class Upgrade(Exchange):
             self.service.reactor,
             client,
             backend,
-            on_end=self._relay_ended,
+            on_end=lambda stats: self._close(RelayEnded(stats)),
             rate_a_to_b=self.service.upgrade_rate,
             rate_b_to_a=self.service.upgrade_rate,
             idle_seconds=self.service.upgrade_idle,
         )
+        # The relay holds both connections from now on.
         self.relay = relay
-        client.relay = relay
+        self.connection = None
+        self.state = State.UPGRADED
+        client.attach(relay)
         backend.attach(relay)
         self.service.answered(101)
         if buffered:
@@ -687,19 +694,9 @@ class Upgrade(Exchange):
         relay.start()
         self._log.info("upgraded connection to {forward_id} open", forward_id=self.forward.id)
 
-    def _relay_ended(self, stats: RelayStats) -> None:
-        self._settle()
-        self.service.forwards.relay_ended("upgrade", self.forward.id, self.principal.name, stats)
-
     def drain(self) -> Deferred[None]:
         """A graceful stop: an upgraded connection is closed at once (as a tunnel is)."""
-        if self.relay is not None:
+        if self.state is State.UPGRADED:
             self.shutdown(CloseReason.GOING_AWAY)
             return succeed(None)
         return super().drain()
-
-    def shutdown(self, reason: str) -> None:
-        if self.relay is not None:
-            self.relay.abort()
-            return
-        super().shutdown(reason)

@@ -13,8 +13,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
+from rexecpf.ends import TCPEnd, widen_transport
 from rexecpf.proxy.parser import HeadReader, ProtocolError
-from rexecpf.relay import TCPEnd, widen_transport
 
 if TYPE_CHECKING:
     from rexecpf.proxy.exchange import Exchange

@@ -36,7 +36,7 @@ from twisted.web import server
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 
-from rexecpf.relay import TRANSPORT_BUFFER
+from rexecpf.ends import TRANSPORT_BUFFER
 from rexecpf.wsend import protocol_options
 from tests.functional.daemon import Daemon
 from tests.functional.peers import free_port

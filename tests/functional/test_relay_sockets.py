@@ -26,7 +26,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from rexecpf.relay import Relay, RelayStats, TCPEnd, splice_to_endpoint
+from rexecpf.ends import TCPEnd
+from rexecpf.relay import Relay, RelayStats, splice_to_endpoint
 
 MiB = 1024 * 1024
 TOTAL = 64 * MiB
