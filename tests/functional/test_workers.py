@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.functional.daemon import Daemon, http_request, subprocess_env, twistd_argv
+from tests.functional.daemon import REPO, Daemon, http_request, subprocess_env, twistd_argv
 from tests.functional.peers import free_port
 from tests.functional.pgcluster import fresh_database, require_postgres
 from tests.functional.rawws import OP_BINARY, RawWebSocket, RecordingServer
@@ -388,3 +389,38 @@ def http_server() -> Any:
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     return web
+
+
+class SystemdDropInTests(unittest.TestCase):
+    """``contrib/systemd/rexecpf.service.d/workers.conf`` over ``rexecpf.service``."""
+
+    def verify(self, extra: str = "") -> str:
+        units = REPO / "contrib" / "systemd"
+        directory = Path(tempfile.mkdtemp(prefix="rexecpf-units-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        (directory / "rexecpf.service.d").mkdir()
+        for name in ("rexecpf.service", "rexecpf.socket", "rexecpf.service.d/workers.conf"):
+            text = (units / name).read_text().replace("/opt/rexecpf/bin/twistd", twistd)
+            (directory / name).write_text(text + extra if name.endswith(".conf") else text)
+        result = subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", str(directory / "rexecpf.socket"),
+             str(directory / "rexecpf.service")],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{directory}:"},  # read the drop-in directory too
+        )
+        return f"{result.returncode} {result.stdout}{result.stderr}".strip()
+
+    @unittest.skipUnless(shutil.which("systemd-analyze"), "systemd-analyze is not installed")
+    def test_verify(self) -> None:
+        """systemd-analyze verify accepts the unit with the drop-in, and does read the drop-in."""
+        self.assertEqual(self.verify(), "0")
+        self.assertIn("BogusKey", self.verify("BogusKey=1\n"))
+
+    def test_content(self) -> None:
+        drop_in = (REPO / "contrib" / "systemd" / "rexecpf.service.d" / "workers.conf").read_text()
+        self.assertIn("\nExecStart=\nExecStart=/opt/rexecpf/bin/twistd --nodaemon --pidfile= rexecpf "
+                      "--config /etc/rexecpf/rexecpf.toml --workers 2\n", drop_in)
+        service = (REPO / "contrib" / "systemd" / "rexecpf.service").read_text()
+        self.assertIn("\nKillMode=mixed\n", service)  # SIGTERM to the parent only
+        self.assertIn("\nNotifyAccess=main\n", service)  # only the parent talks to systemd
