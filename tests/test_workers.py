@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -62,13 +63,15 @@ class WorkerParentTests(unittest.TestCase):
         self.parent.startService()
         self.addCleanup(self.stop)
 
-    def stop(self) -> Any:
+    def stop(self) -> None:
+        """Stop (if the test did not), end every worker left: the parent removes its directory."""
         if self.parent.running:
-            for process in self.reactor.processes:
-                if process.protocol._slot.process is process:
-                    process.end(ProcessDone(0))
-            return self.parent.stopService()
-        return None
+            self.parent.stopService()
+        for process in self.reactor.processes:
+            if process.protocol._slot.process is process:
+                process.end(ProcessDone(0))
+        assert self.parent._directory is not None
+        self.assertFalse(os.path.exists(self.parent._directory))
 
     def ready(self, index: int) -> None:
         self.parent._notified(self.parent.slots[index], "READY=1")
