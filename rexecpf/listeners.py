@@ -19,16 +19,19 @@ accepted (plain TCP has no way to say why) and logged.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rexecpf.config import LimitsConfig
 from rexecpf.endpoints import container_endpoint
@@ -37,7 +40,7 @@ from rexecpf.forwards import ForwardService
 from rexecpf.model import APIError, PortForward
 from rexecpf.relay import CLOSE_GOING_AWAY, CONNECT_TIMEOUT, Relay, RelayStats, splice_to_endpoint
 
-__all__ = ["LISTEN_BACKLOG", "REFUSALS_LOG_SECONDS", "LocalListeners", "LocalConnection"]
+__all__ = ["LISTEN_BACKLOG", "REFUSALS_LOG_SECONDS", "LocalListeners", "LocalConnection", "listening_socket"]
 
 #: The listen queue of every socket rexecpf listens on, unless an endpoint
 #: string says otherwise (Twisted's default is 50: clients past it have their
@@ -47,6 +50,51 @@ LISTEN_BACKLOG = 511
 #: Connections closed for being over their owner's cap are logged at most
 #: once per forward in this many seconds.
 REFUSALS_LOG_SECONDS = 10.0
+
+
+def listening_socket(interface: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
+    """
+    :return: a non-blocking TCP socket listening on ``interface:port``
+        (``SO_REUSEADDR`` as Twisted's own; with ``reuse_port``,
+        ``SO_REUSEPORT`` too: the worker processes of one rexecpf each
+        listen on the same address, and the kernel spreads the connections).
+    :raises OSError: when it cannot listen.
+    """
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortServerEndpoint:
+    """A TCP server endpoint whose socket has ``SO_REUSEPORT`` (see :func:`listening_socket`)."""
+
+    def __init__(self, reactor: Any, port: int, backlog: int, interface: str) -> None:
+        self._reactor = reactor
+        self._port = port
+        self._backlog = backlog
+        self._interface = interface
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        try:
+            sock = listening_socket(self._interface, self._port, self._backlog, reuse_port=True)
+        except OSError as error:
+            return fail(CannotListenError(self._interface, self._port, error))
+        try:
+            return succeed(self._reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
+        finally:
+            sock.close()
+
 
 class LocalConnection(TCPEnd):
     """One accepted connection: paused until spliced to the container."""
@@ -121,6 +169,8 @@ class LocalListeners(Service):
     :param endpoint: ``(address, port) -> IStreamClientEndpoint`` for the
         container port (:func:`rexecpf.endpoints.container_endpoint` by
         default, which refuses the daemon's own sockets).
+    :param reuse_port: listen with ``SO_REUSEPORT``: under ``--workers``,
+        every worker listens on every ``local_port``.
     """
 
     _log = Logger()
@@ -131,8 +181,10 @@ class LocalListeners(Service):
         forwards: ForwardService,
         limits: LimitsConfig,
         endpoint: Callable[[str, int], IStreamClientEndpoint] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self._reactor = reactor
+        self._reuse_port = reuse_port
         self.forwards = forwards
         self._limits = limits
         self._endpoint = endpoint or (
@@ -173,8 +225,12 @@ class LocalListeners(Service):
 
     def _listen(self, forward: PortForward) -> None:
         interface = self._limits.local_interface
-        server = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-        endpoint = server(self._reactor, forward.local_port, backlog=LISTEN_BACKLOG, interface=interface)
+        endpoint: IStreamServerEndpoint
+        if self._reuse_port:
+            endpoint = ReusePortServerEndpoint(self._reactor, forward.local_port, LISTEN_BACKLOG, interface)
+        else:
+            server = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+            endpoint = server(self._reactor, forward.local_port, backlog=LISTEN_BACKLOG, interface=interface)
 
         def listening(port: IListeningPort) -> None:
             if self.forwards.cached(forward.id) is None:

@@ -16,10 +16,11 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.application.service import IServiceCollection, MultiService, Service
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -55,16 +56,20 @@ if TYPE_CHECKING:
     from rexecpf.endpoints import OwnSockets
     from rexecpf.feed import ChangeFollower
     from rexecpf.forwards import ForwardService
-    from rexecpf.http.ask import AskResource
     from rexecpf.listeners import LocalListeners
     from rexecpf.metrics import Metrics
     from rexecpf.ops import Notifier, Readiness, Reloader
     from rexecpf.proxy import ProxyService
     from rexecpf.web import RexecSite
+    from rexecpf.workers import WorkerSockets
 
 __all__ = ["Options", "makeService", "StartupError"]
 
 _log = Logger()
+
+
+#: The most ``--workers`` (more processes than cores only cost memory).
+MAX_WORKERS = 256
 
 
 class StartupError(SystemExit):
@@ -77,7 +82,7 @@ class StartupError(SystemExit):
 class Options(usage.Options):
     """Options of ``twistd rexecpf``."""
 
-    synopsis = "[--config FILE | --demo] [--listen ENDPOINT]... [--public-url URL] [--state PATH]"
+    synopsis = "[--config FILE | --demo] [--listen ENDPOINT]... [--public-url URL] [--state PATH] [--workers N]"
     longdesc = (
         "Serve the rexecpf REST API, HTTP proxy and WebSocket tunnels.  "
         "Try: twistd -n rexecpf --demo"
@@ -90,6 +95,8 @@ class Options(usage.Options):
         ["public-url", None, None, "Override [server] public_url."],
         ["state", None, None, "Override [server] state (the SQLite file)."],
         ["log-format", None, None, "Override [server] log_format: text or json (one JSON object a line)."],
+        ["workers", None, 1, "Run N worker processes sharing the sockets and the store (needs --nodaemon).",
+         int],
     ]
 
     #: twistd's log observer factory for ``log_format = "json"``.
@@ -115,10 +122,15 @@ class Options(usage.Options):
             raise StartupError(str(error)) from None
         if self["log-format"] not in (None, "text", "json"):
             raise usage.UsageError("--log-format is text or json")
+        if not 1 <= self["workers"] <= MAX_WORKERS:
+            raise usage.UsageError(f"--workers is 1 to {MAX_WORKERS}")
+        parent = getattr(self, "parent", None)
+        if self["workers"] > 1 and parent is not None and not parent.get("nodaemon"):
+            # The workers log to the parent's standard output, which a daemon closes.
+            raise usage.UsageError("--workers needs --nodaemon (-n), as under systemd")
         log_format = self["log-format"] or self["config_object"].server.log_format
         # twistd resolves its --logger option (a name) after this runs and
         # starts logging after that: JSON lines unless --logger was given.
-        parent = getattr(self, "parent", None)
         if log_format == "json" and parent is not None and not parent.get("logger"):
             parent["logger"] = self.json_logger
 
@@ -270,6 +282,7 @@ def build(
     config_path: str | None = None,
     notifier: Notifier | None = None,
     install_signals: bool = False,
+    worker: WorkerSockets | None = None,
 ) -> Components:
     """
     Build the service tree for ``config``.
@@ -278,6 +291,8 @@ def build(
         (``None`` for ``--demo``).
     :param notifier: where readiness is announced (``$NOTIFY_SOCKET``).
     :param install_signals: install the ``SIGHUP`` handler while running.
+    :param worker: in a worker of ``--workers N``: the sockets it inherited
+        (adopted in place of ``listen``; its metrics go to the parent).
     :raises StartupError: for anything a user can fix (state file, endpoints).
     """
     # Imported here, not at the top: see the comment there.
@@ -289,6 +304,7 @@ def build(
     from rexecpf.endpoints import OwnSockets
     from rexecpf.feed import ChangeFollower, FeedHealth
     from rexecpf.forwards import ForwardService
+    from rexecpf.http.ask import AskResource
     from rexecpf.listeners import LocalListeners
     from rexecpf.metrics import CountingBackend, Metrics, MetricsResource
     from rexecpf.ops import GracefulService, Readiness, Reloader, branch
@@ -296,6 +312,7 @@ def build(
     from rexecpf.store import CachedCheck
     from rexecpf.tunnel import TunnelFactory, TunnelResource
     from rexecpf.web import Health, RexecSite, Root
+    from rexecpf.workers import adopting_endpoint
 
     store = _store(config, reactor)
     top = GracefulService(config.server.shutdown_grace_seconds, reactor)
@@ -354,7 +371,7 @@ def build(
     authenticator = Authenticator(config.auth.users, config.auth.admins)
     urls = PublicURLs(config.server.public_url, config.server.proxy_domain)
     api = API(authenticator, forwards, urls)
-    local_listeners = LocalListeners(reactor, forwards, config.limits)
+    local_listeners = LocalListeners(reactor, forwards, config.limits, reuse_port=worker is not None)
     local_listeners.setServiceParent(top)
     tunnel = TunnelResource(TunnelFactory(reactor, authenticator, forwards, config.limits))
     proxy = ProxyService(
@@ -385,19 +402,26 @@ def build(
     )
 
     listeners = []
+    # Under --workers, the first len(shared_endpoints(config)) are the
+    # parent's sockets, in that order; metrics_listen is the parent's own.
     endpoints: list[tuple[str, Any, str]] = [(description, site, "server.listen") for description in config.server.listen]
-    if config.server.metrics_listen:
-        endpoints.append((config.server.metrics_listen, RexecSite(MetricsResource(metrics)), "server.metrics_listen"))
     if config.tls.ask_listen:
         ask = AskResource(forwards.domain_claimed, reactor)
         endpoints.append((config.tls.ask_listen, RexecSite(ask), "tls.ask_listen"))
+    if config.server.metrics_listen and worker is None:
+        endpoints.append((config.server.metrics_listen, RexecSite(MetricsResource(metrics)), "server.metrics_listen"))
     certificates = _certificates(config)
-    for description, factory, key in endpoints:
+    for index, (description, factory, key) in enumerate(endpoints):
         try:
             if certificates is not None and factory is site and description.startswith("ssl:"):
                 from rexecpf.tls import sni_server_endpoint
 
-                endpoint = sni_server_endpoint(reactor, with_backlog(description), certificates)
+                endpoint = sni_server_endpoint(
+                    reactor, with_backlog(description), certificates,
+                    tcp=worker.adopted(reactor, index) if worker is not None else None,
+                )
+            elif worker is not None:
+                endpoint = worker.endpoint(reactor, index, with_backlog(description))
             else:
                 endpoint = serverFromString(reactor, with_backlog(description))
         except (ValueError, TypeError, KeyError) as error:
@@ -405,6 +429,16 @@ def build(
         listener = EndpointListener(endpoint, factory, description, own_sockets)
         listener.setServiceParent(top)
         listeners.append(listener)
+    if worker is not None and worker.metrics is not None:
+        # The parent serves metrics_listen with every worker's metrics, read here.
+        listener = EndpointListener(
+            adopting_endpoint(reactor, worker.metrics, "unix:"), RexecSite(MetricsResource(metrics)),
+            "the parent's metrics socket",
+        )
+        listener.setServiceParent(top)
+        listeners.append(listener)
+    if worker is not None and worker.metrics_address is not None:
+        own_sockets.add("metrics_listen", cast(IListeningPort, _Bound(IPv4Address("TCP", *worker.metrics_address))))
 
     reloader = Reloader(
         reactor, config_path, authenticator, forwards, backend, inventory, install_signals,
@@ -483,6 +517,16 @@ def _store(config: Config, reactor: Any) -> Any:
         raise StartupError(f"store.url: cannot use {shown}: {redact(str(error), url)}") from None
     _log.info("store: PostgreSQL at {url}", url=shown)
     return PostgresForwardStore(reactor, url)
+
+
+class _Bound:
+    """A socket of the parent's (``metrics_listen`` under ``--workers``), for :class:`OwnSockets`."""
+
+    def __init__(self, address: IPv4Address) -> None:
+        self._address = address
+
+    def getHost(self) -> IPv4Address:  # noqa: N802
+        return self._address
 
 
 def _not_listening(listener: EndpointListener) -> None:
@@ -581,20 +625,81 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
 
         reactor = global_reactor
     from rexecpf.ops import notifier_from_environ
+    from rexecpf.workers import WorkerSockets, die_with_parent, ignore_stop_signals
 
+    # After the graceful stop, exit with status 0 rather than re-raising SIGTERM.
+    reactor.addSystemEventTrigger("after", "shutdown", forget_exit_signal, reactor)
+    if options["workers"] > 1:
+        return _workers_parent(options, config, reactor)
+    worker = WorkerSockets.from_environ(os.environ)
+    if worker is not None:
+        die_with_parent(worker.parent_pid)
+        # A terminal's ^C reaches the workers and the parent, which passes
+        # SIGTERM on: a stop already under way ignores the second signal.
+        reactor.addSystemEventTrigger("before", "shutdown", ignore_stop_signals)
     components = build(
         config,
         reactor,
         config_path=options["config"],
         notifier=notifier_from_environ(os.environ),
         install_signals=True,
+        worker=worker,
     )
-    # After the graceful stop, exit with status 0 rather than re-raising SIGTERM.
-    reactor.addSystemEventTrigger("after", "shutdown", forget_exit_signal, reactor)
     if options["demo"]:
         _print_demo(config)
     freeze_startup_objects()
     return components.service
+
+
+def shared_endpoints(config: Config) -> list[str]:
+    """
+    :return: the endpoints the parent of ``--workers N`` opens and every
+        worker serves, in this order (``metrics_listen`` is the parent's).
+    """
+    return [*config.server.listen, *([config.tls.ask_listen] if config.tls.ask_listen else [])]
+
+
+def _workers_parent(options: Options, config: Config, reactor: Any) -> IServiceCollection:
+    """
+    :return: the service of the parent of ``--workers N`` (see
+        :mod:`rexecpf.workers`): it serves ``metrics_listen``, nothing else.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    from rexecpf.ops import notifier_from_environ
+    from rexecpf.web import RexecSite
+    from rexecpf.workers import WorkerParent, WorkersMetricsResource, child_argv
+
+    top = MultiService()
+    description = config.server.metrics_listen
+    parent = WorkerParent(
+        reactor,
+        child_argv(options),
+        shared_endpoints(config),
+        options["workers"],
+        config.server.shutdown_grace_seconds,
+        notifier=notifier_from_environ(os.environ),
+        metrics=bool(description),
+    )
+    if description:
+        try:
+            endpoint = serverFromString(reactor, with_backlog(description))
+        except (ValueError, TypeError, KeyError) as error:
+            raise StartupError(f"server.metrics_listen: {description!r} is not a valid endpoint: {error}") from None
+        parent.metrics_listener = EndpointListener(endpoint, RexecSite(WorkersMetricsResource(parent)), description)
+        parent.metrics_listener.setServiceParent(top)  # listens before the workers start
+    parent.setServiceParent(top)
+
+    def exit_if_failed() -> None:
+        if parent.failed:
+            # A worker could not start (its error is above): fail as a
+            # single process would, not with status 0.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+    reactor.addSystemEventTrigger("after", "shutdown", exit_if_failed)
+    return top
 
 
 def freeze_startup_objects() -> None:

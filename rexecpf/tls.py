@@ -282,12 +282,16 @@ def parse_ssl_description(description: str) -> dict[str, str]:
     return arguments
 
 
-def sni_server_endpoint(reactor: Any, description: str, directory: CertificateDirectory) -> IStreamServerEndpoint:
+def sni_server_endpoint(
+    reactor: Any, description: str, directory: CertificateDirectory, tcp: IStreamServerEndpoint | None = None
+) -> IStreamServerEndpoint:
     """
     :param description: an ``ssl:`` server endpoint string (``port``,
         ``interface``, ``backlog``, ``privateKey``, ``certKey``,
         ``extraCertChain``, ``dhParameters``, as Twisted reads them).
     :param directory: the certificates served by host name.
+    :param tcp: the endpoint TLS runs on (a worker's inherited socket);
+        by default, one on the string's ``port`` and ``interface``.
     :return: an endpoint listening like ``description``, whose certificate
         is the one of ``directory`` for the server name the client sends,
         else the endpoint's own.
@@ -325,11 +329,12 @@ def sni_server_endpoint(reactor: Any, description: str, directory: CertificateDi
         options.getContext()
     except (SSL.Error, OSError) as error:
         raise ValueError(f"dhParameters: cannot use {arguments.get('dhParameters')}: {error}") from None
-    port = int(arguments["port"])
-    backlog = int(arguments.get("backlog", "50"))
-    interface = arguments.get("interface", "")
-    if ":" in interface:
-        tcp: IStreamServerEndpoint = TCP6ServerEndpoint(reactor, port, backlog, interface)
-    else:
-        tcp = TCP4ServerEndpoint(reactor, port, backlog, interface)
+    if tcp is None:
+        port = int(arguments["port"])
+        backlog = int(arguments.get("backlog", "50"))
+        interface = arguments.get("interface", "")
+        if ":" in interface:
+            tcp = TCP6ServerEndpoint(reactor, port, backlog, interface)
+        else:
+            tcp = TCP4ServerEndpoint(reactor, port, backlog, interface)
     return wrapServerTLS(options, tcp)

@@ -162,11 +162,11 @@ class Daemon:
         temporary.write_text("\n".join(lines))
         os.replace(temporary, self.inventory)
 
-    def start(self, timeout: float = 30.0) -> Daemon:
-        """Start twistd and wait until /healthz answers 200."""
+    def start(self, timeout: float = 30.0, args: tuple[str, ...] = ()) -> Daemon:
+        """Start twistd (with more ``rexecpf`` options ``args``) and wait until /healthz answers 200."""
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            twistd_argv("--config", str(self.config)),
+            twistd_argv("--config", str(self.config), *args),
             cwd=self.directory,
             stdin=subprocess.DEVNULL,
             stdout=self._log,

@@ -247,6 +247,38 @@ class ReloadTests(TestCase):
         self.assertEqual(curl(tls_port, "other.example.org", ca, insecure=True)[1], f"CN={DEFAULT_NAME}")
 
 
+class WorkersTests(TestCase):
+    """``--workers 2``: every worker serves each host's certificate and the ask endpoint."""
+
+    timeout = 120
+
+    def test_certificates_and_ask_in_every_worker(self) -> None:
+        certs = Certificates(self)
+        tls_port = free_port()
+        ask_port = free_port()
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        daemon = TwistdDaemon(
+            directory,
+            listen=(f"ssl:{tls_port}:interface=127.0.0.1:privateKey={certs.own}",),
+            server='proxy_domain = "preview.example.com"',
+            extra=f'\n[tls]\ncertificates = "{certs.directory}"\nask_listen = "tcp:{ask_port}:interface=127.0.0.1"\n',
+        )
+        daemon.start(args=("--workers", "2"))
+        self.addCleanup(daemon.stop)
+        _wait(lambda: "ready: 2 workers" in daemon.log_path.read_text(errors="replace"), daemon, 30)
+        code, forward, _ = daemon.request("POST", "/api/containers/c1/port-forwards", {"container_port": 9})
+        self.assertEqual(code, 201, forward)
+        host = forward["id"].replace("_", "-") + ".preview.example.com"
+        # SO_REUSEPORT spreads connections over both workers: with 12 of
+        # each, the chance that one worker saw none is 2 * 2**-12.
+        for _ in range(12):
+            status, subject, body = curl(tls_port, "app.example.com", certs.ca.path)
+            self.assertEqual((status, subject, json.loads(body)), (0, "CN=app.example.com", {"status": "ok"}))
+            code, body, _ = http_request(ask_port, "GET", f"/tls/ask?domain={host}")
+            self.assertEqual((code, body), (200, {"domain": host, "claimed": True}))
+
+
 def _wait(condition: Any, daemon: TwistdDaemon, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -1,0 +1,203 @@
+"""The parent of ``--workers N`` with a fake reactor, and its pure parts."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from rexecpf.tap import Options
+from rexecpf.workers import WORKER_ENVIRON, WorkerParent, WorkerSockets, child_argv, merge_metrics
+
+
+class FakeProcess:
+    def __init__(self, pid: int, protocol: Any, env: dict[str, str], fds: dict[int, Any]) -> None:
+        self.pid = pid
+        self.protocol = protocol
+        self.env = env
+        self.fds = fds
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:  # noqa: N802
+        self.signals.append(name)
+
+    def end(self, reason: Exception) -> None:
+        self.protocol.processEnded(Failure(reason))
+
+
+class FakeReactor(Clock):
+    running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processes: list[FakeProcess] = []
+        self.stopped = False
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: dict[str, str],  # noqa: N802
+                     childFDs: dict[int, Any]) -> FakeProcess:  # noqa: N803
+        process = FakeProcess(1000 + len(self.processes), protocol, env, childFDs)
+        self.processes.append(process)
+        return process
+
+    def listenUNIXDatagram(self, path: str, protocol: Any) -> Any:  # noqa: N802
+        class Port:
+            def stopListening(self) -> None:
+                pass
+
+        return Port()
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class WorkerParentTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.reactor = FakeReactor()
+        self.parent = WorkerParent(self.reactor, ["python", "twistd"], [], 2, 3.0, environ={"NOTIFY_SOCKET": "/x"})
+        self.parent.startService()
+        self.addCleanup(self.stop)
+
+    def stop(self) -> None:
+        """Stop (if the test did not), end every worker left: the parent removes its directory."""
+        if self.parent.running:
+            self.parent.stopService()
+        for process in self.reactor.processes:
+            if process.protocol._slot.process is process:
+                process.end(ProcessDone(0))
+        assert self.parent._directory is not None
+        self.assertFalse(os.path.exists(self.parent._directory))
+
+    def ready(self, index: int) -> None:
+        self.parent._notified(self.parent.slots[index], "READY=1")
+
+    def test_workers_get_their_own_notify_socket_and_index(self) -> None:
+        """Each worker has its index and a private NOTIFY_SOCKET, never systemd's."""
+        first, second = self.reactor.processes
+        self.assertEqual(WorkerSockets.from_environ(first.env).index, 0)  # type: ignore[union-attr]
+        self.assertEqual(WorkerSockets.from_environ(second.env).index, 1)  # type: ignore[union-attr]
+        self.assertNotEqual(first.env["NOTIFY_SOCKET"], "/x")
+        self.assertNotEqual(first.env["NOTIFY_SOCKET"], second.env["NOTIFY_SOCKET"])
+
+    def test_ready_once_all_are(self) -> None:
+        self.ready(0)
+        self.assertFalse(self.parent.ready.called)
+        self.ready(1)
+        self.assertTrue(self.parent.ready.called)
+
+    def test_restart_with_backoff(self) -> None:
+        """A ready worker that dies is started again at once, then after 0.5, 1, 2 s while it keeps dying."""
+        self.ready(0)
+        self.ready(1)
+        delays = []
+        for _ in range(4):
+            before = len(self.reactor.processes)
+            self.parent.slots[0].process.end(ProcessTerminated(signal=9))
+            waited = 0.0
+            while len(self.reactor.processes) == before:
+                self.reactor.advance(0.25)
+                waited += 0.25
+            delays.append(waited)
+        self.assertEqual(delays, [0.25, 0.5, 1.0, 2.0])  # the first is at once: the first tick
+        self.assertEqual(self.parent.slots[0].restarts, 4)
+        self.assertFalse(self.reactor.stopped)
+        # Up for long enough, the next death restarts at once again.
+        self.reactor.advance(60)
+        self.parent.slots[0].process.end(ProcessTerminated(signal=9))
+        before = len(self.reactor.processes)
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.processes), before + 1)
+
+    def test_death_before_ready_stops(self) -> None:
+        """A worker that dies before it was ever ready stops the parent (which then exits 1)."""
+        self.ready(1)
+        self.reactor.processes[0].end(ProcessTerminated(exitCode=1))
+        self.assertTrue(self.reactor.stopped)
+        self.assertTrue(self.parent.failed)
+        self.assertEqual(len(self.reactor.processes), 2)
+
+    def test_sighup_and_sigterm_passed_on(self) -> None:
+        """reload() passes HUP on; stopping sends TERM and ends once every worker exited; none restarts."""
+        self.ready(0)
+        self.ready(1)
+        self.parent.reload()
+        self.assertEqual([p.signals for p in self.reactor.processes], [["HUP"], ["HUP"]])
+        stopped = self.parent.stopService()
+        self.assertEqual([p.signals for p in self.reactor.processes], [["HUP", "TERM"], ["HUP", "TERM"]])
+        self.reactor.processes[0].end(ProcessDone(0))
+        self.assertNoResult(stopped)
+        self.reactor.processes[1].end(ProcessDone(0))
+        self.successResultOf(stopped)
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.processes), 2)
+
+    def test_killed_after_the_grace_period(self) -> None:
+        """Workers still alive 5 s after the grace period are killed."""
+        self.ready(0)
+        self.ready(1)
+        self.parent.stopService()
+        self.reactor.advance(3.0 + 4.9)
+        self.assertEqual(self.reactor.processes[0].signals, ["TERM"])
+        self.reactor.advance(0.2)
+        self.assertEqual(self.reactor.processes[0].signals, ["TERM", "KILL"])
+
+
+class MergeTests(unittest.TestCase):
+    def test_labelled_by_worker(self) -> None:
+        """Every worker's samples are kept, labelled; a worker that did not answer is up 0."""
+        parent = WorkerParent(Clock(), [], [], 3, 1.0)
+        text = (
+            "# HELP rexecpf_relays_total Relays ended, by kind.\n"
+            "# TYPE rexecpf_relays_total counter\n"
+            'rexecpf_relays_total{kind="tunnel"} 2.0\n'
+            "# HELP rexecpf_forwards Port forwards that exist.\n"
+            "# TYPE rexecpf_forwards gauge\n"
+            "rexecpf_forwards 4.0\n"
+        )
+        merged = merge_metrics(parent, [(0, text), (1, text.replace("2.0", "5.0")), (2, None)])
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(merged.decode())
+            for sample in family.samples
+        }
+        self.assertEqual(samples[("rexecpf_relays_total", (("kind", "tunnel"), ("worker", "0")))], 2.0)
+        self.assertEqual(samples[("rexecpf_relays_total", (("kind", "tunnel"), ("worker", "1")))], 5.0)
+        self.assertEqual(samples[("rexecpf_forwards", (("worker", "1"),))], 4.0)
+        self.assertEqual(
+            [samples[("rexecpf_worker_up", (("worker", str(i)),))] for i in range(3)], [1.0, 1.0, 0.0]
+        )
+
+
+class OptionsTests(unittest.TestCase):
+    def test_workers_range(self) -> None:
+        for bad in ("0", "257", "x"):
+            with self.assertRaises(usage.UsageError):
+                Options().parseOptions(["--demo", "--workers", bad])
+        options = Options()
+        options.parseOptions(["--demo", "--workers", "4"])
+        self.assertEqual(options["workers"], 4)
+
+    def test_workers_need_nodaemon(self) -> None:
+        options = Options()
+        options.parent = {"nodaemon": False}  # type: ignore[attr-defined]
+        with self.assertRaises(usage.UsageError):
+            options.parseOptions(["--demo", "--workers", "2"])
+
+    def test_child_argv(self) -> None:
+        """A worker runs twistd -n rexecpf with the parent's options, the config by absolute path, no --workers."""
+        options = Options()
+        options.parseOptions(["--demo", "--listen", "tcp:8080", "--workers", "2", "--log-format", "json"])
+        argv = child_argv(options)
+        self.assertEqual(argv[3:], ["--nodaemon", "--pidfile=", "rexecpf", "--demo", "--listen", "tcp:8080",
+                                    "--log-format", "json"])
+        self.assertNotIn("--workers", argv)
+
+    def test_environ_round_trip(self) -> None:
+        sockets = WorkerSockets(1, (5, 6), 7, ("127.0.0.1", 9100), 42)
+        self.assertEqual(WorkerSockets.from_environ({WORKER_ENVIRON: sockets.to_environ()}), sockets)
+        self.assertIsNone(WorkerSockets.from_environ({}))
