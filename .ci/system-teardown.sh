@@ -52,7 +52,7 @@ fi
 # here: its containers, its dockerd (pidfile under its root), the processes
 # of its containers (live restore keeps them), its mounts, its bridge.
 ENGINE2_ROOT="${REXECPF_TEST_DOCKERD2_ROOT:-/tmp/rexecpf-dockerd2}"
-ENGINE2_BRIDGE=rexecpf-br2
+ENGINE2_BRIDGE="${REXECPF_TEST_DOCKERD2_BRIDGE:-rexecpf-br2}"
 if [ -d "$ENGINE2_ROOT" ]; then
     log "removing the tests' second Docker engine ($ENGINE2_ROOT)"
     engine2="docker -H unix://$ENGINE2_ROOT/docker.sock"

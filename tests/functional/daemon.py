@@ -92,6 +92,8 @@ class Daemon:
     :param inventory: the static inventory file (several daemons may share
         one); by default ``containers.toml`` in ``directory``, written from
         ``containers`` (a given one is written only when ``containers`` is).
+    :param backend: the ``[backend]`` table's body (and its subtables, e.g.
+        ``[[backend.engines]]``); by default the static inventory.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Daemon:
         listen: tuple[str, ...] = (),
         server: str = "",
         auth: str = "",
+        backend: str = "",
     ) -> None:
         self.directory = Path(directory)
         self.host = host
@@ -118,6 +121,7 @@ class Daemon:
             self.write_inventory(containers or [{"id": "c1", "owner": "alice"}])
         users_toml = ", ".join(f'{name} = "{token}"' for name, token in self.users.items())
         admins_toml = ", ".join(f'"{name}"' for name in admins)
+        backend = backend or f'kind = "static"\ninventory = "{self.inventory}"'
         listen_toml = ", ".join(f'"{endpoint}"' for endpoint in (f"tcp:{self.port}:interface={host}", *listen))
         self.config = self.directory / "rexecpf.toml"
         self.config.write_text(
@@ -135,8 +139,7 @@ class Daemon:
                 {auth}
 
                 [backend]
-                kind = "static"
-                inventory = "{self.inventory}"
+                {backend}
 
                 [limits]
                 {limits}

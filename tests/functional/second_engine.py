@@ -32,13 +32,16 @@ from pathlib import Path
 
 from tests import _docker
 
-__all__ = ["BRIDGE", "IN_CI", "ROOT", "SecondEngine", "second_engine", "skip_reason"]
+__all__ = ["BRIDGE", "BRIDGE_ADDRESS", "IN_CI", "ROOT", "SecondEngine", "second_engine", "skip_reason"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 #: Everything of the engine lives here (removed at teardown).
 ROOT = Path(os.environ.get("REXECPF_TEST_DOCKERD2_ROOT", "/tmp/rexecpf-dockerd2"))
-BRIDGE = "rexecpf-br2"
-BRIDGE_ADDRESS = "172.31.0.1/24"
+#: Its bridge and the bridge's address; other values (with another ROOT, one
+#: that does not begin with the other run's: strays are found by substring)
+#: let two test runs on one machine each have a second engine of their own.
+BRIDGE = os.environ.get("REXECPF_TEST_DOCKERD2_BRIDGE", "rexecpf-br2")
+BRIDGE_ADDRESS = os.environ.get("REXECPF_TEST_DOCKERD2_ADDRESS", "172.31.0.1/24")
 
 _engine: SecondEngine | None = None
 _failed: str | None = None

@@ -30,7 +30,7 @@ from twisted.trial.unittest import TestCase
 from rexecpf.backends.docker import DockerBackend, DockerRuntime
 from rexecpf.backends.engines import DockerEngines
 from tests import _docker
-from tests.functional.second_engine import SecondEngine, second_engine, skip_reason
+from tests.functional.second_engine import BRIDGE_ADDRESS, SecondEngine, second_engine, skip_reason
 from tests.functional.test_docker import (
     DOCKER_URL,
     Rexecpf,
@@ -139,7 +139,7 @@ class TwoEnginesTests(TestCase):
         """
         cid, name = self.on_two(_docker.HTTPD)
         ip = self.engine.container_ip(cid)
-        self.assertTrue(ip.startswith("172.31.0."), ip)
+        self.assertTrue(ip.startswith(BRIDGE_ADDRESS.rsplit(".", 1)[0] + "."), ip)
         poll(lambda: _try_get(f"http://{ip}:8000/"), 15, "httpd on engine 2 answers")
         forward = self.rexecpf.create(name, 8000)
         self.assertEqual(forward["container_id"], cid)

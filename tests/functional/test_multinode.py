@@ -88,7 +88,38 @@ def closed(sock: socket.socket, timeout: float) -> bool:
     return True
 
 
-class Nodes(unittest.TestCase):
+class NodeChecks(unittest.TestCase):
+    """What a test of nodes does to one node (no tests: also for other modules' node tests)."""
+
+    def health(self, daemon: Daemon) -> int:
+        try:
+            return daemon.request("GET", "/healthz", user=None, timeout=5)[0]
+        except OSError:
+            return 0
+
+    def tunnel(self, daemon: Daemon, forward_id: str) -> RawWebSocket:
+        ws = RawWebSocket(daemon.port, host=daemon.host)
+        self.addCleanup(ws.close)
+        self.assertEqual(ws.handshake(f"/ws/port-forward/{forward_id}"), 101, ws.body)
+        ws.send_frame(OP_BINARY, b"through the tunnel", mask=True)
+        self.assertEqual(ws.read_data(18), b"through the tunnel")
+        return ws
+
+    def local(self, daemon: Daemon, port: int, timeout: float = 1.0) -> socket.socket:
+        """:return: a connection to ``daemon``'s ``local_port`` (listening within ``timeout``), relaying."""
+        sock = poll(lambda: connect(daemon.host, port), timeout, f"{daemon.host}:{port} listens")
+        self.addCleanup(sock.close)
+        self.assertTrue(echoes(sock))
+        return sock
+
+    def assert_closed_1001(self, ws: RawWebSocket, within: float) -> None:
+        started = time.monotonic()
+        code, _ = ws.read_close()
+        self.assertEqual(code, 1001)
+        self.assertLess(time.monotonic() - started, within)
+
+
+class Nodes(NodeChecks):
     """Two nodes on one store; subclasses give the store's TOML."""
 
     def store_toml(self) -> tuple[str, str]:
@@ -124,33 +155,6 @@ class Nodes(unittest.TestCase):
     def start(self) -> None:
         self.a.start()
         self.b.start()
-
-    def health(self, daemon: Daemon) -> int:
-        try:
-            return daemon.request("GET", "/healthz", user=None, timeout=5)[0]
-        except OSError:
-            return 0
-
-    def tunnel(self, daemon: Daemon, forward_id: str) -> RawWebSocket:
-        ws = RawWebSocket(daemon.port, host=daemon.host)
-        self.addCleanup(ws.close)
-        self.assertEqual(ws.handshake(f"/ws/port-forward/{forward_id}"), 101, ws.body)
-        ws.send_frame(OP_BINARY, b"through the tunnel", mask=True)
-        self.assertEqual(ws.read_data(18), b"through the tunnel")
-        return ws
-
-    def local(self, daemon: Daemon, port: int, timeout: float = 1.0) -> socket.socket:
-        """:return: a connection to ``daemon``'s ``local_port`` (listening within ``timeout``), relaying."""
-        sock = poll(lambda: connect(daemon.host, port), timeout, f"{daemon.host}:{port} listens")
-        self.addCleanup(sock.close)
-        self.assertTrue(echoes(sock))
-        return sock
-
-    def assert_closed_1001(self, ws: RawWebSocket, within: float) -> None:
-        started = time.monotonic()
-        code, _ = ws.read_close()
-        self.assertEqual(code, 1001)
-        self.assertLess(time.monotonic() - started, within)
 
     # --- the tests every store runs
 
