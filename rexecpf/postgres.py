@@ -11,9 +11,11 @@ The invariants (one forward per container port, at most N forwards per
 container, ``local_port`` unique, no forward for a container whose stop was
 recorded after the create began) are checked and written in one transaction
 that first takes a transaction-level advisory lock
-(``pg_advisory_xact_lock``) shared by every writer that can break them (add
-and reap), so they hold exactly across processes and nodes; UNIQUE
-constraints hold them too, as a second line.
+(``pg_advisory_xact_lock``) shared by every writer that can break them (add,
+set_domain and reap), so they hold exactly across processes and nodes; UNIQUE
+constraints hold them too, as a second line.  The transactions themselves
+are shared with the SQLite store (:mod:`rexecpf._storesql`); this module
+gives them the lock, the snapshot and ``NOTIFY`` (:class:`_PostgresTransaction`).
 
 The schema's version is in the table ``schema_version``; :data:`_MIGRATIONS`
 lists the steps from each version to the next, applied at start-up under
@@ -29,8 +31,7 @@ goes wrong answers 503 Store unavailable.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -42,20 +43,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rexecpf._storesql import SQLForwardStore, Transaction
 from rexecpf.config import mask_url_password
-from rexecpf.feed import ADD, CHANNEL, DELETE, NOTIFY_MAX_BYTES, REAP, UPDATE, encode_change
+from rexecpf.feed import CHANNEL, NOTIFY_MAX_BYTES, encode_change
 from rexecpf.model import (
-    CONTAINER_NOT_RUNNING,
     DOMAIN_CLAIMED,
-    LIMIT_EXCEEDED,
     LOCAL_PORT_UNAVAILABLE,
     PORT_ALREADY_FORWARDED,
     SLUG_TAKEN,
     STORE_UNAVAILABLE,
-    TOO_MANY_DOMAINS,
-    PortForward,
 )
-from rexecpf.store import STOPS_KEPT, IForwardStore, with_domains
+from rexecpf.store import IForwardStore
 
 __all__ = [
     "PostgresForwardStore",
@@ -118,14 +116,12 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 
 #: The advisory locks (two-key form: rexecpf's namespace, then which).
 _LOCK_NAMESPACE = 0x72657870  # "rexp"
-_LOCK_WRITES = 1  # add and reap: the invariants
+_LOCK_WRITES = 1  # add, set_domain and reap: the invariants
 _LOCK_MIGRATION = 2
 
 #: Every statement (a lock wait included) gives up after this: a server that
 #: hangs answers 503 instead of holding the pool's threads for ever.
 STATEMENT_TIMEOUT_MS = 10_000
-
-_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner, pass_preflight, slug"
 
 #: UNIQUE constraint -> the error it stands for (the second line: the
 #: advisory lock makes the checks before the insert answer first)
@@ -135,53 +131,6 @@ _CONSTRAINT_ERRORS = {
     "forwards_slug_unique": SLUG_TAKEN,
     "forward_domains_claimed": DOMAIN_CLAIMED,
 }
-
-
-def _row(row: tuple[Any, ...]) -> PortForward:
-    return PortForward(
-        id=row[0],
-        container_id=row[1],
-        container_port=row[2],
-        local_port=row[3],
-        name=row[4],
-        created_ms=row[5],
-        owner=row[6],
-        pass_preflight=bool(row[7]),
-        slug=row[8],
-    )
-
-
-def _select(
-    connection: psycopg.Connection[Any], where: str = "", params: tuple[Any, ...] = ()
-) -> list[PortForward]:
-    """:return: the forwards ``where`` selects (oldest first), with their domains."""
-    forwards = [
-        _row(row)
-        for row in connection.execute(
-            f"SELECT {_COLUMNS} FROM forwards {where} ORDER BY created_ms, seq", params  # type: ignore[arg-type]
-        ).fetchall()
-    ]
-    if not forwards:
-        return []
-    rows = connection.execute(
-        "SELECT forward_id, domain, verified FROM forward_domains WHERE forward_id = ANY(%s) ORDER BY seq",
-        ([f.id for f in forwards],),
-    ).fetchall()
-    return with_domains(forwards, rows)
-
-
-def _claimed_elsewhere(connection: psycopg.Connection[Any], forward_id: str, owner: str, domain: str) -> None:
-    """:raises APIError: 409 when another forward claims ``domain`` (see :meth:`IForwardStore.set_domain`)."""
-    row = connection.execute(
-        "SELECT verified FROM forward_domains WHERE domain = %s AND forward_id != %s "
-        "AND (verified OR owner = %s) LIMIT 1",
-        (domain, forward_id, owner),
-    ).fetchone()
-    if row:
-        raise DOMAIN_CLAIMED(
-            f"{domain} is claimed by another forward"
-            + ("" if row[0] else " of yours (not verified yet): remove it there first")
-        )
 
 
 def connection_settings(url: str) -> dict[str, Any]:
@@ -276,6 +225,38 @@ def open_postgres_for_check(url: str) -> None:
         connection.close()
 
 
+class _PostgresTransaction(Transaction):
+    insertion_order = "seq"
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self._connection = connection
+
+    def _cursor(self, sql: str, params: Sequence[Any]) -> psycopg.Cursor[Any]:
+        # The shared SQL has no "?" but its placeholders, and no "%".
+        return self._connection.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._cursor(sql, params).rowcount
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._cursor(sql, params).fetchall()
+
+    def lock_writes(self) -> None:
+        self._connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _LOCK_WRITES))
+
+    def read_one_snapshot(self) -> None:
+        self._connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
+    def leave_change(self, rev: int, op: str, fields: dict[str, Any]) -> None:
+        """
+        Notify every node: ``NOTIFY`` is delivered on commit, in commit
+        order, and the revision's row lock (held to the commit) makes that
+        the revision order.
+        """
+        payload = encode_change(rev, op, max_bytes=NOTIFY_MAX_BYTES, **fields)
+        self._connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+
 class _Connection(adbapi.Connection):
     """
     adbapi's connection wrapper made to fit psycopg in autocommit mode: a
@@ -297,7 +278,7 @@ class _Connection(adbapi.Connection):
             # sent, so a new connection can run the whole transaction.
             self.reconnect()
             self._connection.execute(begin)
-        result = work(self._connection, *args)
+        result = work(_PostgresTransaction(self._connection), *args)
         self._connection.execute("COMMIT")
         return result
 
@@ -322,7 +303,7 @@ class _ConnectionPool(adbapi.ConnectionPool):
 
 
 @implementer(IForwardStore)
-class PostgresForwardStore:
+class PostgresForwardStore(SQLForwardStore):
     """
     :class:`IForwardStore` in a PostgreSQL database.
 
@@ -347,7 +328,7 @@ class PostgresForwardStore:
 
     def _run(self, work: Callable[..., T], *args: Any, read_only: bool = False) -> Deferred[T]:
         """
-        Run ``work(connection, *args)`` in one transaction on a pool thread.
+        Run ``work(transaction, *args)`` in one transaction on a pool thread.
 
         :param read_only: ``work`` only reads (``BEGIN READ ONLY``).
         """
@@ -369,204 +350,12 @@ class PostgresForwardStore:
         d: Deferred[T] = self._pool.runWithConnection(interaction)
         return d.addErrback(unavailable)
 
-    def add(self, forward: PortForward, limit: int, stop_mark: int | None = None) -> Deferred[PortForward]:
-        def add(connection: psycopg.Connection[Any]) -> PortForward:
-            connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _LOCK_WRITES))
-            if stop_mark is not None:
-                row = connection.execute(
-                    "SELECT stop FROM container_stops WHERE container_id = %s", (forward.container_id,)
-                ).fetchone()
-                if row and row[0] > stop_mark:
-                    raise CONTAINER_NOT_RUNNING("the container stopped while the forward was being created")
-            taken, count, used = _one(
-                connection,
-                "SELECT count(*) FILTER (WHERE container_port = %s), count(*), "
-                "(SELECT count(*) FROM forwards WHERE local_port = %s) "
-                "FROM forwards WHERE container_id = %s",
-                (forward.container_port, forward.local_port, forward.container_id),
-            )
-            if taken:
-                raise PORT_ALREADY_FORWARDED(
-                    f"container port {forward.container_port} of {forward.container_id} "
-                    "is already forwarded"
-                )
-            if count >= limit:
-                raise LIMIT_EXCEEDED(f"a container may have at most {limit} forwards")
-            if used:
-                raise LOCAL_PORT_UNAVAILABLE(f"local port {forward.local_port} is in use")
-            if forward.slug is not None and connection.execute(
-                "SELECT 1 FROM forwards WHERE owner = %s AND slug = %s", (forward.owner, forward.slug)
-            ).fetchone():
-                raise SLUG_TAKEN(f"you already have a forward named {forward.slug!r}")
-            for domain in forward.domains:
-                _claimed_elsewhere(connection, forward.id, forward.owner, domain)
-            connection.execute(
-                f"INSERT INTO forwards ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    forward.id,
-                    forward.container_id,
-                    forward.container_port,
-                    forward.local_port,
-                    forward.name,
-                    forward.created_ms,
-                    forward.owner,
-                    forward.pass_preflight,
-                    forward.slug,
-                ),
-            )
-            for domain in forward.domains:
-                connection.execute(
-                    "INSERT INTO forward_domains (forward_id, domain, owner, verified) VALUES (%s, %s, %s, %s)",
-                    (forward.id, domain, forward.owner, domain in forward.verified_domains),
-                )
-            _publish(connection, ADD, forward=forward)
-            return forward
-
-        return self._run(add)
-
-    def set_domain(self, forward_id: str, domain: str, verified: bool, limit: int) -> Deferred[PortForward | None]:
-        def set_domain(connection: psycopg.Connection[Any]) -> PortForward | None:
-            connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _LOCK_WRITES))
-            row = connection.execute("SELECT owner FROM forwards WHERE id = %s", (forward_id,)).fetchone()
-            if row is None:
-                return None
-            (owner,) = row
-            _claimed_elsewhere(connection, forward_id, owner, domain)
-            had = connection.execute(
-                "SELECT verified FROM forward_domains WHERE forward_id = %s AND domain = %s", (forward_id, domain)
-            ).fetchone()
-            if had is None:
-                (count,) = _one(connection, "SELECT count(*) FROM forward_domains WHERE forward_id = %s", (forward_id,))
-                if count >= limit:
-                    raise TOO_MANY_DOMAINS(f"a forward may have at most {limit} domains")
-                connection.execute(
-                    "INSERT INTO forward_domains (forward_id, domain, owner, verified) VALUES (%s, %s, %s, %s)",
-                    (forward_id, domain, owner, verified),
-                )
-            elif verified and not had[0]:
-                connection.execute(
-                    "UPDATE forward_domains SET verified = true WHERE forward_id = %s AND domain = %s",
-                    (forward_id, domain),
-                )
-            else:
-                return _select(connection, "WHERE id = %s", (forward_id,))[0]
-            (forward,) = _select(connection, "WHERE id = %s", (forward_id,))
-            _publish(connection, UPDATE, forward=forward)
-            return forward
-
-        return self._run(set_domain)
-
-    def remove_domain(self, forward_id: str, domain: str) -> Deferred[PortForward | None]:
-        def remove_domain(connection: psycopg.Connection[Any]) -> PortForward | None:
-            cursor = connection.execute(
-                "DELETE FROM forward_domains WHERE forward_id = %s AND domain = %s", (forward_id, domain)
-            )
-            found = _select(connection, "WHERE id = %s", (forward_id,))
-            if not found:
-                return None
-            if cursor.rowcount > 0:
-                _publish(connection, UPDATE, forward=found[0])
-            return found[0]
-
-        return self._run(remove_domain)
-
-    def find_domain(self, domain: str) -> Deferred[PortForward | None]:
-        def find(connection: psycopg.Connection[Any]) -> PortForward | None:
-            found = _select(
-                connection,
-                "WHERE id = (SELECT forward_id FROM forward_domains WHERE domain = %s AND verified)",
-                (domain,),
-            )
-            return found[0] if found else None
-
-        return self._run(find, read_only=True)
-
-    def find_slug(self, owner: str, slug: str) -> Deferred[PortForward | None]:
-        def find(connection: psycopg.Connection[Any]) -> PortForward | None:
-            found = _select(connection, "WHERE owner = %s AND slug = %s", (owner, slug))
-            return found[0] if found else None
-
-        return self._run(find, read_only=True)
-
-    def get(self, forward_id: str) -> Deferred[PortForward | None]:
-        def get(connection: psycopg.Connection[Any]) -> PortForward | None:
-            found = _select(connection, "WHERE id = %s", (forward_id,))
-            return found[0] if found else None
-
-        return self._run(get, read_only=True)
-
-    def list_forwards(self, container_id: str | None = None) -> Deferred[list[PortForward]]:
-        def select(connection: psycopg.Connection[Any]) -> list[PortForward]:
-            if container_id is None:
-                return _select(connection)
-            return _select(connection, "WHERE container_id = %s", (container_id,))
-
-        return self._run(select, read_only=True)
-
-    def remove(self, forward_id: str) -> Deferred[bool]:
-        def remove(connection: psycopg.Connection[Any]) -> bool:
-            cursor = connection.execute("DELETE FROM forwards WHERE id = %s", (forward_id,))
-            if cursor.rowcount > 0:
-                _publish(connection, DELETE, ids=[forward_id])
-                return True
-            return False
-
-        return self._run(remove)
-
-    def remove_container(self, container_id: str) -> Deferred[list[PortForward]]:
-        def remove(connection: psycopg.Connection[Any]) -> list[PortForward]:
-            # The same lock as add: a create either sees this stop or has
-            # written its forward before, and then this removes it.
-            connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _LOCK_WRITES))
-            removed = _select(connection, "WHERE container_id = %s", (container_id,))
-            connection.execute("DELETE FROM forwards WHERE container_id = %s", (container_id,))
-            (stop,) = _one(connection, "SELECT COALESCE(max(stop), 0) + 1 FROM container_stops")
-            connection.execute(
-                "INSERT INTO container_stops (container_id, stop) VALUES (%s, %s) "
-                "ON CONFLICT (container_id) DO UPDATE SET stop = EXCLUDED.stop",
-                (container_id, stop),
-            )
-            connection.execute("DELETE FROM container_stops WHERE stop <= %s", (stop - STOPS_KEPT,))
-            _publish(connection, REAP, ids=[f.id for f in removed], container_id=container_id)
-            return removed
-
-        return self._run(remove)
-
-    def snapshot(self) -> Deferred[tuple[int, list[PortForward]]]:
-        def snapshot(connection: psycopg.Connection[Any]) -> tuple[int, list[PortForward]]:
-            # Both reads at one snapshot of the database.
-            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            (rev,) = _one(connection, "SELECT rev FROM revision")
-            return int(rev), _select(connection)
-
-        return self._run(snapshot, read_only=True)
-
-    def stop_mark(self) -> Deferred[int]:
-        def stop_mark(connection: psycopg.Connection[Any]) -> int:
-            (last,) = _one(connection, "SELECT COALESCE(max(stop), 0) FROM container_stops")
-            return int(last)
-
-        return self._run(stop_mark, read_only=True)
-
-    def secret(self, name: str) -> Deferred[bytes]:
-        def secret(connection: psycopg.Connection[Any]) -> bytes:
-            # Whichever node makes it first, every node reads that one.
-            connection.execute(
-                "INSERT INTO secrets (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
-                (name, secrets.token_bytes(32)),
-            )
-            (value,) = _one(connection, "SELECT value FROM secrets WHERE name = %s", (name,))
-            return bytes(value)
-
-        return self._run(secret)
-
     def check(self) -> Deferred[None]:
-        def check(connection: psycopg.Connection[Any]) -> None:
+        def check(tx: Transaction) -> None:
             # A cheap read that also tells a server that takes no writes (a
             # standby, default_transaction_read_only): it could not take a
             # create or a delete.
-            version, read_only = _one(
-                connection,
+            version, read_only = tx.one(
                 "SELECT (SELECT max(version) FROM schema_version), current_setting('transaction_read_only')",
             )
             if read_only != "off":
@@ -580,23 +369,6 @@ class PostgresForwardStore:
         # Idempotent: graceful shutdown closes the store, and so may its owner.
         if self._pool.running:
             self._pool.close()
-
-
-def _publish(connection: psycopg.Connection[Any], op: str, **fields: Any) -> None:
-    """
-    Bump the revision and notify every node, inside the write's transaction:
-    ``NOTIFY`` is delivered on commit, in commit order, and the revision's
-    row lock (held to the commit) makes that the revision order.
-    """
-    (rev,) = _one(connection, "UPDATE revision SET rev = rev + 1 RETURNING rev")
-    payload = encode_change(int(rev), op, max_bytes=NOTIFY_MAX_BYTES, **fields)
-    connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
-
-
-def _one(connection: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...]:
-    row = connection.execute(query, params).fetchone()  # type: ignore[arg-type]  # constant SQL
-    assert row is not None
-    return tuple(row)
 
 
 def _one_line(error: BaseException) -> str:

@@ -11,19 +11,18 @@ one forward per local port) are checked and written inside one
 hold under any concurrency, even across processes sharing the file.
 
 The schema carries its version in ``PRAGMA user_version``; :data:`_MIGRATIONS`
-lists the steps from each version to the next.
+lists the steps from each version to the next.  The transactions themselves
+are shared with the PostgreSQL store (:mod:`rexecpf._storesql`).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-import attrs
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -31,19 +30,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from rexecpf.feed import ADD, CHANGES_KEPT, DELETE, REAP, UPDATE, encode_change
-from rexecpf.model import (
-    CONTAINER_NOT_RUNNING,
-    DOMAIN_CLAIMED,
-    LIMIT_EXCEEDED,
-    LOCAL_PORT_UNAVAILABLE,
-    PORT_ALREADY_FORWARDED,
-    SLUG_TAKEN,
-    STORE_UNAVAILABLE,
-    TOO_MANY_DOMAINS,
-    APIError,
-    PortForward,
-)
+from rexecpf._storesql import SQLForwardStore, Transaction
+from rexecpf.feed import CHANGES_KEPT, encode_change
+from rexecpf.model import STORE_UNAVAILABLE, APIError, PortForward
 
 __all__ = ["CachedCheck", "Checkable", "HEALTH_CHECK_SECONDS", "IForwardStore", "SQLiteForwardStore"]
 
@@ -197,90 +186,8 @@ _MIGRATIONS: list[list[str]] = [
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-#: How many of the latest container stops are remembered: a create in flight
-#: while more containers than that stop may miss its own container's stop.
-STOPS_KEPT = 100_000
-
 #: The row /healthz rewrites to prove the store takes writes.
 _PROBE = "rexecpf.health-probe"
-
-_COLUMNS = "id, container_id, container_port, local_port, name, created_ms, owner, pass_preflight, slug"
-
-
-def _row(row: tuple[Any, ...]) -> PortForward:
-    return PortForward(
-        id=row[0],
-        container_id=row[1],
-        container_port=row[2],
-        local_port=row[3],
-        name=row[4],
-        created_ms=row[5],
-        owner=row[6],
-        pass_preflight=bool(row[7]),
-        slug=row[8],
-    )
-
-
-def with_domains(forwards: list[PortForward], rows: list[tuple[Any, ...]]) -> list[PortForward]:
-    """
-    :param rows: ``(forward_id, domain, verified)`` in the order the
-        domains were added.
-    :return: ``forwards`` with their domains.
-    """
-    domains: dict[str, list[tuple[str, bool]]] = {}
-    for forward_id, domain, verified in rows:
-        domains.setdefault(forward_id, []).append((domain, bool(verified)))
-    return [
-        attrs.evolve(
-            forward,
-            domains=tuple(d for d, _ in domains[forward.id]),
-            verified_domains=tuple(d for d, ok in domains[forward.id] if ok),
-        )
-        if forward.id in domains
-        else forward
-        for forward in forwards
-    ]
-
-
-def _select(connection: sqlite3.Connection, where: str = "", params: tuple[Any, ...] = ()) -> list[PortForward]:
-    """:return: the forwards ``where`` selects (oldest first), with their domains."""
-    forwards = [
-        _row(row)
-        for row in connection.execute(
-            f"SELECT {_COLUMNS} FROM forwards {where} ORDER BY created_ms, rowid", params
-        ).fetchall()
-    ]
-    if not forwards:
-        return []
-    rows = connection.execute(
-        f"SELECT forward_id, domain, verified FROM forward_domains WHERE forward_id IN "
-        f"(SELECT id FROM forwards {where}) ORDER BY rowid",
-        params,
-    ).fetchall()
-    return with_domains(forwards, rows)
-
-
-def _claimed_elsewhere(connection: sqlite3.Connection, forward_id: str, owner: str, domain: str) -> None:
-    """:raises APIError: 409 when another forward claims ``domain`` (see :meth:`IForwardStore.set_domain`)."""
-    row = connection.execute(
-        "SELECT verified FROM forward_domains WHERE domain = ? AND forward_id != ? "
-        "AND (verified = 1 OR owner = ?) LIMIT 1",
-        (domain, forward_id, owner),
-    ).fetchone()
-    if row:
-        raise DOMAIN_CLAIMED(
-            f"{domain} is claimed by another forward"
-            + ("" if row[0] else " of yours (not verified yet): remove it there first")
-        )
-
-
-def _publish(connection: sqlite3.Connection, op: str, **fields: Any) -> None:
-    """Bump the revision and leave the change for the other processes (inside the write's transaction)."""
-    ((rev,),) = connection.execute("UPDATE revision SET rev = rev + 1 RETURNING rev").fetchall()
-    connection.execute(
-        "INSERT INTO changes (rev, payload) VALUES (?, ?)", (rev, encode_change(rev, op, **fields))
-    )
-    connection.execute("DELETE FROM changes WHERE rev <= ?", (rev - CHANGES_KEPT,))
 
 
 def _open(connection: sqlite3.Connection) -> None:
@@ -363,8 +270,32 @@ def open_sqlite_for_check(path: str) -> None:
         connection.close()
 
 
+class _SQLiteTransaction(Transaction):
+    insertion_order = "rowid"
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._connection.execute(sql, params).rowcount
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._connection.execute(sql, params).fetchall()
+
+    def lock_writes(self) -> None:
+        pass  # every writing transaction began with BEGIN IMMEDIATE: the write lock
+
+    def read_one_snapshot(self) -> None:
+        pass  # a deferred BEGIN reads one snapshot (WAL) from its first read
+
+    def leave_change(self, rev: int, op: str, fields: dict[str, Any]) -> None:
+        """Leave the change in the file for the other processes (:class:`rexecpf.feed.SQLiteChangeFeed`)."""
+        self.execute("INSERT INTO changes (rev, payload) VALUES (?, ?)", (rev, encode_change(rev, op, **fields)))
+        self.execute("DELETE FROM changes WHERE rev <= ?", (rev - CHANGES_KEPT,))
+
+
 @implementer(IForwardStore)
-class SQLiteForwardStore:
+class SQLiteForwardStore(SQLForwardStore):
     """
     :class:`IForwardStore` in a SQLite file.
 
@@ -393,7 +324,7 @@ class SQLiteForwardStore:
 
     def _run(self, work: Callable[..., T], *args: Any, read_only: bool = False) -> Deferred[T]:
         """
-        Run ``work(connection, *args)`` in one transaction on the pool's thread.
+        Run ``work(transaction, *args)`` in one transaction on the pool's thread.
 
         :param read_only: ``work`` only reads: a deferred ``BEGIN`` (a
             snapshot, no write lock), so that reads go on when the file
@@ -405,7 +336,7 @@ class SQLiteForwardStore:
             connection = cursor.connection
             connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
             try:
-                result = work(connection, *args)
+                result = work(_SQLiteTransaction(connection), *args)
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
@@ -421,199 +352,13 @@ class SQLiteForwardStore:
         d: Deferred[T] = self._pool.runWithConnection(_with_cursor(interaction))
         return d.addErrback(unavailable)
 
-    def add(self, forward: PortForward, limit: int, stop_mark: int | None = None) -> Deferred[PortForward]:
-        def add(connection: sqlite3.Connection) -> PortForward:
-            if stop_mark is not None:
-                row = connection.execute(
-                    "SELECT stop FROM container_stops WHERE container_id = ?", (forward.container_id,)
-                ).fetchone()
-                if row and row[0] > stop_mark:
-                    raise CONTAINER_NOT_RUNNING("the container stopped while the forward was being created")
-            (taken,) = connection.execute(
-                "SELECT COUNT(*) FROM forwards WHERE container_id = ? AND container_port = ?",
-                (forward.container_id, forward.container_port),
-            ).fetchone()
-            if taken:
-                raise PORT_ALREADY_FORWARDED(
-                    f"container port {forward.container_port} of {forward.container_id} "
-                    "is already forwarded"
-                )
-            (count,) = connection.execute(
-                "SELECT COUNT(*) FROM forwards WHERE container_id = ?", (forward.container_id,)
-            ).fetchone()
-            if count >= limit:
-                raise LIMIT_EXCEEDED(f"a container may have at most {limit} forwards")
-            (used,) = connection.execute(
-                "SELECT COUNT(*) FROM forwards WHERE local_port = ?", (forward.local_port,)
-            ).fetchone()
-            if used:
-                raise LOCAL_PORT_UNAVAILABLE(f"local port {forward.local_port} is in use")
-            if forward.slug is not None and connection.execute(
-                "SELECT 1 FROM forwards WHERE owner = ? AND slug = ?", (forward.owner, forward.slug)
-            ).fetchone():
-                raise SLUG_TAKEN(f"you already have a forward named {forward.slug!r}")
-            for domain in forward.domains:
-                _claimed_elsewhere(connection, forward.id, forward.owner, domain)
-            connection.execute(
-                f"INSERT INTO forwards ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    forward.id,
-                    forward.container_id,
-                    forward.container_port,
-                    forward.local_port,
-                    forward.name,
-                    forward.created_ms,
-                    forward.owner,
-                    int(forward.pass_preflight),
-                    forward.slug,
-                ),
-            )
-            connection.executemany(
-                "INSERT INTO forward_domains (forward_id, domain, owner, verified) VALUES (?, ?, ?, ?)",
-                [(forward.id, d, forward.owner, int(d in forward.verified_domains)) for d in forward.domains],
-            )
-            _publish(connection, ADD, forward=forward)
-            return forward
-
-        return self._run(add)
-
-    def set_domain(self, forward_id: str, domain: str, verified: bool, limit: int) -> Deferred[PortForward | None]:
-        def set_domain(connection: sqlite3.Connection) -> PortForward | None:
-            row = connection.execute("SELECT owner FROM forwards WHERE id = ?", (forward_id,)).fetchone()
-            if row is None:
-                return None
-            (owner,) = row
-            _claimed_elsewhere(connection, forward_id, owner, domain)
-            had = connection.execute(
-                "SELECT verified FROM forward_domains WHERE forward_id = ? AND domain = ?", (forward_id, domain)
-            ).fetchone()
-            if had is None:
-                (count,) = connection.execute(
-                    "SELECT COUNT(*) FROM forward_domains WHERE forward_id = ?", (forward_id,)
-                ).fetchone()
-                if count >= limit:
-                    raise TOO_MANY_DOMAINS(f"a forward may have at most {limit} domains")
-                connection.execute(
-                    "INSERT INTO forward_domains (forward_id, domain, owner, verified) VALUES (?, ?, ?, ?)",
-                    (forward_id, domain, owner, int(verified)),
-                )
-            elif verified and not had[0]:
-                connection.execute(
-                    "UPDATE forward_domains SET verified = 1 WHERE forward_id = ? AND domain = ?",
-                    (forward_id, domain),
-                )
-            else:
-                return _select(connection, "WHERE id = ?", (forward_id,))[0]
-            (forward,) = _select(connection, "WHERE id = ?", (forward_id,))
-            _publish(connection, UPDATE, forward=forward)
-            return forward
-
-        return self._run(set_domain)
-
-    def remove_domain(self, forward_id: str, domain: str) -> Deferred[PortForward | None]:
-        def remove_domain(connection: sqlite3.Connection) -> PortForward | None:
-            cursor = connection.execute(
-                "DELETE FROM forward_domains WHERE forward_id = ? AND domain = ?", (forward_id, domain)
-            )
-            found = _select(connection, "WHERE id = ?", (forward_id,))
-            if not found:
-                return None
-            if cursor.rowcount > 0:
-                _publish(connection, UPDATE, forward=found[0])
-            return found[0]
-
-        return self._run(remove_domain)
-
-    def find_domain(self, domain: str) -> Deferred[PortForward | None]:
-        def find(connection: sqlite3.Connection) -> PortForward | None:
-            found = _select(
-                connection,
-                "WHERE id = (SELECT forward_id FROM forward_domains WHERE domain = ? AND verified = 1)",
-                (domain,),
-            )
-            return found[0] if found else None
-
-        return self._run(find, read_only=True)
-
-    def find_slug(self, owner: str, slug: str) -> Deferred[PortForward | None]:
-        def find(connection: sqlite3.Connection) -> PortForward | None:
-            found = _select(connection, "WHERE owner = ? AND slug = ?", (owner, slug))
-            return found[0] if found else None
-
-        return self._run(find, read_only=True)
-
-    def get(self, forward_id: str) -> Deferred[PortForward | None]:
-        def get(connection: sqlite3.Connection) -> PortForward | None:
-            found = _select(connection, "WHERE id = ?", (forward_id,))
-            return found[0] if found else None
-
-        return self._run(get, read_only=True)
-
-    def list_forwards(self, container_id: str | None = None) -> Deferred[list[PortForward]]:
-        def select(connection: sqlite3.Connection) -> list[PortForward]:
-            if container_id is None:
-                return _select(connection)
-            return _select(connection, "WHERE container_id = ?", (container_id,))
-
-        return self._run(select, read_only=True)
-
-    def remove(self, forward_id: str) -> Deferred[bool]:
-        def remove(connection: sqlite3.Connection) -> bool:
-            cursor = connection.execute("DELETE FROM forwards WHERE id = ?", (forward_id,))
-            if cursor.rowcount > 0:
-                _publish(connection, DELETE, ids=[forward_id])
-                return True
-            return False
-
-        return self._run(remove)
-
-    def remove_container(self, container_id: str) -> Deferred[list[PortForward]]:
-        def remove(connection: sqlite3.Connection) -> list[PortForward]:
-            removed = _select(connection, "WHERE container_id = ?", (container_id,))
-            connection.execute("DELETE FROM forwards WHERE container_id = ?", (container_id,))
-            (last,) = connection.execute("SELECT COALESCE(MAX(stop), 0) FROM container_stops").fetchone()
-            connection.execute(
-                "INSERT OR REPLACE INTO container_stops (container_id, stop) VALUES (?, ?)",
-                (container_id, last + 1),
-            )
-            connection.execute("DELETE FROM container_stops WHERE stop <= ?", (last + 1 - STOPS_KEPT,))
-            _publish(connection, REAP, ids=[f.id for f in removed], container_id=container_id)
-            return removed
-
-        return self._run(remove)
-
-    def snapshot(self) -> Deferred[tuple[int, list[PortForward]]]:
-        def snapshot(connection: sqlite3.Connection) -> tuple[int, list[PortForward]]:
-            (rev,) = connection.execute("SELECT rev FROM revision").fetchone()
-            return int(rev), _select(connection)
-
-        return self._run(snapshot, read_only=True)
-
-    def stop_mark(self) -> Deferred[int]:
-        def stop_mark(connection: sqlite3.Connection) -> int:
-            (last,) = connection.execute("SELECT COALESCE(MAX(stop), 0) FROM container_stops").fetchone()
-            return int(last)
-
-        return self._run(stop_mark, read_only=True)
-
-    def secret(self, name: str) -> Deferred[bytes]:
-        def secret(connection: sqlite3.Connection) -> bytes:
-            row = connection.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
-            if row:
-                return bytes(row[0])
-            value = secrets.token_bytes(32)
-            connection.execute("INSERT INTO secrets (name, value) VALUES (?, ?)", (name, value))
-            return value
-
-        return self._run(secret)
-
     def check(self) -> Deferred[None]:
-        def check(connection: sqlite3.Connection) -> None:
-            connection.execute("SELECT COUNT(*) FROM forwards").fetchone()
+        def check(tx: Transaction) -> None:
+            tx.one("SELECT COUNT(*) FROM forwards")
             # A store that reads but cannot write (read-only file or file
             # system, disk full) cannot take a create or a delete: probe a
             # write (committed, so it reaches the WAL and the disk).
-            connection.execute(
+            tx.execute(
                 "INSERT OR REPLACE INTO secrets (name, value) VALUES (?, randomblob(16))",
                 (_PROBE,),
             )
