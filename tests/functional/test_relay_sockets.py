@@ -365,8 +365,11 @@ class RelaySocketTests(TestCase):
 
     async def test_throttle_real_time(self) -> None:
         """
-        At 1 MiB/s, an upload as fast as possible is carried at 1 MiB/s
-        (within 15%) once the first bucket is spent.
+        At 1 MiB/s, an upload as fast as possible is carried at no more than
+        1 MiB/s (+15%) once the first bucket is spent, and not far below it.
+        The exact pacing is proven on a Clock (tests/test_relay.py); here the
+        lower bound is loose because a CPU-starved machine (2 shared cores)
+        delivers less than the rate allows (once measured: 0.32 MiB/s).
         """
         rate = 1 * MiB
         container = Receiver()
@@ -377,7 +380,8 @@ class RelaySocketTests(TestCase):
         await deferLater(self.reactor, 2.5, lambda: None)
         t1, n1 = self.reactor.seconds(), container.received
         measured = (n1 - n0) / (t1 - t0)
-        self.assertLess(abs(measured - rate) / rate, 0.15, f"{measured:.0f} B/s")
+        self.assertLess(measured, rate * 1.15, f"{measured:.0f} B/s")
+        self.assertGreater(measured, rate * 0.25, f"{measured:.0f} B/s")
         relay = splicer.relays[0]
         relay.close(1001, "forward deleted")
         stats = await splicer.ended_d
