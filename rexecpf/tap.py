@@ -295,6 +295,29 @@ def build(
         (adopted in place of ``listen``; its metrics go to the parent).
     :raises StartupError: for anything a user can fix (state file, endpoints).
     """
+    store = _store(config, reactor)
+    feed = _feed(config, reactor)
+    try:
+        return _assemble(config, reactor, store, feed, config_path, notifier, install_signals, worker)
+    except BaseException:
+        # In a running reactor (tests, --workers) the pools already have
+        # threads, which would keep the process from exiting.
+        store.close()
+        feed.stop()
+        raise
+
+
+def _assemble(
+    config: Config,
+    reactor: Any,
+    store: Any,
+    feed: IChangeFeed,
+    config_path: str | None,
+    notifier: Notifier | None,
+    install_signals: bool,
+    worker: WorkerSockets | None,
+) -> Components:
+    """:func:`build` once the store and its change feed are open."""
     # Imported here, not at the top: see the comment there.
     from twisted.internet.endpoints import serverFromString
 
@@ -314,7 +337,6 @@ def build(
     from rexecpf.web import Health, RexecSite, Root
     from rexecpf.workers import adopting_endpoint
 
-    store = _store(config, reactor)
     top = GracefulService(config.server.shutdown_grace_seconds, reactor)
     metrics = Metrics()
 
@@ -361,7 +383,7 @@ def build(
     # closes what a delete or a reap elsewhere ends.
     follower = ChangeFollower(
         reactor,
-        _feed(config, reactor),
+        feed,
         forwards,
         resync_seconds=config.store.resync_seconds,
         grace_seconds=config.store.cut_off_grace_seconds,
