@@ -27,8 +27,10 @@ median of ``--rounds`` rounds is printed with the ratios 2 workers / 1 worker
 and 2 workers / ReverseProxyResource, beside the issue's targets; with each
 figure, the cores each party used (CPU seconds over the run's seconds: on 2
 cores, what the server may take is what the load client and the backend
-leave), and the CPU seconds the parent of the two workers spent (it is not in
-the data path).
+leave), the ceiling this puts on 2 workers / 1 worker (the cores over what
+all parties used with one worker: the client and the backend need more as the
+rate grows), and the CPU seconds the parent of the two workers spent (it is
+not in the data path).
 The access log is dropped (twistd ``--logger`` gets a publisher with no
 observers), as bench/proxy_bench.py drops it: the bench measures the proxy,
 not the log.  ``--quick``: 2 s of wrk, 16 MiB tunnels, one round.
@@ -183,6 +185,16 @@ def split(before: dict[str, float], after: dict[str, float], workers: int) -> st
 # --- the bench -------------------------------------------------------------------------------
 
 
+def ceiling(one_worker: list[dict[str, float]], roles: list[str]) -> float:
+    """
+    :return: the most 2 workers could do, as a multiple of 1 worker, on this
+        machine's cores: every party's CPU per request (or byte) as with 1
+        worker, and all the cores busy.  The load client and the backend run
+        here too: their share grows with the rate.
+    """
+    return (os.cpu_count() or 1) / sum(median_of(one_worker, role) for role in roles)
+
+
 def rotated(names: list[str], turn: int) -> list[str]:
     turn %= len(names)
     return names[turn:] + names[:turn]
@@ -320,6 +332,7 @@ def main() -> None:
         rpr_r = proxy_runs["ReverseProxyResource"]
         print(f"  2 workers / 1 worker     req/s {median_of(two_r, 'rps') / median_of(one_r, 'rps'):.2f}x"
               f"  p99 {median_of(two_r, 'p99') / median_of(one_r, 'p99'):.2f}x")
+        print(f"  ceiling of 2 workers / 1 worker here: {ceiling(one_r, ['proxy', 'nginx', 'client']):.2f}x")
         print(f"  2 workers / RPR          req/s {median_of(two_r, 'rps') / median_of(rpr_r, 'rps'):.2f}x"
               f"  p99 {median_of(two_r, 'p99') / median_of(rpr_r, 'p99'):.2f}x")
         print(f"  2 workers: {median_of(two_r, 'rps'):.0f} req/s (target >= 10,000), "
@@ -336,6 +349,9 @@ def main() -> None:
         one_t, two_t = tunnel_runs["rexecpf 1 worker"], tunnel_runs["rexecpf 2 workers"]
         print(f"  2 workers / 1 worker     up {median_of(two_t, 'up') / median_of(one_t, 'up'):.2f}x"
               f"  down {median_of(two_t, 'down') / median_of(one_t, 'down'):.2f}x  (target >= 1.6x)")
+        print("  ceiling of 2 workers / 1 worker here: "
+              + "  ".join(f"{direction} {ceiling(one_t, [f'{role} {direction}' for role in ('bridge', 'container', 'client')]):.2f}x"
+                          for direction in ("up", "down")))
         if "websocat" in tunnel_runs:
             wsc_t = tunnel_runs["websocat"]
             print(f"  2 workers / websocat     up {median_of(two_t, 'up') / median_of(wsc_t, 'up'):.2f}x"
