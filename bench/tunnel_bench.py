@@ -352,7 +352,15 @@ def run_client(spec: dict) -> dict:
 
 
 class Rexecpf:
-    def __init__(self, directory: str, rate: int, container_ports: list[int]) -> None:
+    def __init__(
+        self, directory: str, rate: int, container_ports: list[int], workers: int = 1, metrics_port: int = 0,
+        twistd_options: tuple[str, ...] = (),
+    ) -> None:
+        """
+        :param workers: ``--workers`` (1: one process, no ``--workers``).
+        :param metrics_port: serve ``metrics_listen`` there (0: none).
+        :param twistd_options: more twistd options, before ``rexecpf``.
+        """
         self.port = free_port()
         self.directory = directory
         inventory = os.path.join(directory, "containers.toml")
@@ -363,14 +371,16 @@ class Rexecpf:
             f.write(
                 f'[server]\nlisten = ["tcp:{self.port}:interface=127.0.0.1:backlog=2048"]\n'
                 f'public_url = "http://127.0.0.1:{self.port}"\nstate = "state-{rate}.sqlite3"\n'
-                f'[auth]\nusers = {{ bench = "{TOKEN}" }}\n'
+                + (f'metrics_listen = "tcp:{metrics_port}:interface=127.0.0.1"\n' if metrics_port else "")
+                + f'[auth]\nusers = {{ bench = "{TOKEN}" }}\n'
                 f'[backend]\nkind = "static"\ninventory = "containers.toml"\n'
                 f"[limits]\ntunnel_bytes_per_second = {rate}\nforwards_per_container = 50\n"
             )
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = spawn(
             [PY, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-             "-l", os.path.join(directory, f"rexecpf-{rate}.log"), "rexecpf", "--config", config],
+             "-l", os.path.join(directory, f"rexecpf-{rate}.log"), *twistd_options, "rexecpf", "--config", config]
+            + (["--workers", str(workers)] if workers > 1 else []),
             env=env, cwd=directory, preexec_fn=raise_nofile,
         )
         wait_port(self.port)

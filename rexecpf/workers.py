@@ -62,6 +62,7 @@ from twisted.internet.protocol import DatagramProtocol, Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.reflect import fullyQualifiedName
 from twisted.web import server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -285,7 +286,9 @@ def child_argv(options: Any) -> list[str]:
     argv = [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile="]
     parent = getattr(options, "parent", None)
     if parent is not None and parent.get("logger"):
-        argv.append(f"--logger={parent['logger']}")
+        # twistd has resolved its --logger (a name) to the object by now: pass its name on.
+        logger = parent["logger"]
+        argv.append(f"--logger={logger if isinstance(logger, str) else fullyQualifiedName(logger)}")
     argv.append("rexecpf")
     if options["demo"]:
         argv.append("--demo")

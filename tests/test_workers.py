@@ -10,6 +10,8 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.python.reflect import namedAny
+from twisted.scripts.twistd import ServerOptions
 from twisted.trial import unittest
 
 from rexecpf.tap import Options
@@ -196,6 +198,24 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(argv[3:], ["--nodaemon", "--pidfile=", "rexecpf", "--demo", "--listen", "tcp:8080",
                                     "--log-format", "json"])
         self.assertNotIn("--workers", argv)
+
+    def test_child_argv_logger(self) -> None:
+        """
+        twistd has resolved ``--logger`` to an object by the time the parent
+        builds its workers' command line: the workers get its name back (not
+        its repr, which their twistd cannot import), also for ``--log-format
+        json``, which sets the logger.
+        """
+        for argv, logger in (
+            (["-n", "--logger=twisted.logger.LogPublisher", "rexecpf", "--demo", "--workers", "2"],
+             "twisted.logger._observer.LogPublisher"),
+            (["-n", "rexecpf", "--demo", "--workers", "2", "--log-format", "json"], "rexecpf.ops.json_log_observer"),
+        ):
+            options = ServerOptions()
+            options.parseOptions(argv)
+            worker_argv = child_argv(options.subOptions)
+            self.assertIn(f"--logger={logger}", worker_argv)
+            self.assertIs(namedAny(logger), options["logger"])
 
     def test_environ_round_trip(self) -> None:
         sockets = WorkerSockets(1, (5, 6), 7, ("127.0.0.1", 9100), 42)
