@@ -516,8 +516,25 @@ def _feed(config: Config, reactor: Any) -> IChangeFeed:
 def _store(config: Config, reactor: Any) -> Any:
     """
     :return: the store ``config`` names: PostgreSQL at ``[store] url``, else
-        SQLite at ``[server] state``, opened once first so that a store that
-        cannot be used stops start-up with one line (the password masked).
+        SQLite at ``[server] state``, opened once first (:func:`_open_store`).
+    """
+    _open_store(config)
+    if not config.store.url:
+        _log.info("store: SQLite at {state}", state=config.server.state)
+        return SQLiteForwardStore(reactor, config.server.state)
+    from rexecpf.postgres import PostgresForwardStore
+
+    _log.info("store: PostgreSQL at {url}", url=mask_url_password(config.store.url))
+    return PostgresForwardStore(reactor, config.store.url)
+
+
+def _open_store(config: Config) -> None:
+    """
+    Open the store ``config`` names once, synchronously, creating or
+    migrating its schema, so that a store that cannot be used stops
+    start-up with one line (the password masked).  The parent of
+    ``--workers`` does it before starting them: workers that all created a
+    new SQLite file at once could find it locked.
     """
     url = config.store.url
     if not url:
@@ -526,19 +543,16 @@ def _store(config: Config, reactor: Any) -> Any:
             open_sqlite_for_check(state)
         except Exception as error:  # sqlite3.Error, OSError, RuntimeError: all user-fixable
             raise StartupError(f"server.state: cannot use {state}: {error}") from None
-        _log.info("store: SQLite at {state}", state=state)
-        return SQLiteForwardStore(reactor, state)
+        return
     shown = mask_url_password(url)
     try:
-        from rexecpf.postgres import PostgresForwardStore, open_postgres_for_check, redact
+        from rexecpf.postgres import open_postgres_for_check, redact
     except ImportError as error:
         raise StartupError(f"store.url: PostgreSQL needs psycopg (pip install 'psycopg[binary]'): {error}") from None
     try:
         open_postgres_for_check(url)
     except Exception as error:  # ValueError, psycopg.Error, RuntimeError: all user-fixable
         raise StartupError(f"store.url: cannot use {shown}: {redact(str(error), url)}") from None
-    _log.info("store: PostgreSQL at {url}", url=shown)
-    return PostgresForwardStore(reactor, url)
 
 
 class _Bound:
@@ -692,6 +706,7 @@ def _workers_parent(options: Options, config: Config, reactor: Any) -> IServiceC
     from rexecpf.web import RexecSite
     from rexecpf.workers import WorkerParent, WorkersMetricsResource, child_argv
 
+    _open_store(config)
     top = MultiService()
     description = config.server.metrics_listen
     parent = WorkerParent(

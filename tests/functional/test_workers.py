@@ -306,17 +306,29 @@ class Workers(unittest.TestCase):
 class SQLiteWorkersTests(Workers):
     """Two workers sharing one SQLite file."""
 
-    def test_a_worker_that_cannot_start_ends_the_parent(self) -> None:
-        """A worker that fails before it is ready (an unusable state file) ends the parent with status 1."""
-        (self.directory / "state.sqlite3").mkdir()
+    def run_to_the_end(self) -> tuple[int, bytes]:
         process = subprocess.Popen(
             twistd_argv("--config", str(self.daemon.config), "--workers", "2"), cwd=self.directory,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=subprocess_env(),
         )
         output, _ = process.communicate(timeout=60)
-        self.assertEqual(process.returncode, 1, output)
-        self.assertIn(b"server.state: cannot use", output)
+        return process.returncode, output
+
+    def test_a_worker_that_cannot_start_ends_the_parent(self) -> None:
+        """A worker that fails before it is ready (an unreadable inventory) ends the parent with status 1."""
+        self.daemon.inventory.write_text("[[container]\n")
+        code, output = self.run_to_the_end()
+        self.assertEqual(code, 1, output)
+        self.assertIn(b"worker 0 started", output)
         self.assertIn(b"before it was ready: stopping", output)
+
+    def test_an_unusable_store_ends_the_parent_before_any_worker(self) -> None:
+        """The parent opens the store first (workers creating one SQLite file at once found it locked)."""
+        (self.directory / "state.sqlite3").mkdir()
+        code, output = self.run_to_the_end()
+        self.assertEqual(code, 1, output)
+        self.assertIn(b"server.state: cannot use", output)
+        self.assertNotIn(b"worker 0 started", output)
 
     @unittest.skipUnless(shutil.which("systemd-socket-activate"), "needs systemd-socket-activate (apt: systemd)")
     def test_socket_activation(self) -> None:
