@@ -656,10 +656,16 @@ def merge_metrics(parent: WorkerParent, scraped: list[tuple[int, str | None]]) -
     restarts = Metric("rexecpf_worker_restarts", "Times the worker was started again after it died.", "counter")
     for index, text in scraped:
         worker = str(index)
+        try:
+            parsed = list(text_string_to_metric_families(text or ""))
+        except ValueError:
+            # Cut short (the worker died as it answered): it did not answer,
+            # and the scrape is still answered with the others.
+            parsed, text = [], None
         up.add_sample("rexecpf_worker_up", {"worker": worker}, 0.0 if text is None else 1.0)
         restarts.add_sample("rexecpf_worker_restarts_total", {"worker": worker},
                             float(parent.slots[index].restarts))
-        for family in text_string_to_metric_families(text or ""):
+        for family in parsed:
             merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
             for sample in family.samples:
                 merged.add_sample(sample.name, {**sample.labels, "worker": worker}, sample.value,

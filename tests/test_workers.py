@@ -221,3 +221,30 @@ class OptionsTests(unittest.TestCase):
         sockets = WorkerSockets(1, (5, 6), 7, ("127.0.0.1", 9100), 42)
         self.assertEqual(WorkerSockets.from_environ({WORKER_ENVIRON: sockets.to_environ()}), sockets)
         self.assertIsNone(WorkerSockets.from_environ({}))
+
+
+class ScrapeTests(unittest.TestCase):
+    def test_unreadable_worker_metrics_still_answered(self) -> None:
+        """
+        A worker whose metrics cannot be parsed (cut short as it died) counts
+        as not answering: the scrape is still answered, with the others'.
+        """
+        from twisted.internet.defer import succeed
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from rexecpf.workers import WorkersMetricsResource
+
+        parent = WorkerParent(Clock(), [], [], 2, 1.0)
+        good = "# TYPE rexecpf_forwards gauge\nrexecpf_forwards 4.0\n"
+        parent.scrape = lambda: succeed([(0, good), (1, '# TYPE a counter\na_total{x="y')])  # type: ignore[method-assign]
+        request = DummyRequest([b"metrics"])
+        request.path = b"/metrics"
+        WorkersMetricsResource(parent).render_GET(request)
+        self.assertEqual(request.finished, 1)
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(b"".join(request.written).decode())
+            for sample in family.samples
+        }
+        self.assertEqual(samples[("rexecpf_forwards", (("worker", "0"),))], 4.0)
+        self.assertEqual(samples[("rexecpf_worker_up", (("worker", "1"),))], 0.0)
