@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -623,7 +624,14 @@ class _MetricsFetch(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         head, _, body = b"".join(self._received).partition(b"\r\n\r\n")
-        if self._size > MAX_METRICS_BYTES or head.split(b" ")[1:2] != [b"200"]:
+        # HTTP/1.0 ends the body with the connection: a worker that died as it
+        # wrote would pass for one with fewer samples, but for its Content-Length.
+        length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+        if (
+            self._size > MAX_METRICS_BYTES
+            or head.split(b" ")[1:2] != [b"200"]
+            or (length is not None and int(length.group(1)) != len(body))
+        ):
             self.done.errback(ValueError("no metrics"))
         else:
             self.done.callback(body.decode("utf-8"))

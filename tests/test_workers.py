@@ -248,3 +248,22 @@ class ScrapeTests(unittest.TestCase):
         }
         self.assertEqual(samples[("rexecpf_forwards", (("worker", "0"),))], 4.0)
         self.assertEqual(samples[("rexecpf_worker_up", (("worker", "1"),))], 0.0)
+
+    def test_metrics_cut_short_are_not_taken(self) -> None:
+        """A worker's answer shorter than its Content-Length (it died as it wrote) is no answer."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.internet.testing import StringTransport
+
+        from rexecpf.workers import _MetricsFetch
+
+        whole = b"rexecpf_forwards 4.0\nrexecpf_relays_total 2.0\n"
+        head = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(whole)
+        for body, answered in ((whole, True), (whole[:21], False)):
+            fetch = _MetricsFetch()
+            fetch.makeConnection(StringTransport())
+            fetch.dataReceived(head + body)
+            fetch.connectionLost(Failure(ConnectionDone()))
+            if answered:
+                self.assertEqual(self.successResultOf(fetch.done), whole.decode())
+            else:
+                self.failureResultOf(fetch.done, ValueError)
