@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.application.service import IServiceCollection, MultiService, Service
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -460,7 +460,9 @@ def _assemble(
         listener.setServiceParent(top)
         listeners.append(listener)
     if worker is not None and worker.metrics_address is not None:
-        own_sockets.add("metrics_listen", cast(IListeningPort, _Bound(IPv4Address("TCP", *worker.metrics_address))))
+        host, port = worker.metrics_address
+        address = IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)
+        own_sockets.add("metrics_listen", cast(IListeningPort, _Bound(address)))
 
     reloader = Reloader(
         reactor, config_path, authenticator, forwards, backend, inventory, install_signals,
@@ -558,10 +560,10 @@ def _open_store(config: Config) -> None:
 class _Bound:
     """A socket of the parent's (``metrics_listen`` under ``--workers``), for :class:`OwnSockets`."""
 
-    def __init__(self, address: IPv4Address) -> None:
+    def __init__(self, address: IPv4Address | IPv6Address) -> None:
         self._address = address
 
-    def getHost(self) -> IPv4Address:  # noqa: N802
+    def getHost(self) -> IPv4Address | IPv6Address:  # noqa: N802
         return self._address
 
 

@@ -54,7 +54,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.error import ProcessDone
@@ -466,7 +466,7 @@ class WorkerParent(Service):
     def _metrics_address(self) -> tuple[str, int] | None:
         port = getattr(self.metrics_listener, "port", None)
         address = port.getHost() if port is not None else None
-        if isinstance(address, IPv4Address):
+        if isinstance(address, IPv4Address | IPv6Address):
             return (address.host, address.port)
         return None
 

@@ -209,6 +209,27 @@ class Workers(unittest.TestCase):
             self.assertEqual(samples[("rexecpf_forwards", (("worker", worker),))], 0.0)
             self.assertEqual(samples[("rexecpf_worker_restarts_total", (("worker", worker),))], 0.0)
 
+    def test_no_forward_to_an_ipv6_metrics_listen(self) -> None:
+        """
+        metrics_listen on the IPv6 wildcard (which takes IPv4 too) is one of
+        the daemon's own sockets in every worker, as in one process: a
+        forward to its port is refused (403).
+        """
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6")
+        self.daemon.config.write_text(self.daemon.config.read_text().replace(
+            f'metrics_listen = "tcp:{self.metrics_port}:interface=127.0.0.1"',
+            f'metrics_listen = "tcp6:{self.metrics_port}"'))
+        pids = self.start()
+        for pid in pids:
+            creating, _ = self.http(lambda held, pid=pid: held == pid, pids)  # type: ignore[misc]
+            creating.request("POST", "/api/containers/c1/port-forwards",
+                             body=f'{{"container_port": {self.metrics_port}}}',
+                             headers={"Authorization": "Bearer alice-token"})
+            response = creating.getresponse()
+            self.assertEqual(response.status, 403, response.read())
+            response.read()
+
     def test_created_through_one_served_by_the_other_and_deleted(self) -> None:
         """
         A forward created through one worker is served by the other at
