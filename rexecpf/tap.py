@@ -432,6 +432,13 @@ def _assemble(
         endpoints.append((config.tls.ask_listen, RexecSite(ask), "tls.ask_listen"))
     if config.server.metrics_listen and worker is None:
         endpoints.append((config.server.metrics_listen, RexecSite(MetricsResource(metrics)), "server.metrics_listen"))
+    if worker is not None and list(worker.endpoints) != shared_endpoints(config):
+        # A worker started again reads the file again; the parent holds the
+        # sockets of the endpoints it read at start-up.
+        raise StartupError(
+            f"server.listen or tls.ask_listen changed since rexecpf started (it listens on "
+            f"{', '.join(worker.endpoints)}): restart rexecpf to change them"
+        )
     certificates = _certificates(config)
     for index, (description, factory, key) in enumerate(endpoints):
         try:

@@ -105,6 +105,8 @@ class WorkerSockets:
         metrics to the parent (``None``: no ``metrics_listen``).
     :ivar metrics_address: the ``(host, port)`` the parent serves
         ``metrics_listen`` on (a forward may not lead there), or ``None``.
+    :ivar endpoints: the endpoints (:func:`rexecpf.tap.shared_endpoints`)
+        ``listen`` holds the sockets of, as the parent read them.
     """
 
     index: int
@@ -112,6 +114,7 @@ class WorkerSockets:
     metrics: int | None = None
     metrics_address: tuple[str, int] | None = None
     parent_pid: int = 0
+    endpoints: tuple[str, ...] = ()
 
     def to_environ(self) -> str:
         return json.dumps(attrs.asdict(self))
@@ -130,6 +133,7 @@ class WorkerSockets:
             metrics=document.get("metrics"),
             metrics_address=tuple(address) if address else None,  # type: ignore[arg-type]
             parent_pid=int(document.get("parent_pid", 0)),
+            endpoints=tuple(document.get("endpoints", ())),
         )
 
     def endpoint(self, reactor: Any, index: int, description: str) -> IStreamServerEndpoint:
@@ -443,7 +447,8 @@ class WorkerParent(Service):
             return
         listen = [sock.fd_for(slot.index) for sock in self._sockets]
         metrics = slot.metrics_socket.fileno() if slot.metrics_socket is not None else None
-        worker = WorkerSockets(slot.index, tuple(listen), metrics, self._metrics_address(), os.getpid())
+        worker = WorkerSockets(slot.index, tuple(listen), metrics, self._metrics_address(), os.getpid(),
+                               tuple(self._listen))
         env = {name: value for name, value in self._environ.items()
                if not name.startswith(("LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET"))}
         env[WORKER_ENVIRON] = worker.to_environ()

@@ -53,3 +53,42 @@ class BuildFailureTests(TestCase):
             build(config, reactor)
         self.assertIn("server.listen", str(raised.exception))
         self.assertEqual(pool_threads() - before, set())
+
+    def test_a_worker_whose_endpoints_changed_stops_with_one_line(self) -> None:
+        """
+        A worker started again after the configuration file's endpoints were
+        changed (the parent holds the sockets of the old ones: only a restart
+        of rexecpf changes them) ends with one line naming it, instead of a
+        traceback (an endpoint more) or serving the parent's socket as another
+        endpoint (one changed).
+        """
+        import socket
+
+        from rexecpf.workers import WorkerSockets
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        inventory = os.path.join(directory, "containers.toml")
+        with open(inventory, "w") as file:
+            file.write('[[container]]\nid = "c1"\nowner = "alice"\naddress = "127.0.0.1"\n')
+        old = "tcp:0:interface=127.0.0.1"
+        for listen in ([old, "tcp:0:interface=127.0.0.1:backlog=9"], ["unix:" + os.path.join(directory, "s")]):
+            config = parse_config(
+                {
+                    "server": {
+                        "listen": listen,
+                        "public_url": "http://127.0.0.1:1",
+                        "state": os.path.join(directory, "state.sqlite3"),
+                    },
+                    "auth": {"users": {"alice": "alice-token"}},
+                    "backend": {"kind": "static", "inventory": inventory},
+                }
+            )
+            held = socket.socket()
+            self.addCleanup(held.close)
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            worker = WorkerSockets(0, (held.fileno(),), endpoints=(old,))
+            with self.assertRaises(StartupError) as raised:
+                build(config, reactor, worker=worker)
+            self.assertIn("server.listen", str(raised.exception))
