@@ -615,7 +615,9 @@ class _MetricsFetch(Protocol):
     def __init__(self) -> None:
         self._received: list[bytes] = []
         self._size = 0
-        self.done: Deferred[str] = Deferred()
+        # Cancelled (the scrape's timeout): hang up, rather than hold the
+        # connection until a worker that does not answer does.
+        self.done: Deferred[str] = Deferred(lambda _: self.transport.abortConnection())  # type: ignore[union-attr]
 
     def connectionMade(self) -> None:  # noqa: N802
         self.transport.write(b"GET /metrics HTTP/1.0\r\n\r\n")  # type: ignore[union-attr]

@@ -267,3 +267,24 @@ class ScrapeTests(unittest.TestCase):
                 self.assertEqual(self.successResultOf(fetch.done), whole.decode())
             else:
                 self.failureResultOf(fetch.done, ValueError)
+
+    def test_a_worker_that_does_not_answer_in_time_is_hung_up_on(self) -> None:
+        """
+        A worker that took the connection but does not answer within 5 s is
+        left out of the scrape, and the connection to it is closed (not
+        kept until it answers, if it ever does).
+        """
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        reactor = MemoryReactorClock()
+        parent = WorkerParent(reactor, [], [], 1, 1.0, metrics=True)
+        parent._directory = self.mktemp()
+        parent.slots[0].process = object()
+        scraped = parent.scrape()
+        factory = reactor.unixClients[0][1]
+        transport = StringTransport()
+        factory.buildProtocol(None).makeConnection(transport)
+        self.assertEqual(transport.value(), b"GET /metrics HTTP/1.0\r\n\r\n")
+        reactor.advance(5.0)
+        self.assertEqual(self.successResultOf(scraped), [(0, None)])
+        self.assertTrue(transport.disconnecting)
