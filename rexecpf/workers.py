@@ -342,6 +342,8 @@ class _Slot:
     failures: int = 0
     restarts: int = 0
     restart_call: Any = None
+    #: a SIGHUP came while it was starting: passed on once it is ready
+    reload_pending: bool = False
     notify_port: Any = None
     metrics_socket: socket.socket | None = None
 
@@ -460,6 +462,7 @@ class WorkerParent(Service):
         if metrics is not None:
             fds[metrics] = metrics
         slot.ready = False
+        slot.reload_pending = False  # it reads the file as it starts
         slot.started_at = self._reactor.seconds()
         slot.last_ping = slot.started_at
         slot.process = self._reactor.spawnProcess(
@@ -482,6 +485,9 @@ class WorkerParent(Service):
             slot.ready = slot.ever_ready = True
             slot.last_ping = self._reactor.seconds()
             self._log.info("worker {index} (pid {pid}) is ready", index=slot.index, pid=slot.pid)
+            if slot.reload_pending:
+                slot.reload_pending = False
+                self._signal(slot, "HUP")
             if not self._all_ready and all(s.ever_ready for s in self.slots):
                 self._all_ready = True
                 self._log.info("ready: {count} workers", count=len(self.slots))
@@ -543,7 +549,11 @@ class WorkerParent(Service):
         """Pass SIGHUP on to every worker (each re-reads the configuration file)."""
         self._log.info("reload: passing SIGHUP to {count} workers", count=len(self.slots))
         for slot in self.slots:
-            self._signal(slot, "HUP")
+            if slot.ready:
+                self._signal(slot, "HUP")
+            elif slot.process is not None:
+                # Its handler may not be installed yet: SIGHUP would end it.
+                slot.reload_pending = True
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

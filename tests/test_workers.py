@@ -138,6 +138,30 @@ class WorkerParentTests(unittest.TestCase):
         self.reactor.advance(60)
         self.assertEqual(len(self.reactor.processes), 2)
 
+    def test_sighup_waits_for_a_worker_to_be_ready(self) -> None:
+        """
+        SIGHUP to a worker still starting would end it (its handler is not
+        installed yet: the default action): it is passed on once the worker
+        is ready; a worker started again meanwhile reads the file anyway.
+        """
+        self.ready(0)
+        self.parent.reload()
+        first, second = self.reactor.processes
+        self.assertEqual((first.signals, second.signals), (["HUP"], []))
+        self.ready(1)
+        self.assertEqual(second.signals, ["HUP"])
+        self.ready(1)
+        self.assertEqual(second.signals, ["HUP"])
+        # Pending for a worker that died before it was ready: not for the next one.
+        self.parent.slots[0].process.end(ProcessTerminated(signal=9))
+        self.reactor.advance(0)
+        self.parent.reload()
+        self.parent.slots[0].process.end(ProcessTerminated(signal=9))
+        self.reactor.advance(0.5)
+        third = self.reactor.processes[-1]
+        self.ready(0)
+        self.assertEqual(third.signals, [])
+
     def test_killed_after_the_grace_period(self) -> None:
         """Workers still alive 5 s after the grace period are killed."""
         self.ready(0)

@@ -335,6 +335,24 @@ class SQLiteWorkersTests(Workers):
         output, _ = process.communicate(timeout=60)
         return process.returncode, output
 
+    def test_sighup_while_the_workers_start(self) -> None:
+        """
+        SIGHUP to the parent while its workers are still starting (a reload
+        right after a start) does not end them (nor so the parent, with
+        status 1): each gets it once it is ready.
+        """
+        self.daemon._log = open(self.daemon.log_path, "ab")
+        process = self.daemon.process = subprocess.Popen(
+            twistd_argv("--config", str(self.daemon.config), "--workers", "2"), cwd=self.directory,
+            stdin=subprocess.DEVNULL, stdout=self.daemon._log, stderr=subprocess.STDOUT, env=subprocess_env(),
+        )
+        poll(lambda: len(workers_of(process.pid)) == 2 or None, 30, "two workers spawned")
+        process.send_signal(signal.SIGHUP)
+        poll(lambda: "ready: 2 workers" in self.log() or process.poll() is not None, 30, "ready or ended")
+        self.assertIsNone(process.poll(), self.log())
+        poll(lambda: self.log().count("reloaded ") == 2, 5, "both workers reloaded")
+        self.assertNotIn("before it was ready", self.log())
+
     def test_a_worker_that_cannot_start_ends_the_parent(self) -> None:
         """A worker that fails before it is ready (an unreadable inventory) ends the parent with status 1."""
         self.daemon.inventory.write_text("[[container]\n")
