@@ -11,6 +11,7 @@ and a non-zero status, never a traceback.
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.abc
 import os
 import re
@@ -295,6 +296,10 @@ def build(
         (adopted in place of ``listen``; its metrics go to the parent).
     :raises StartupError: for anything a user can fix (state file, endpoints).
     """
+    if worker is not None and worker.store and worker.store != store_identity(config):
+        # A worker started again reads the file again: it must share the
+        # parent's store with the other workers.
+        raise StartupError("server.state or store.url changed since rexecpf started: restart rexecpf to change them")
     store = _store(config, reactor)
     feed = _feed(config, reactor)
     try:
@@ -537,6 +542,11 @@ def _store(config: Config, reactor: Any) -> Any:
     return PostgresForwardStore(reactor, config.store.url)
 
 
+def store_identity(config: Config) -> str:
+    """:return: a digest naming the store ``config`` names (no password in it)."""
+    return hashlib.sha256((config.store.url or f"sqlite:{config.server.state}").encode()).hexdigest()
+
+
 def _open_store(config: Config) -> None:
     """
     Open the store ``config`` names once, synchronously, creating or
@@ -726,6 +736,7 @@ def _workers_parent(options: Options, config: Config, reactor: Any) -> IServiceC
         config.server.shutdown_grace_seconds,
         notifier=notifier_from_environ(os.environ),
         metrics=bool(description),
+        store=store_identity(config),
     )
     if description:
         try:

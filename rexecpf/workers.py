@@ -107,6 +107,7 @@ class WorkerSockets:
         ``metrics_listen`` on (a forward may not lead there), or ``None``.
     :ivar endpoints: the endpoints (:func:`rexecpf.tap.shared_endpoints`)
         ``listen`` holds the sockets of, as the parent read them.
+    :ivar store: the store the parent opened (:func:`rexecpf.tap.store_identity`).
     """
 
     index: int
@@ -115,6 +116,7 @@ class WorkerSockets:
     metrics_address: tuple[str, int] | None = None
     parent_pid: int = 0
     endpoints: tuple[str, ...] = ()
+    store: str = ""
 
     def to_environ(self) -> str:
         return json.dumps(attrs.asdict(self))
@@ -134,6 +136,7 @@ class WorkerSockets:
             metrics_address=tuple(address) if address else None,  # type: ignore[arg-type]
             parent_pid=int(document.get("parent_pid", 0)),
             endpoints=tuple(document.get("endpoints", ())),
+            store=str(document.get("store", "")),
         )
 
     def endpoint(self, reactor: Any, index: int, description: str) -> IStreamServerEndpoint:
@@ -364,6 +367,7 @@ class WorkerParent(Service):
         parent: set :attr:`metrics_listener` to its listener, whose address
         the workers are told so that no forward leads there).
     :param environ: the environment the workers start from.
+    :param store: the store it opened (:func:`rexecpf.tap.store_identity`).
     """
 
     _log = Logger()
@@ -378,10 +382,12 @@ class WorkerParent(Service):
         notifier: Notifier | None = None,
         metrics: bool = False,
         environ: Mapping[str, str] | None = None,
+        store: str = "",
     ) -> None:
         self._reactor = reactor
         self._argv = argv
         self._listen = listen
+        self._store = store
         self._grace = grace_seconds
         self._notifier = notifier
         self._metrics = metrics
@@ -450,7 +456,7 @@ class WorkerParent(Service):
         listen = [sock.fd_for(slot.index) for sock in self._sockets]
         metrics = slot.metrics_socket.fileno() if slot.metrics_socket is not None else None
         worker = WorkerSockets(slot.index, tuple(listen), metrics, self._metrics_address(), os.getpid(),
-                               tuple(self._listen))
+                               tuple(self._listen), self._store)
         env = {name: value for name, value in self._environ.items()
                if not name.startswith(("LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET"))}
         env[WORKER_ENVIRON] = worker.to_environ()

@@ -92,3 +92,48 @@ class BuildFailureTests(TestCase):
             with self.assertRaises(StartupError) as raised:
                 build(config, reactor, worker=worker)
             self.assertIn("server.listen", str(raised.exception))
+
+    def test_a_worker_whose_store_changed_stops_with_one_line(self) -> None:
+        """
+        A worker started again after ``[server] state`` (or ``[store] url``)
+        was changed in the file stops with one line, instead of serving from
+        another store than the other workers (which would not hear of its
+        writes, nor it of theirs).
+        """
+        from rexecpf.tap import store_identity
+        from rexecpf.workers import WorkerSockets
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        inventory = os.path.join(directory, "containers.toml")
+        with open(inventory, "w") as file:
+            file.write('[[container]]\nid = "c1"\nowner = "alice"\naddress = "127.0.0.1"\n')
+
+        def config(state: str) -> Any:
+            return parse_config(
+                {
+                    "server": {
+                        "listen": ["tcp:0:interface=127.0.0.1"],
+                        "public_url": "http://127.0.0.1:1",
+                        "state": os.path.join(directory, state),
+                    },
+                    "auth": {"users": {"alice": "alice-token"}},
+                    "backend": {"kind": "static", "inventory": inventory},
+                }
+            )
+
+        import socket
+
+        held = socket.socket()
+        self.addCleanup(held.close)
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        inherited = os.dup(held.fileno())  # never adopted: the worker stops first
+        self.addCleanup(os.close, inherited)
+        worker = WorkerSockets(0, (inherited,), endpoints=("tcp:0:interface=127.0.0.1",),
+                               store=store_identity(config("old.sqlite3")))
+        with self.assertRaises(StartupError) as raised:
+            build(config("new.sqlite3"), reactor, worker=worker)
+        self.assertIn("server.state", str(raised.exception))
+        self.assertFalse(os.path.exists(os.path.join(directory, "new.sqlite3")))
+        self.assertNotEqual(store_identity(config("old.sqlite3")), "")
