@@ -519,8 +519,7 @@ class DockerBackend(Service):
         self._retry: IDelayedCall | None = None
         self._backoff = BACKOFF_FIRST
         self._reconciler: Callable[[], Deferred[Any]] | None = None
-        self._reconciling: Deferred[Any] | None = None
-        self._reconcile_again = False
+        self._reconcile_runs = OneRunAtATime(self._log, lambda: bool(self.running))
         self._periodic = LoopingCall(self.reconcile)
         self._periodic.clock = clock
         #: whether the event stream is open now
@@ -607,22 +606,7 @@ class DockerBackend(Service):
         """
         if self._reconciler is None:
             return None
-        if self._reconciling is not None:
-            self._reconcile_again = True
-            return self._reconciling
-        self._reconcile_again = False
-        done = Deferred.fromCoroutine(_call_deferred(self._reconciler))
-        done.addErrback(lambda failure: self._log.failure("reconcile failed", failure))
-        self._reconciling = done
-
-        def over(result: Any) -> Any:
-            self._reconciling = None
-            if self._reconcile_again and self.running:
-                self.reconcile()
-            return result
-
-        done.addBoth(over)
-        return done
+        return self._reconcile_runs(self._reconciler)
 
     # --- events
 
@@ -702,6 +686,39 @@ class DockerBackend(Service):
 
         self._runtime.inspect(container_id).addCallback(answered).addBoth(deliver)
         return waiting
+
+
+class OneRunAtATime:
+    """
+    Runs a reconciler once at a time: a call during a run returns that run
+    and starts one more after it (while ``keep_going()``), so that what
+    changed during a run is not missed and runs never overlap.
+    """
+
+    def __init__(self, log: Logger, keep_going: Callable[[], bool]) -> None:
+        self._log = log
+        self._keep_going = keep_going
+        self._running: Deferred[Any] | None = None
+        self._again = False
+
+    def __call__(self, function: Callable[[], Any]) -> Deferred[Any]:
+        """:return: a Deferred that fires when the run ends (failures are logged)."""
+        if self._running is not None:
+            self._again = True
+            return self._running
+        self._again = False
+        done = Deferred.fromCoroutine(_call_deferred(function))
+        done.addErrback(lambda failure: self._log.failure("reconcile failed", failure))
+        self._running = done
+
+        def over(result: Any) -> Any:
+            self._running = None
+            if self._again and self._keep_going():
+                self(function)
+            return result
+
+        done.addBoth(over)  # (at once, when the reconciler answered at once)
+        return done
 
 
 async def _call_deferred(function: Callable[[], Any]) -> Any:

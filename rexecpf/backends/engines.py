@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rexecpf.backends import IContainerBackend, StoppedCallback
-from rexecpf.backends.docker import DockerBackend, is_reference
+from rexecpf.backends.docker import DockerBackend, OneRunAtATime, is_reference
 from rexecpf.model import BACKEND_UNAVAILABLE, CONTAINER_NOT_FOUND, APIError, Container
 
 __all__ = ["DockerEngines", "FULL_ID"]
@@ -84,8 +84,7 @@ class DockerEngines(MultiService):
         #: full id -> index of the engine that has that container
         self._home: dict[str, int] = {}
         self._reconciler: Callable[[], Deferred[Any]] | None = None
-        self._reconciling: Deferred[Any] | None = None
-        self._reconcile_again = False
+        self._reconcile_runs = OneRunAtATime(self._log, lambda: bool(self.running))
         self._reconcile_seconds = reconcile_seconds
         self._periodic = LoopingCall(self.reconcile)
         self._periodic.clock = clock
@@ -130,22 +129,7 @@ class DockerEngines(MultiService):
         """
         if self._reconciler is None:
             return None
-        if self._reconciling is not None:
-            self._reconcile_again = True
-            return self._reconciling
-        self._reconcile_again = False
-        done = maybeDeferred(self._reconciler)
-        done.addErrback(lambda failure: self._log.failure("reconcile failed", failure))
-        self._reconciling = done
-
-        def over(result: Any) -> Any:
-            self._reconciling = None
-            if self._reconcile_again and self.running:
-                self.reconcile()
-            return result
-
-        done.addBoth(over)  # (at once, when the reconciler answered at once)
-        return done
+        return self._reconcile_runs(self._reconciler)
 
     # --- events
 
