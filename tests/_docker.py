@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 IMAGE = "rexecpf-busybox:latest"
 TEST_LABEL = "rexecpf.test"
@@ -66,6 +66,17 @@ def run_container(
     extra: Sequence[str] = (),
 ) -> str:
     """``docker run -d --init --label rexecpf.test=1 ...``; :return: the full id."""
+    return docker(*run_argv(command, owner, name, labels, extra)).splitlines()[-1]
+
+
+def run_argv(
+    command: Sequence[str],
+    owner: str | None = None,
+    name: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """:return: the arguments of ``docker run`` for a test container (any engine)."""
     argv = ["run", "-d", "--init", "--label", f"{TEST_LABEL}=1"]
     if owner is not None:
         argv += ["--label", f"{OWNER_LABEL}={owner}"]
@@ -73,8 +84,7 @@ def run_container(
         argv += ["--label", f"{key}={value}"]
     if name is not None:
         argv += ["--name", name]
-    argv += [*extra, IMAGE, *command]
-    return docker(*argv).splitlines()[-1]
+    return [*argv, *extra, IMAGE, *command]
 
 
 def remove_quietly(container_id: str) -> None:
@@ -85,8 +95,8 @@ def remove_quietly(container_id: str) -> None:
         pass
 
 
-def container_ip(container_id: str, timeout: float = 10) -> str:
-    """:return: the container's first IP address (waits for one)."""
+def container_ip(container_id: str, timeout: float = 10, docker: Callable[..., str] = docker) -> str:
+    """:return: the container's first IP address (waits for one), from ``docker`` (another engine's)."""
     deadline = time.monotonic() + timeout
     while True:
         ips = docker(

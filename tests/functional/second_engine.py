@@ -130,14 +130,7 @@ class SecondEngine:
         labels: Mapping[str, str] | None = None,
     ) -> str:
         """``docker run -d --init --label rexecpf.test=1 ...`` here; :return: the full id."""
-        argv = ["run", "-d", "--init", "--label", f"{_docker.TEST_LABEL}=1"]
-        if owner is not None:
-            argv += ["--label", f"{_docker.OWNER_LABEL}={owner}"]
-        for key, value in (labels or {}).items():
-            argv += ["--label", f"{key}={value}"]
-        if name is not None:
-            argv += ["--name", name]
-        return self.docker(*argv, _docker.IMAGE, *command).splitlines()[-1]
+        return self.docker(*_docker.run_argv(command, owner, name, labels)).splitlines()[-1]
 
     def remove_quietly(self, container_id: str) -> None:
         """``docker rm -f`` here, ignoring a container that is gone or an engine that is down."""
@@ -148,16 +141,7 @@ class SecondEngine:
 
     def container_ip(self, container_id: str, timeout: float = 10) -> str:
         """:return: the container's IP address on this engine's bridge (waits for one)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ips = self.docker(
-                "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container_id
-            ).split()
-            if ips:
-                return ips[0]
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"container {container_id} has no IP address")
-            time.sleep(0.1)
+        return _docker.container_ip(container_id, timeout, docker=self.docker)
 
     # --- lifecycle
 
