@@ -84,9 +84,6 @@ class PeerError(RuntimeError):
 #: between the pick and the daemon's bind (EADDRINUSE).
 FREE_PORTS = range(20000, 32768)
 _handed_out: set[int] = set()
-#: its own generator: hypothesis seeds the global one, which then gave every
-#: test the same sequence of ports (all handed out after the first tests)
-_pick = random.Random()
 
 
 def free_port(host: str = LOCALHOST) -> int:
@@ -96,7 +93,7 @@ def free_port(host: str = LOCALHOST) -> int:
     against outgoing connections.)
     """
     for _ in range(1000):
-        port = _pick.choice(FREE_PORTS)
+        port = random.choice(FREE_PORTS)
         if port in _handed_out:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
