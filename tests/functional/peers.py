@@ -35,7 +35,6 @@ import getpass
 import glob
 import os
 import pwd
-import random
 import shutil
 import signal
 import socket
@@ -78,32 +77,15 @@ class PeerError(RuntimeError):
 # ------------------------------------------------------------------ helpers
 
 
-#: Ports handed out by free_port below Linux's ephemeral range (32768-60999
-#: by default): a port the kernel picked (bind to 0) is one it also gives to
-#: outgoing connections, and one such connection once took a test's port
-#: between the pick and the daemon's bind (EADDRINUSE).
-FREE_PORTS = range(20000, 32768)
-_handed_out: set[int] = set()
-
-
 def free_port(host: str = LOCALHOST) -> int:
-    """Return a TCP port that is currently free on ``host``, never the same twice in a run.
+    """Return a TCP port that is currently free on ``host``.
 
-    (Still racy against other processes binding fixed ports, but not
-    against outgoing connections.)
+    (Inherently racy - another process may grab it before it is used - but
+    good enough for tests on a CI machine.)
     """
-    for _ in range(1000):
-        port = random.choice(FREE_PORTS)
-        if port in _handed_out:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free port in {FREE_PORTS} on {host}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
