@@ -165,17 +165,16 @@ def sample(argv: list[str], port: int, work: str, name: str) -> dict[str, float]
 
 
 #: What a rexecpf process imports, in an order that charges each package
-#: for what it alone brings (cryptography before autobahn, which loads it).
+#: for what it alone brings.
 BREAKDOWN = (
     ("python itself", ()),
     ("twisted core and twistd", ("twisted.scripts.twistd", "twisted.application.app")),
     ("the reactor (no TLS)", ("twisted.internet.reactor",)),
     ("twisted.web.server", ("twisted.web.server", "twisted.internet.endpoints")),
     ("werkzeug and klein", ("werkzeug.routing", "klein")),
-    ("cryptography (autobahn.wamp.auth)", ("cryptography.hazmat.primitives.kdf.pbkdf2",)),
     ("cffi and pycparser (autobahn.nvx)", ("cffi.cparser",)),
     ("click and cbor2 (autobahn.util, .wamp)", ("click", "cbor2")),
-    ("autobahn's own, txaio", ("autobahn.twisted.resource",)),
+    ("autobahn's own, txaio", ("rexecpf.http._twisted",)),
     ("prometheus_client", ("prometheus_client",)),
     ("sqlite3, adbapi", ("sqlite3", "twisted.enterprise.adbapi")),
     ("rexecpf's own modules", ("rexecpf.tap", "rexecpf.api", "rexecpf.tunnel", "rexecpf.proxy", "rexecpf.web",

@@ -48,7 +48,6 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint, wrapClientTLS
@@ -57,6 +56,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from rexecpf.ends import TCPEnd
+from rexecpf.http._twisted import WebSocketClientFactory, WebSocketClientProtocol
 from rexecpf.relay import Relay, RelayStats
 from rexecpf.wsend import WebSocketEndMixin, protocol_options
 

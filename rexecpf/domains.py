@@ -18,18 +18,19 @@ import base64
 import hashlib
 import hmac
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.names import client, dns
-from twisted.names.error import DomainError
 from twisted.python.failure import Failure
 
 from rexecpf.config import resolver_address
 from rexecpf.model import INVALID_DOMAIN, INVALID_SLUG
+
+if TYPE_CHECKING:
+    from twisted.names import dns
 
 __all__ = [
     "DomainRules",
@@ -173,6 +174,9 @@ class TXTVerifier:
 
     :param resolver: a :class:`twisted.names` resolver, or a function that
         makes one on first use (:meth:`for_address`).
+
+    ``twisted.names`` (about 2 MiB resident) is imported at the first
+    lookup, so that a daemon whose users claim no custom domain never loads it.
     """
 
     def __init__(self, resolver: Any) -> None:
@@ -185,17 +189,28 @@ class TXTVerifier:
         :param address: ``[domains] resolver``: ``host[:port]``, or empty
             for the system's resolvers.
         """
-        if not address:
-            # Made on first use: it re-reads resolv.conf every minute from
-            # then on (a timer that a daemon without custom domains need not run).
-            return cls(lambda: client.Resolver(resolv="/etc/resolv.conf", reactor=reactor))
-        return cls(client.Resolver(servers=[resolver_address(address)], reactor=reactor))
+        # Made on first use: the system's resolver re-reads resolv.conf every
+        # minute from then on (a timer that a daemon without custom domains
+        # need not run).
+        servers = [resolver_address(address)] if address else None
+
+        def make() -> Any:
+            from twisted.names import client
+
+            if servers is None:
+                return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+            return client.Resolver(servers=servers, reactor=reactor)
+
+        return cls(make)
 
     def verify(self, domain: str, token: str) -> Deferred[bool]:
         """
         :return: a Deferred firing with whether the record holds ``token``
             (``False`` also when DNS does not answer: logged, never raised).
         """
+        from twisted.names import dns
+        from twisted.names.error import DomainError
+
         name = TXT_PREFIX + domain
 
         def answered(result: tuple[list[dns.RRHeader], list[Any], list[Any]]) -> bool:

@@ -42,7 +42,6 @@ from rexecpf.config import (
     mask_url_password,
 )
 from rexecpf.feed import IChangeFeed, PostgresChangeFeed, SQLiteChangeFeed
-from rexecpf.http._twisted import forget_exit_signal
 from rexecpf.store import SQLiteForwardStore, open_sqlite_for_check
 
 # twistd imports this module to read the options, before the configuration
@@ -679,6 +678,7 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    from rexecpf.http._twisted import forget_exit_signal
     from rexecpf.ops import notifier_from_environ
     from rexecpf.workers import WorkerSockets, die_with_parent, ignore_stop_signals
 

@@ -34,8 +34,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
@@ -53,6 +51,7 @@ from rexecpf.config import LimitsConfig
 from rexecpf.endpoints import container_endpoint
 from rexecpf.ends import TCPEnd
 from rexecpf.forwards import ForwardService
+from rexecpf.http._twisted import WebSocketResource, WebSocketServerFactory, WebSocketServerProtocol
 from rexecpf.http.errors import error_response, write_error
 from rexecpf.model import (
     BAD_GATEWAY,

@@ -52,6 +52,10 @@ STARTER = textwrap.dedent(
 NEVER = ("hypothesis", "pytest", "treq", "twisted.trial.unittest")
 #: Only with a TLS endpoint.
 TLS = ("OpenSSL", "service_identity", "twisted.internet.ssl", "twisted.protocols.tls")
+#: Never: autobahn's WAMP sessions, which ``autobahn.twisted``'s package
+#: ``__init__`` imports (rexecpf.http._twisted skips it), and with them
+#: ``cryptography``.
+WAMP = ("autobahn.twisted.wamp", "autobahn.wamp.auth", "cryptography")
 
 
 def start_like_twistd(directory: str, *args: str) -> dict[str, Any]:
@@ -122,7 +126,9 @@ class ImportTests(SynchronousTestCase):
         )
         modules = report["after_service"]
         self.assertLoaded(modules, ("rexecpf.api", "rexecpf.tunnel", "klein", "autobahn"), loaded=True)
-        self.assertLoaded(modules, (*TLS, "docker", "requests", "psycopg", *NEVER), loaded=False)
+        self.assertLoaded(modules, (*TLS, *WAMP, "docker", "requests", "psycopg", *NEVER), loaded=False)
+        # Custom domains are checked in DNS, but only once somebody claims one.
+        self.assertLoaded(modules, ("twisted.names",), loaded=False)
         self.assertFalse(report["reactor_ssl"])
 
     def test_docker_backend(self) -> None:
@@ -131,7 +137,7 @@ class ImportTests(SynchronousTestCase):
         report = start_like_twistd(self.directory, "--config", config)
         modules = report["after_service"]
         self.assertLoaded(modules, ("docker",), loaded=True)
-        self.assertLoaded(modules, (*TLS, "psycopg", *NEVER), loaded=False)
+        self.assertLoaded(modules, (*TLS, *WAMP, "psycopg", *NEVER), loaded=False)
 
     def test_tls_endpoint(self) -> None:
         """An ssl: endpoint gets the TLS stack (and a reactor that provides IReactorSSL)."""

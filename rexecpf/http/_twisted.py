@@ -5,7 +5,9 @@ rexecpf needs a few things neither library offers publicly: the request
 line of a request whose body is still arriving, answers (414, 431, 400)
 where ``HTTPChannel`` closes without a word, a connection taken over from
 ``twisted.web`` with the bytes it had already read, a clean exit status
-after a graceful stop, and Autobahn's frame state.  Each private name is
+after a graceful stop, Autobahn's frame state, and Autobahn's Twisted
+adapter without the WAMP session its package ``__init__`` drags in.  Each
+private name is
 read here without a default, so that a release that renames one fails
 loudly rather than changing behaviour quietly; :data:`PRIVATE_NAMES` lists
 them all, and ``tests/test_twisted_private.py`` checks that each is still
@@ -14,6 +16,8 @@ there in the installed versions (setup.py bounds both below 27).
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Any
 
 from twisted.internet.interfaces import IProtocol
@@ -23,6 +27,11 @@ from twisted.web import http, server
 
 __all__ = [
     "PRIVATE_NAMES",
+    "WebSocketClientFactory",
+    "WebSocketClientProtocol",
+    "WebSocketResource",
+    "WebSocketServerFactory",
+    "WebSocketServerProtocol",
     "HTTPChannel",
     "Request",
     "forget_exit_signal",
@@ -186,6 +195,40 @@ def forget_exit_signal(reactor: Any) -> None:
 
 
 # -- Autobahn ---------------------------------------------------------------------
+
+
+def _skip_package_init(name: str) -> None:
+    """
+    Put package ``name`` in ``sys.modules`` without running its
+    ``__init__``, so that its submodules import alone (a no-op once it is
+    imported).  ``autobahn.twisted``'s ``__init__`` imports
+    ``autobahn.twisted.wamp`` (WAMP sessions, and through ``wamp.auth``
+    the ``cryptography`` package) only to re-export names: about 9 MiB
+    resident per process that rexecpf never uses (bench/idle_rss.py).
+    Nothing in autobahn reads the package's own names (``__ident__``,
+    ``install_reactor``).  ``tests/test_imports.py`` pins that a daemon
+    imports no WAMP, and the functional tests run real tunnels through such
+    daemons (``twistd rexecpf``).
+    """
+    if name in sys.modules:
+        return
+    parent, _, child = name.rpartition(".")
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError(f"{name} is not a package any more", name=name)
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    setattr(sys.modules[parent], child, package)
+
+
+_skip_package_init("autobahn.twisted")
+from autobahn.twisted.resource import WebSocketResource  # noqa: E402
+from autobahn.twisted.websocket import (  # noqa: E402
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 
 
 def parse_websocket_data(protocol: Any, data: bytes) -> None:
