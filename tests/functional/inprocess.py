@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ from rexecpf.config import parse_config
 from rexecpf.model import Principal
 from rexecpf.tap import build
 from rexecpf.wsend import protocol_options
+from tests.functional import peers
 
 reactor: Any = _reactor
 
@@ -37,9 +37,7 @@ _http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=Fa
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return peers.free_port("127.0.0.1")
 
 
 def sleep(seconds: float) -> Deferred[None]:

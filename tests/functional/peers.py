@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import getpass
 import glob
+import itertools
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -43,7 +45,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -57,7 +59,10 @@ __all__ = [
     "SSHServer",
     "busybox_image_available",
     "docker_available",
+    "bindable",
     "free_port",
+    "free_port_in",
+    "local_port_range",
     "postgres_bindir",
     "remove_test_containers",
     "wait_for_port",
@@ -77,15 +82,60 @@ class PeerError(RuntimeError):
 # ------------------------------------------------------------------ helpers
 
 
-def free_port(host: str = LOCALHOST) -> int:
-    """Return a TCP port that is currently free on ``host``.
+#: Where :func:`free_port` looks: below Linux's ephemeral range (32768-60999
+#: by default), and apart from :data:`LOCAL_PORTS`.  A port the kernel picks
+#: for a bind to port 0 is one it also gives to outgoing connections, and
+#: such a connection once took a test daemon's port between the pick and the
+#: daemon's bind (EADDRINUSE).
+FREE_PORTS = range(10000, 20000)
+#: Where the tests' forwards get their local ports (``[limits] local_ports``,
+#: whose default is 20000-29999): below the ephemeral range as well.
+LOCAL_PORTS = range(20000, 32768)
+#: Walks FREE_PORTS round from a place of its own, so that a port comes
+#: back only after all the others (not the global random generator:
+#: hypothesis seeds that one, and every test would start at the same port).
+_cursor = itertools.islice(
+    itertools.cycle(FREE_PORTS), random.SystemRandom().randrange(len(FREE_PORTS)), None
+)
 
-    (Inherently racy - another process may grab it before it is used - but
-    good enough for tests on a CI machine.)
+
+def bindable(host: str, port: int) -> bool:
+    """:return: whether a TCP socket can bind ``host:port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = LOCALHOST) -> int:
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    Return a TCP port that is free on ``host`` now, and not one handed out
+    in the last 10,000 calls in this process.
+
+    (Still racy against other processes binding ports they chose
+    themselves, but not against outgoing connections.)
+    """
+    for _ in FREE_PORTS:
+        port = next(_cursor)
+        if bindable(host, port):
+            return port
+    raise PeerError(f"no free port in {FREE_PORTS} on {host}")
+
+
+def free_port_in(ports: range, host: str = LOCALHOST, exclude: Collection[int] = ()) -> int:
+    """:return: a port of ``ports``, not in ``exclude``, free on ``host`` now (a test must not guess one)."""
+    for port in random.SystemRandom().sample(ports, len(ports)):
+        if port not in exclude and bindable(host, port):
+            return port
+    raise PeerError(f"no free port in {ports} on {host}")
+
+
+def local_port_range(size: int = 100) -> tuple[int, int]:
+    """:return: ``(low, high)``, a random range of ``size`` ports in :data:`LOCAL_PORTS`."""
+    low = random.SystemRandom().randrange(LOCAL_PORTS.start, LOCAL_PORTS.stop - size, size)
+    return low, low + size - 1
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

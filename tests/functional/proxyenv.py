@@ -51,7 +51,7 @@ def start_rexec(testcase: Any, **sections: Any) -> Any:
 
     :param sections: ``section={key: value}`` merged into the configuration.
     """
-    limits = {"local_ports": "30000-39999", **sections.pop("limits", {})}
+    limits = {"local_ports": "20000-29999", **sections.pop("limits", {})}
     daemon = Daemon(
         temp_dir(testcase),
         containers={"cont_a": ("alice", "running"), "cont_b": ("bob", "running")},

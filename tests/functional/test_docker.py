@@ -30,6 +30,7 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from tests import _docker
+from tests.functional.peers import free_port, local_port_range
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENS = {"alice": "alice-token", "bob": "bob-token", "root": "root-token"}
@@ -42,12 +43,6 @@ DOCKERD_ARGS = os.environ.get(
 ).split()
 #: The engine rexecpf is pointed at (the docker CLI follows DOCKER_HOST too).
 DOCKER_URL = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def poll(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -70,13 +65,13 @@ class Rexecpf:
     ) -> None:
         directory = directory.resolve()
         directory.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.state = directory / "state.sqlite3"
         self.config = directory / "rexecpf.toml"
         self.log_path = directory / "twistd.log"
         users = ", ".join(f'{user} = "{token}"' for user, token in TOKENS.items())
-        low = min(_free_port(), 65535 - 50)
+        low, high = local_port_range(51)
         backend_url = (
             "".join(f'\n[[backend.engines]]\nurl = "{engine}"' for engine in engines)
             if engines
@@ -96,7 +91,7 @@ kind = "docker"
 reconcile_seconds = {reconcile_seconds}
 {backend_url}
 [limits]
-local_ports = "{low}-{low + 50}"
+local_ports = "{low}-{high}"
 """
         )
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")

@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.functional import inprocess
 from tests.functional.inprocess import TOKENS, Daemon, free_port
+from tests.functional.peers import free_port_in
 
 BOB = TOKENS["bob"]
 
@@ -41,7 +42,7 @@ class OwnSocketsAtCreateTests(TestCase):
         self.daemon = Daemon(
             self.mktemp(),
             sections={"server": {"metrics_listen": f"tcp:{self.metrics_port}:interface=127.0.0.1"}},
-            local_ports="42000-42999",
+            local_ports="31000-31999",
         )
         yield self.daemon.start()
         self.addCleanup(self.daemon.stop)
@@ -69,17 +70,13 @@ class OwnSocketsAtCreateTests(TestCase):
     @inlineCallbacks
     def test_its_own_local_port(self) -> Any:
         """A forward to its own local_port would loop until no descriptor is left."""
-        port = free_port()
-        while not 42000 <= port <= 42999:
-            port = free_port()
+        port = free_port_in(range(31000, 32000))
         yield self.assertNotAllowed({"container_port": port, "local_port": port})
 
     @inlineCallbacks
     def test_local_port_where_another_forward_leads(self) -> Any:
         """A local_port that another forward leads to (same address) would take its connections: 409."""
-        target = free_port()
-        while not 42000 <= target <= 42999:
-            target = free_port()
+        target = free_port_in(range(31000, 32000))
         yield self.daemon.create(target, cid="c1")
         code, document = yield post(self.daemon, "c2", BOB, {"container_port": 9, "local_port": target})
         self.assertEqual((code, document["error"]["message"]), (409, "Local port unavailable"), document)

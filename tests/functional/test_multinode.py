@@ -12,7 +12,6 @@ PostgreSQL those tests skip, except under ``CI=true`` where they fail.
 from __future__ import annotations
 
 import http.server
-import random
 import shutil
 import signal
 import socket
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.functional.daemon import Daemon
-from tests.functional.peers import PostgresServer
+from tests.functional.peers import PostgresServer, local_port_range
 from tests.functional.pgcluster import fresh_database, require_postgres
 from tests.functional.rawws import OP_BINARY, RawWebSocket, RecordingServer
 
@@ -136,8 +135,8 @@ class Nodes(NodeChecks):
         self.addCleanup(self.web.server_close)
         self.addCleanup(self.web.shutdown)
         self.inventory = self.directory / "containers.toml"
-        base = random.randrange(40000, 60000, 100)
-        self.local_ports = f'local_ports = "{base}-{base + 99}"'
+        low, high = local_port_range()
+        self.local_ports = f'local_ports = "{low}-{high}"'
         self.a = self.node(NODE_A, [{"id": "c1", "owner": "alice"}, {"id": "c2", "owner": "alice"}])
         self.b = self.node(NODE_B)
 

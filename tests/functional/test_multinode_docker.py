@@ -22,7 +22,6 @@ any of them missing is a failure.
 
 from __future__ import annotations
 
-import random
 import shutil
 import signal
 import subprocess
@@ -36,6 +35,7 @@ from typing import Any
 
 from tests import _docker
 from tests.functional.daemon import Daemon
+from tests.functional.peers import local_port_range
 from tests.functional.pgcluster import fresh_database, require_postgres
 from tests.functional.rawws import RawWebSocket
 from tests.functional.second_engine import IN_CI, SecondEngine, second_engine, skip_reason
@@ -90,11 +90,11 @@ class DockerNodesTests(NodeChecks):
         url = fresh_database(self)
         self.directory = Path(tempfile.mkdtemp(prefix="rexecpf-dockernodes-"))
         self.addCleanup(shutil.rmtree, self.directory, True)
-        base = random.randrange(40000, 60000, 100)
+        low, high = local_port_range()
         engines = "".join(f'\n[[backend.engines]]\nurl = "{engine}"' for engine in (DOCKER_URL, self.engine.url))
         store = f'\n[store]\nurl = "{url}"\nresync_seconds = 30\n'
         self.a, self.b = (
-            self.node(host, f'local_ports = "{base}-{base + 99}"\nlocal_interface = "{host}"', engines, store)
+            self.node(host, f'local_ports = "{low}-{high}"\nlocal_interface = "{host}"', engines, store)
             for host in (NODE_A, NODE_B)
         )
 

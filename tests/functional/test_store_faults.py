@@ -30,6 +30,7 @@ from twisted.trial.unittest import TestCase
 from rexecpf.store import HEALTH_CHECK_SECONDS
 from tests.functional import inprocess
 from tests.functional.daemon import Daemon
+from tests.functional.peers import free_port_in
 
 
 def _mount(target: Path, options: str) -> bool:
@@ -123,7 +124,7 @@ class ReadOnlyStoreTests(TestCase):
     @inlineCallbacks
     def setUp(self) -> Any:
         self.directory = self.mktemp()
-        self.daemon = inprocess.Daemon(self.directory, local_ports="41000-41999")
+        self.daemon = inprocess.Daemon(self.directory, local_ports="30000-30999")
         yield self.daemon.start()
         self.addCleanup(self.daemon.stop)
         self.echo = yield inprocess.echo_server()
@@ -172,7 +173,7 @@ class ReadOnlyStoreTests(TestCase):
         self.addCleanup(inprocess.close_ws, tunnel, tunnel_factory)
 
         yield self.daemon.components.store.refuse_writes(True)
-        wanted_local_port = _unused_port(41000, 41999, {f["local_port"] for f in acknowledged.values()})
+        wanted_local_port = free_port_in(range(30000, 31000), exclude={f["local_port"] for f in acknowledged.values()})
         self.assertUnavailable((yield self.call(
             "POST", "/api/containers/c1/port-forwards", {"container_port": 7, "local_port": wanted_local_port})))
         self.assertUnavailable((yield self.call(
@@ -218,7 +219,7 @@ class ReadOnlyStoreTests(TestCase):
 
         # the state file holds exactly that, for the next process
         yield self.daemon.stop()
-        self.daemon = inprocess.Daemon(self.directory, local_ports="41000-41999")
+        self.daemon = inprocess.Daemon(self.directory, local_ports="30000-30999")
         yield self.daemon.start()
         self.addCleanup(self.daemon.stop)
         stored = yield self.listed()
@@ -257,17 +258,3 @@ class HealthWritesNothingTests(TestCase):
         self.assertEqual(set(codes), {200})
         # at most one store check per period (the first answer may have been cached already)
         self.assertLessEqual((yield store.changes()) - before, int(elapsed // HEALTH_CHECK_SECONDS) + 1)
-
-
-def _unused_port(low: int, high: int, exclude: set[int]) -> int:
-    """:return: a port in ``low``-``high`` that nothing listens on now (a test must not guess one)."""
-    for port in range(low, high + 1):
-        if port in exclude:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError(f"no free port in {low}-{high}")

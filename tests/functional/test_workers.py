@@ -15,7 +15,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -32,7 +31,7 @@ from typing import Any, TypeVar
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.functional.daemon import REPO, Daemon, http_request, subprocess_env, twistd_argv
-from tests.functional.peers import free_port
+from tests.functional.peers import free_port, local_port_range
 from tests.functional.pgcluster import fresh_database, require_postgres
 from tests.functional.rawws import OP_BINARY, RawWebSocket, RecordingServer
 from tests.functional.test_multinode import _Hello, closed, echoes, poll
@@ -106,11 +105,11 @@ class Workers(unittest.TestCase):
         self.web = http_server()
         self.addCleanup(self.web.server_close)
         self.addCleanup(self.web.shutdown)
-        base = random.randrange(40000, 60000, 100)
+        low, high = local_port_range()
         self.metrics_port = free_port()
         self.daemon = Daemon(
             self.directory, containers=[{"id": "c1", "owner": "alice"}], extra=self.store_toml(),
-            limits=f'local_ports = "{base}-{base + 99}"',
+            limits=f'local_ports = "{low}-{high}"',
         )
         self.daemon.config.write_text(self.daemon.config.read_text().replace(
             "state = ", f'metrics_listen = "tcp:{self.metrics_port}:interface=127.0.0.1"\n'
