@@ -406,6 +406,8 @@ class WorkerParent(Service):
         self.failed = False
         #: fires once every worker said READY=1
         self.ready: Deferred[None] = Deferred()
+        #: the scrapes waiting for the one under way (see scrape)
+        self._scrapes: list[Deferred[bytes]] = []
 
     # -- start -----------------------------------------------------------
 
@@ -608,7 +610,33 @@ class WorkerParent(Service):
 
     # -- metrics ---------------------------------------------------------
 
-    def scrape(self) -> Deferred[list[tuple[int, str | None]]]:
+    def scrape(self) -> Deferred[bytes]:
+        """
+        :return: every worker's metrics in one exposition (:func:`merge_metrics`).
+
+        Scrapes that come while one is under way share its answer: however
+        many clients scrape at once, the parent reads each worker once at a
+        time (at most ``MAX_METRICS_BYTES`` each) and merges once, so a flood
+        of scrapes costs it no more memory than one.  (An answer is then at
+        most ``SCRAPE_TIMEOUT`` older than the request.)
+        """
+        waiter: Deferred[bytes] = Deferred()
+        self._scrapes.append(waiter)
+        if len(self._scrapes) == 1:
+            self.read_workers().addCallback(lambda scraped: merge_metrics(self, scraped)).addBoth(self._scraped)
+        return waiter
+
+    def _scraped(self, result: bytes | Failure) -> None:
+        waiters, self._scrapes = self._scrapes, []
+        for waiter in waiters:
+            if waiter.called:
+                continue
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    def read_workers(self) -> Deferred[list[tuple[int, str | None]]]:
         """:return: each worker's index and metrics text (``None``: it did not answer)."""
 
         def one(slot: _Slot) -> Deferred[tuple[int, str | None]]:
@@ -721,9 +749,9 @@ class WorkersMetricsResource(Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"not found: see /metrics\n"
 
-        def answer(scraped: list[tuple[int, str | None]]) -> None:
+        def answer(exposition: bytes) -> None:
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-            request.write(merge_metrics(self._parent, scraped))
+            request.write(exposition)
             request.finish()
 
         finished: Deferred[None] = request.notifyFinish()  # type: ignore[attr-defined]

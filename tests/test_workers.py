@@ -260,7 +260,7 @@ class ScrapeTests(unittest.TestCase):
 
         parent = WorkerParent(Clock(), [], [], 2, 1.0)
         good = "# TYPE rexecpf_forwards gauge\nrexecpf_forwards 4.0\n"
-        parent.scrape = lambda: succeed([(0, good), (1, '# TYPE a counter\na_total{x="y')])  # type: ignore[method-assign]
+        parent.read_workers = lambda: succeed([(0, good), (1, '# TYPE a counter\na_total{x="y')])  # type: ignore[method-assign]
         request = DummyRequest([b"metrics"])
         request.path = b"/metrics"
         WorkersMetricsResource(parent).render_GET(request)
@@ -304,7 +304,7 @@ class ScrapeTests(unittest.TestCase):
         parent = WorkerParent(reactor, [], [], 1, 1.0, metrics=True)
         parent._directory = self.mktemp()
         parent.slots[0].process = object()
-        scraped = parent.scrape()
+        scraped = parent.read_workers()
         factory = reactor.unixClients[0][1]
         transport = StringTransport()
         factory.buildProtocol(None).makeConnection(transport)
@@ -312,3 +312,37 @@ class ScrapeTests(unittest.TestCase):
         reactor.advance(5.0)
         self.assertEqual(self.successResultOf(scraped), [(0, None)])
         self.assertTrue(transport.disconnecting)
+
+    def test_scrapes_at_once_share_one_read(self) -> None:
+        """
+        However many scrapes come while one is under way, each worker is
+        read once and every one of them gets the same answer; the next
+        scrape reads the workers again.
+        """
+        from twisted.internet.error import ConnectionDone
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        reactor = MemoryReactorClock()
+        parent = WorkerParent(reactor, [], [], 2, 1.0, metrics=True)
+        parent._directory = self.mktemp()
+        for slot in parent.slots:
+            slot.process = object()
+        scrapes = [parent.scrape() for _ in range(100)]
+        self.assertEqual(len(reactor.unixClients), 2)
+        for index, (_, factory, *_rest) in enumerate(reactor.unixClients):
+            fetch = factory.buildProtocol(None)
+            fetch.makeConnection(StringTransport())
+            body = b"rexecpf_forwards %d.0\n" % (index + 3)
+            fetch.dataReceived(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            fetch.connectionLost(Failure(ConnectionDone()))
+        answers = {self.successResultOf(scrape) for scrape in scrapes}
+        self.assertEqual(len(answers), 1)
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answers.pop().decode())
+            for sample in family.samples
+        }
+        self.assertEqual(samples[("rexecpf_forwards", (("worker", "0"),))], 3.0)
+        self.assertEqual(samples[("rexecpf_forwards", (("worker", "1"),))], 4.0)
+        parent.scrape()
+        self.assertEqual(len(reactor.unixClients), 4)

@@ -208,6 +208,32 @@ class Workers(unittest.TestCase):
             self.assertEqual(samples[("rexecpf_forwards", (("worker", worker),))], 0.0)
             self.assertEqual(samples[("rexecpf_worker_restarts_total", (("worker", worker),))], 0.0)
 
+    def test_a_flood_of_scrapes(self) -> None:
+        """
+        300 scrapes at once (all sent before any answer is read) are all
+        answered, with both workers, and the parent's memory stays flat:
+        the scrapes that come while one is under way share its answer.
+        """
+        self.start()
+        self.scrape()  # the first scrape's imports and buffers
+        before = self.daemon.rss()
+        peak = before
+        clients = []
+        for _ in range(300):
+            client = socket.create_connection(("127.0.0.1", self.metrics_port), timeout=30)
+            client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            clients.append(client)
+            peak = max(peak, self.daemon.rss())
+        for client in clients:
+            with client:
+                answer = b"".join(iter(lambda client=client: client.recv(65536), b""))
+            peak = max(peak, self.daemon.rss())
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.0 200 "), head)
+            for worker in (b"0", b"1"):
+                self.assertIn(b'rexecpf_worker_up{worker="%s"} 1.0' % worker, body)
+        self.assertLess(peak - before, 4 * 1024 * 1024, f"parent RSS {before} -> peak {peak}")
+
     def test_no_forward_to_an_ipv6_metrics_listen(self) -> None:
         """
         metrics_listen on the IPv6 wildcard (which takes IPv4 too) is one of
