@@ -10,13 +10,15 @@ and a non-zero status, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import importlib.abc
 import os
+import pwd
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import attrs
@@ -27,6 +29,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.python.util import switchUID
 
 from rexecpf.backends.docker import DockerBackend, DockerRuntime
 from rexecpf.backends.engines import DockerEngines
@@ -128,6 +131,10 @@ class Options(usage.Options):
         if self["workers"] > 1 and parent is not None and not parent.get("nodaemon"):
             # The workers log to the parent's standard output, which a daemon closes.
             raise usage.UsageError("--workers needs --nodaemon (-n), as under systemd")
+        if self["workers"] > 1 and parent is not None and (parent.get("uid") is not None or parent.get("gid") is not None):
+            # The parent's private directory and sockets, made before twistd
+            # drops privileges, would be root's: the workers could not reach them.
+            raise usage.UsageError("--workers does not take twistd's --uid/--gid: start it as its user (systemd User=)")
         log_format = self["log-format"] or self["config_object"].server.log_format
         # twistd resolves its --logger option (a name) after this runs and
         # starts logging after that: JSON lines unless --logger was given.
@@ -283,6 +290,7 @@ def build(
     notifier: Notifier | None = None,
     install_signals: bool = False,
     worker: WorkerSockets | None = None,
+    user: tuple[int | None, int | None] | None = None,
 ) -> Components:
     """
     Build the service tree for ``config``.
@@ -293,13 +301,15 @@ def build(
     :param install_signals: install the ``SIGHUP`` handler while running.
     :param worker: in a worker of ``--workers N``: the sockets it inherited
         (adopted in place of ``listen``; its metrics go to the parent).
+    :param user: the ``(uid, gid)`` twistd switches to once the service is
+        built (:func:`service_user`): the state file is opened as that user.
     :raises StartupError: for anything a user can fix (state file, endpoints).
     """
     if worker is not None and worker.store and worker.store != store_identity(config):
         # A worker started again reads the file again: it must share the
         # parent's store with the other workers.
         raise StartupError("server.state or store.url changed since rexecpf started: restart rexecpf to change them")
-    store = _store(config, reactor)
+    store = _store(config, reactor, user)
     feed = _feed(config, reactor)
     try:
         return _assemble(config, reactor, store, feed, config_path, notifier, install_signals, worker)
@@ -526,12 +536,12 @@ def _feed(config: Config, reactor: Any) -> IChangeFeed:
     return SQLiteChangeFeed(reactor, reactor, config.server.state)
 
 
-def _store(config: Config, reactor: Any) -> Any:
+def _store(config: Config, reactor: Any, user: tuple[int | None, int | None] | None = None) -> Any:
     """
     :return: the store ``config`` names: PostgreSQL at ``[store] url``, else
         SQLite at ``[server] state``, opened once first (:func:`_open_store`).
     """
-    _open_store(config)
+    _open_store(config, user)
     if not config.store.url:
         _log.info("store: SQLite at {state}", state=config.server.state)
         return SQLiteForwardStore(reactor, config.server.state)
@@ -546,21 +556,27 @@ def store_identity(config: Config) -> str:
     return hashlib.sha256((config.store.url or f"sqlite:{config.server.state}").encode()).hexdigest()
 
 
-def _open_store(config: Config) -> None:
+def _open_store(config: Config, user: tuple[int | None, int | None] | None = None) -> None:
     """
     Open the store ``config`` names once, synchronously, creating or
     migrating its schema, so that a store that cannot be used stops
     start-up with one line (the password masked).  The parent of
     ``--workers`` does it before starting them: workers that all created a
     new SQLite file at once could find it locked.
+
+    :param user: the ``(uid, gid)`` the process will run as
+        (:func:`service_user`): a SQLite file is opened, or created, as that
+        user, so that it is theirs and one they cannot use fails here.
     """
     url = config.store.url
     if not url:
         state = config.server.state
+        as_whom = "" if user is None else f" as uid {user[0]}, gid {user[1]} (twistd --uid/--gid)"
         try:
-            open_sqlite_for_check(state)
+            with acting_as(user):
+                open_sqlite_for_check(state)
         except Exception as error:  # sqlite3.Error, OSError, RuntimeError: all user-fixable
-            raise StartupError(f"server.state: cannot use {state}: {error}") from None
+            raise StartupError(f"server.state: cannot use {state}{as_whom}: {error}") from None
         return
     shown = mask_url_password(url)
     try:
@@ -571,6 +587,49 @@ def _open_store(config: Config) -> None:
         open_postgres_for_check(url)
     except Exception as error:  # ValueError, psycopg.Error, RuntimeError: all user-fixable
         raise StartupError(f"store.url: cannot use {shown}: {redact(str(error), url)}") from None
+
+
+def service_user(options: Any) -> tuple[int | None, int | None] | None:
+    """
+    :param options: the parsed ``rexecpf`` options (their ``parent`` is
+        twistd's).
+    :return: ``(uid, gid)`` that twistd switches to once the service is
+        built (``--uid``/``--gid``; the user's own group when only ``--uid``
+        is given, as twistd does), when the process runs as root and was
+        given either; else ``None``.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or os.geteuid() != 0:
+        return None
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None and gid is None:
+        return None
+    if uid is not None and gid is None:
+        gid = pwd.getpwuid(uid).pw_gid
+    if not uid and not gid:
+        return None  # root, as it is
+    return uid, gid
+
+
+@contextlib.contextmanager
+def acting_as(user: tuple[int | None, int | None] | None) -> Iterator[None]:
+    """
+    Run the block with the effective uid, gid and groups that ``user``
+    (:func:`service_user`) will have once twistd drops privileges, then be
+    root again; nothing when ``user`` is ``None``.
+    """
+    if user is None:
+        yield
+        return
+    egid, groups = os.getegid(), os.getgroups()
+    uid, gid = user
+    switchUID(uid or None, gid, euid=True)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(egid)
+        os.setgroups(groups)
 
 
 class _Bound:
@@ -699,6 +758,7 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
         notifier=notifier_from_environ(os.environ),
         install_signals=True,
         worker=worker,
+        user=service_user(options),
     )
     if options["demo"]:
         _print_demo(config)

@@ -214,6 +214,18 @@ class OptionsTests(unittest.TestCase):
         with self.assertRaises(usage.UsageError):
             options.parseOptions(["--demo", "--workers", "2"])
 
+    def test_workers_refuse_uid_and_gid(self) -> None:
+        """twistd's --uid/--gid: the parent's private directory and sockets would be root's."""
+        for given in ({"uid": 65534}, {"gid": 65534}):
+            options = Options()
+            options.parent = {"nodaemon": True, "uid": None, "gid": None, **given}  # type: ignore[attr-defined]
+            with self.assertRaisesRegex(usage.UsageError, "--uid/--gid"):
+                options.parseOptions(["--demo", "--workers", "2"])
+        options = Options()
+        options.parent = {"nodaemon": True, "uid": 65534, "gid": None}  # type: ignore[attr-defined]
+        options.parseOptions(["--demo"])  # one process: yes
+        self.assertEqual(options["workers"], 1)
+
     def test_child_argv(self) -> None:
         """A worker runs twistd -n rexecpf with the parent's options, the config by absolute path, no --workers."""
         options = Options()

@@ -23,14 +23,15 @@ __all__ = ["Daemon", "http_request", "twistd_argv"]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def twistd_argv(*args: str) -> list[str]:
-    """:return: the argv that runs ``twistd -n --pidfile= rexecpf ARGS``."""
+def twistd_argv(*args: str, twistd: tuple[str, ...] = ()) -> list[str]:
+    """:return: the argv that runs ``twistd -n --pidfile= TWISTD rexecpf ARGS``."""
     return [
         sys.executable,
         "-c",
         "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
         "-n",
         "--pidfile=",
+        *twistd,
         "rexecpf",
         *args,
     ]
@@ -165,11 +166,14 @@ class Daemon:
         temporary.write_text("\n".join(lines))
         os.replace(temporary, self.inventory)
 
-    def start(self, timeout: float = 30.0, args: tuple[str, ...] = ()) -> Daemon:
-        """Start twistd (with more ``rexecpf`` options ``args``) and wait until /healthz answers 200."""
+    def start(self, timeout: float = 30.0, args: tuple[str, ...] = (), twistd: tuple[str, ...] = ()) -> Daemon:
+        """
+        Start twistd (with more ``rexecpf`` options ``args``, more twistd
+        options ``twistd``) and wait until /healthz answers 200.
+        """
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            twistd_argv("--config", str(self.config), *args),
+            twistd_argv("--config", str(self.config), *args, twistd=twistd),
             cwd=self.directory,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
