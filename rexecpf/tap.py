@@ -571,7 +571,9 @@ def _open_store(config: Config, user: tuple[int | None, int | None] | None = Non
     url = config.store.url
     if not url:
         state = config.server.state
-        as_whom = "" if user is None else f" as uid {user[0]}, gid {user[1]} (twistd --uid/--gid)"
+        as_whom = "" if user is None else " as " + ", ".join(
+            f"{kind} {value}" for kind, value in zip(("uid", "gid"), user, strict=True) if value is not None
+        ) + " (twistd --uid/--gid)"
         try:
             with acting_as(user):
                 open_sqlite_for_check(state)

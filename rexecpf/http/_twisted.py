@@ -7,11 +7,11 @@ where ``HTTPChannel`` closes without a word, a connection taken over from
 ``twisted.web`` with the bytes it had already read, a clean exit status
 after a graceful stop, Autobahn's frame state, and Autobahn's Twisted
 adapter without the WAMP session its package ``__init__`` drags in.  Each
-private name is
-read here without a default, so that a release that renames one fails
-loudly rather than changing behaviour quietly; :data:`PRIVATE_NAMES` lists
-them all, and ``tests/test_twisted_private.py`` checks that each is still
-there in the installed versions (setup.py bounds both below 27).
+private name is read here without a default, so that a release that renames
+one fails loudly rather than changing behaviour quietly;
+:data:`PRIVATE_NAMES` lists them all, and ``tests/test_twisted_private.py``
+checks that each is still there in the installed versions (setup.py bounds
+both below 27).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def _skip_package_init(name: str) -> None:
     ``__init__``, so that its submodules import alone (a no-op once it is
     imported).  ``autobahn.twisted``'s ``__init__`` imports
     ``autobahn.twisted.wamp`` (WAMP sessions, and through ``wamp.auth``
-    the ``cryptography`` package) only to re-export names: about 9 MiB
+    the ``cryptography`` package) only to re-export names: about 8 MiB
     resident per process that rexecpf never uses (bench/idle_rss.py).
     Nothing in autobahn reads the package's own names (``__ident__``,
     ``install_reactor``).  ``tests/test_imports.py`` pins that a daemon

@@ -27,17 +27,13 @@ from rexecpf.config import parse_config
 from rexecpf.model import Principal
 from rexecpf.tap import build
 from rexecpf.wsend import protocol_options
-from tests.functional import peers
+from tests.functional.peers import free_port
 
 reactor: Any = _reactor
 
 TOKENS = {"alice": "alice-token", "bob": "bob-token"}
 
 _http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-
-
-def free_port() -> int:
-    return peers.free_port("127.0.0.1")
 
 
 def sleep(seconds: float) -> Deferred[None]:
